@@ -1,0 +1,621 @@
+//! One connection as the loop sees it: the socket, the protocol state, and the sources and
+//! sinks of its streams. Everything here runs on the loop thread and never blocks: sources and
+//! sinks only queue work and answer polls.
+
+use super::socket::Socket;
+use super::{ConnectionId, OpenRequest, Provider, Shared, TransferError, TransferReport};
+use crate::proto::{
+    ConnError, Connection, Event, Op, OpenError, OpenOptions, Reason, StreamId, StreamStats,
+    Transmit,
+};
+use crate::volume::{Notify, VolumeError, VolumeReader, VolumeWriter};
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, IoSlice};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Instant;
+
+/// Called once when a transfer this side started ends.
+pub type OnDone = Box<dyn FnOnce(TransferReport) + Send>;
+
+/// A download or upload asked for by the local user.
+pub struct Transfer {
+    pub name: String,
+    pub options: OpenOptions,
+    pub endpoint: Endpoint,
+    pub on_done: OnDone,
+}
+
+/// The local end of a stream: where its content comes from or goes to.
+pub enum Endpoint {
+    /// Content read locally and sent (an upload, or a download being served).
+    Reader(Box<dyn VolumeReader>),
+    /// Content received and written locally (a download, or an upload being served).
+    Writer(Box<dyn VolumeWriter>),
+}
+
+/// What a local endpoint waits for before its stream can go on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gate {
+    /// The reader must report its size (server: before ACCEPT; client: before OPEN).
+    Size,
+    /// The writer must finish opening (server: before ACCEPT).
+    Ready,
+    /// Waiting for the handshake, a free stream slot, or the peer's ACCEPT (client).
+    Accept,
+    Open,
+}
+
+/// Identifies whom a notification is for: a local endpoint of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WakeKey {
+    pub conn: ConnectionId,
+    pub local: u64,
+}
+
+struct Local {
+    endpoint: Endpoint,
+    op: Op,
+    options: OpenOptions,
+    gate: Gate,
+    stream: Option<StreamId>,
+    armed: Arc<AtomicBool>,
+    /// Writer chunks whose completion was already passed on as credit.
+    released: u64,
+    name: String,
+    size: u64,
+    started: Instant,
+    /// Set for transfers the local user started; served streams have none.
+    on_done: Option<OnDone>,
+}
+
+/// Bytes kept queued for the socket; below this, more frames are scheduled. Small, so a frame
+/// for an interactive stream never waits behind a deep local queue.
+const TRANSMIT_TARGET: usize = 256 * 1024;
+/// Bytes read per readiness event before other connections get a turn.
+const READ_BUDGET: usize = 4 * 1024 * 1024;
+/// Most segments handed to one writev.
+const IOV_MAX: usize = 64;
+
+pub struct Driver {
+    pub id: ConnectionId,
+    pub socket: Socket,
+    pub conn: Connection,
+    out: Transmit,
+    locals: HashMap<u64, Local>,
+    by_stream: HashMap<StreamId, u64>,
+    next_local: u64,
+    /// Local transfers whose OPEN waits for the handshake or a free stream slot.
+    waiting: VecDeque<u64>,
+    provider: Option<Arc<dyn Provider>>,
+    shared: Arc<Shared>,
+    pub peer: String,
+    writable: bool,
+    /// More input may be waiting: the read budget ran out before WouldBlock.
+    pub read_pending: bool,
+    /// The connection is over and its socket may be dropped.
+    pub finished: bool,
+}
+
+impl Driver {
+    pub fn new(
+        id: ConnectionId,
+        socket: Socket,
+        conn: Connection,
+        provider: Option<Arc<dyn Provider>>,
+        shared: Arc<Shared>,
+        peer: String,
+    ) -> Self {
+        Driver {
+            id,
+            socket,
+            conn,
+            out: Transmit::default(),
+            locals: HashMap::new(),
+            by_stream: HashMap::new(),
+            next_local: 0,
+            waiting: VecDeque::new(),
+            provider,
+            shared,
+            peer,
+            writable: false,
+            read_pending: false,
+            finished: false,
+        }
+    }
+
+    fn new_local(&mut self, endpoint: Endpoint, op: Op, name: String, now: Instant) -> u64 {
+        let key = self.next_local;
+        self.next_local += 1;
+        self.locals.insert(
+            key,
+            Local {
+                endpoint,
+                op,
+                options: OpenOptions::default(),
+                gate: Gate::Accept,
+                stream: None,
+                armed: Arc::new(AtomicBool::new(false)),
+                released: 0,
+                name,
+                size: 0,
+                started: now,
+                on_done: None,
+            },
+        );
+        key
+    }
+
+    fn notify_for(&self, local: u64) -> Notify {
+        let shared = Arc::clone(&self.shared);
+        let armed = Arc::clone(&self.locals[&local].armed);
+        let key = WakeKey {
+            conn: self.id,
+            local,
+        };
+        Notify::new(move || {
+            if !armed.swap(true, Ordering::AcqRel) {
+                shared.wake(key);
+            }
+        })
+    }
+
+    /// Starts a transfer the local user asked for.
+    pub fn submit(&mut self, transfer: Transfer, now: Instant) {
+        let op = match transfer.endpoint {
+            Endpoint::Reader(_) => Op::Write,
+            Endpoint::Writer(_) => Op::Read,
+        };
+        let key = self.new_local(transfer.endpoint, op, transfer.name, now);
+        let local = self.locals.get_mut(&key).unwrap();
+        local.options = transfer.options;
+        local.on_done = Some(transfer.on_done);
+        if self.conn.is_closed() {
+            let error = (Reason::ConnectionLost, "connection is closed".to_owned());
+            return self.end_local(key, StreamStats::default(), Err(error), now);
+        }
+        if op == Op::Write {
+            // OPEN carries the upload's size, so the source opens (off the loop) first.
+            local.gate = Gate::Size;
+            let notify = self.notify_for(key);
+            if let Endpoint::Reader(reader) = &mut self.locals.get_mut(&key).unwrap().endpoint {
+                reader.start(notify);
+            }
+            self.service(key, now);
+        } else {
+            self.waiting.push_back(key);
+            self.open_waiting(now);
+        }
+    }
+
+    /// Sends OPEN for waiting transfers while the peer's stream limit allows.
+    fn open_waiting(&mut self, now: Instant) {
+        while let Some(&key) = self.waiting.front() {
+            let local = &self.locals[&key];
+            match self
+                .conn
+                .open_stream(local.op, &local.name, local.options, local.size)
+            {
+                Ok(stream) => {
+                    self.waiting.pop_front();
+                    self.locals.get_mut(&key).unwrap().stream = Some(stream);
+                    self.by_stream.insert(stream, key);
+                }
+                Err(OpenError::NotReady | OpenError::TooManyStreams) => return,
+                Err(OpenError::GoingAway) => {
+                    self.waiting.pop_front();
+                    let error = (Reason::GoingAway, "connection is going away".to_owned());
+                    self.end_local(key, StreamStats::default(), Err(error), now);
+                }
+            }
+        }
+    }
+
+    /// Polls a local endpoint after a notification or a protocol event.
+    pub fn service(&mut self, key: u64, now: Instant) {
+        let Some(local) = self.locals.get_mut(&key) else {
+            return;
+        };
+        local.armed.store(false, Ordering::Release);
+        match (local.gate, &mut local.endpoint) {
+            (Gate::Size, Endpoint::Reader(reader)) => match reader.poll_size() {
+                Poll::Pending => {}
+                Poll::Ready(Ok(size)) => {
+                    local.size = size;
+                    match local.stream {
+                        Some(stream) => {
+                            local.gate = Gate::Open;
+                            self.conn.accept(stream, size);
+                            self.pull(key);
+                        }
+                        None => {
+                            local.gate = Gate::Accept;
+                            self.waiting.push_back(key);
+                            self.open_waiting(now);
+                        }
+                    }
+                }
+                Poll::Ready(Err(e)) => self.refuse(key, e, now),
+            },
+            (Gate::Ready, Endpoint::Writer(writer)) => match writer.poll_ready() {
+                Poll::Pending => {}
+                Poll::Ready(Ok(())) => {
+                    local.gate = Gate::Open;
+                    let (stream, size) = (local.stream.unwrap(), local.size);
+                    self.conn.accept(stream, size);
+                    self.progress(key, now);
+                }
+                Poll::Ready(Err(e)) => self.refuse(key, e, now),
+            },
+            (Gate::Open, Endpoint::Reader(_)) => self.pull(key),
+            (Gate::Open, Endpoint::Writer(_)) => self.progress(key, now),
+            _ => {}
+        }
+    }
+
+    /// A local endpoint failed before its stream was open.
+    fn refuse(&mut self, key: u64, error: VolumeError, now: Instant) {
+        let stream = self.locals[&key].stream;
+        match stream {
+            Some(stream) if self.locals[&key].on_done.is_none() => {
+                log::info!("{}: refusing {stream}: {error}", self.peer);
+                self.conn.reject(stream, error.reason, &error.message);
+                self.by_stream.remove(&stream);
+                self.locals.remove(&key);
+            }
+            Some(stream) => {
+                self.conn.abort(stream, error.reason, &error.message);
+                self.drain_events(now);
+            }
+            None => {
+                let error = (error.reason, error.message);
+                self.end_local(key, StreamStats::default(), Err(error), now);
+            }
+        }
+    }
+
+    /// Moves chunks from a reader into its stream while there is room.
+    fn pull(&mut self, key: u64) {
+        let Some(local) = self.locals.get_mut(&key) else {
+            return;
+        };
+        let (Some(stream), Endpoint::Reader(reader)) = (local.stream, &mut local.endpoint) else {
+            return;
+        };
+        while self.conn.can_send(stream) {
+            match reader.poll_chunk() {
+                Poll::Pending => break,
+                Poll::Ready(Ok(chunk)) => self.conn.send_chunk(stream, chunk),
+                Poll::Ready(Err(e)) => {
+                    log::warn!("{}: {stream} source failed: {e}", self.peer);
+                    self.conn.abort(stream, e.reason, &e.message);
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Passes a writer's progress on: credit for finished chunks, and the verdict at the end.
+    fn progress(&mut self, key: u64, _now: Instant) {
+        let Some(local) = self.locals.get_mut(&key) else {
+            return;
+        };
+        let (Some(stream), Endpoint::Writer(writer)) = (local.stream, &mut local.endpoint) else {
+            return;
+        };
+        let progress = writer.poll_progress();
+        let fresh = progress.completed.saturating_sub(local.released);
+        local.released = progress.completed;
+        if fresh > 0 {
+            self.conn.release(stream, fresh);
+        }
+        match progress.outcome {
+            Some(Ok(())) => self.conn.stream_verified(stream),
+            Some(Err(e)) => {
+                log::warn!("{}: {stream} sink failed: {e}", self.peer);
+                self.conn.abort(stream, e.reason, &e.message);
+            }
+            None => {}
+        }
+    }
+
+    /// Acts on everything the protocol state has to say.
+    pub fn drain_events(&mut self, now: Instant) {
+        while let Some(event) = self.conn.poll_event() {
+            match event {
+                Event::Connected { version, features } => {
+                    log::debug!(
+                        "{}: connected, protocol {version}, features {:#x}",
+                        self.peer,
+                        features.0
+                    );
+                    self.open_waiting(now);
+                }
+                Event::OpenRequested {
+                    stream,
+                    op,
+                    name,
+                    options,
+                    size,
+                } => self.on_open_requested(stream, op, name, options, size, now),
+                Event::Accepted { stream, size } => {
+                    let Some(&key) = self.by_stream.get(&stream) else {
+                        continue;
+                    };
+                    let notify = self.notify_for(key);
+                    let local = self.locals.get_mut(&key).unwrap();
+                    local.gate = Gate::Open;
+                    match &mut local.endpoint {
+                        Endpoint::Writer(writer) => {
+                            local.size = size;
+                            writer.start(size, notify);
+                        }
+                        Endpoint::Reader(_) => self.pull(key),
+                    }
+                }
+                Event::Chunk { stream, chunk } => {
+                    let Some(&key) = self.by_stream.get(&stream) else {
+                        continue;
+                    };
+                    if let Endpoint::Writer(writer) =
+                        &mut self.locals.get_mut(&key).unwrap().endpoint
+                    {
+                        writer.write(chunk);
+                    }
+                    self.progress(key, now);
+                }
+                Event::Writable { stream } => {
+                    if let Some(&key) = self.by_stream.get(&stream) {
+                        self.pull(key);
+                    }
+                }
+                Event::Completed { stream, stats } => {
+                    if let Some(key) = self.by_stream.remove(&stream) {
+                        self.end_local(key, stats, Ok(()), now);
+                    }
+                    self.open_waiting(now);
+                }
+                Event::Rejected {
+                    stream,
+                    reason,
+                    message,
+                } => {
+                    if let Some(key) = self.by_stream.remove(&stream) {
+                        let message = format!("refused by peer: {message}");
+                        self.end_local(key, StreamStats::default(), Err((reason, message)), now);
+                    }
+                    self.open_waiting(now);
+                }
+                Event::Aborted {
+                    stream,
+                    reason,
+                    message,
+                    by_peer,
+                    stats,
+                } => {
+                    let who = if by_peer { "peer" } else { "local" };
+                    log::info!(
+                        "{}: {stream} aborted ({who}): {reason}: {message}",
+                        self.peer
+                    );
+                    if let Some(key) = self.by_stream.remove(&stream) {
+                        let message = if by_peer {
+                            format!("aborted by peer: {message}")
+                        } else {
+                            message
+                        };
+                        self.end_local(key, stats, Err((reason, message)), now);
+                    }
+                    self.open_waiting(now);
+                }
+                Event::Closed { error } => self.on_closed(error, now),
+            }
+        }
+    }
+
+    fn on_open_requested(
+        &mut self,
+        stream: StreamId,
+        op: Op,
+        name: String,
+        options: OpenOptions,
+        size: u64,
+        now: Instant,
+    ) {
+        let Some(provider) = self.provider.clone() else {
+            self.conn
+                .reject(stream, Reason::Unsupported, "this side serves no volumes");
+            return;
+        };
+        let request = OpenRequest {
+            name: name.clone(),
+            options,
+            size,
+            peer: self.peer.clone(),
+        };
+        let opened = match op {
+            Op::Read => provider.open_read(&request).map(Endpoint::Reader),
+            Op::Write => provider.open_write(&request).map(Endpoint::Writer),
+        };
+        let endpoint = match opened {
+            Ok(endpoint) => endpoint,
+            Err(e) => {
+                log::info!("{}: refusing {op:?} of {name:?}: {e}", self.peer);
+                return self.conn.reject(stream, e.reason, &e.message);
+            }
+        };
+        let key = self.new_local(endpoint, op, name, now);
+        self.by_stream.insert(stream, key);
+        let notify = self.notify_for(key);
+        let local = self.locals.get_mut(&key).unwrap();
+        local.stream = Some(stream);
+        local.options = options;
+        local.size = size;
+        match &mut local.endpoint {
+            Endpoint::Reader(reader) => {
+                local.gate = Gate::Size;
+                reader.start(notify);
+            }
+            Endpoint::Writer(writer) => {
+                local.gate = Gate::Ready;
+                writer.start(size, notify);
+            }
+        }
+        self.service(key, now);
+    }
+
+    fn on_closed(&mut self, error: Option<ConnError>, now: Instant) {
+        match &error {
+            Some(e) => log::info!("{}: connection ended: {e}", self.peer),
+            None => log::debug!("{}: connection closed", self.peer),
+        }
+        let (reason, message) = match &error {
+            Some(e) => (e.reason(), e.to_string()),
+            None => (Reason::GoingAway, "connection closed".to_owned()),
+        };
+        let keys: Vec<u64> = self.locals.keys().copied().collect();
+        for key in keys {
+            self.end_local(
+                key,
+                StreamStats::default(),
+                Err((reason, message.clone())),
+                now,
+            );
+        }
+        self.waiting.clear();
+        self.by_stream.clear();
+    }
+
+    fn end_local(
+        &mut self,
+        key: u64,
+        stats: StreamStats,
+        result: Result<(), (Reason, String)>,
+        now: Instant,
+    ) {
+        let Some(mut local) = self.locals.remove(&key) else {
+            return;
+        };
+        if let Some(stream) = local.stream {
+            self.by_stream.remove(&stream);
+        }
+        if result.is_err() {
+            match &mut local.endpoint {
+                Endpoint::Reader(r) => r.cancel(),
+                Endpoint::Writer(w) => w.cancel(),
+            }
+        }
+        if let Some(on_done) = local.on_done.take() {
+            on_done(TransferReport {
+                name: local.name,
+                op: local.op,
+                size: local.size,
+                stats,
+                elapsed: now.saturating_duration_since(local.started),
+                result: result.map_err(|(reason, message)| TransferError { reason, message }),
+            });
+        }
+    }
+
+    // ---- socket ----
+
+    /// Reads what the socket has (up to a budget) and processes it.
+    pub fn on_readable(&mut self, now: Instant) {
+        self.read_pending = false;
+        let mut budget = READ_BUDGET;
+        loop {
+            let room = self.conn.input_room();
+            if room == 0 {
+                return;
+            }
+            match self.socket.read_into(self.conn.input_buffer(), room) {
+                Ok(0) => {
+                    self.conn.handle_eof();
+                    break;
+                }
+                Ok(n) => {
+                    self.conn.record_bytes_in(n);
+                    self.conn.handle_input(now);
+                    self.drain_events(now);
+                    budget = budget.saturating_sub(n);
+                    if budget == 0 {
+                        self.read_pending = true;
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    self.conn.handle_io_error(e.to_string());
+                    break;
+                }
+            }
+        }
+        self.drain_events(now);
+    }
+
+    pub fn on_writable(&mut self) {
+        self.writable = true;
+    }
+
+    /// Writes as much as the socket takes, scheduling frames as room appears.
+    pub fn flush(&mut self, now: Instant) {
+        loop {
+            if self.out.len() < TRANSMIT_TARGET {
+                self.conn.poll_transmit(now, &mut self.out, TRANSMIT_TARGET);
+                // Scheduling may free room in stream queues (Writable) or abort streams.
+                self.drain_events(now);
+            }
+            if self.out.is_empty() || !self.writable {
+                break;
+            }
+            let mut slices = [IoSlice::new(&[]); IOV_MAX];
+            let n = self.out.io_slices(&mut slices);
+            match self.socket.write_vectored(&slices[..n]) {
+                Ok(written) => self.out.advance(written),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.writable = false;
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.conn.handle_io_error(e.to_string());
+                    self.drain_events(now);
+                    self.out = Transmit::default();
+                    break;
+                }
+            }
+        }
+        if self.conn.is_closed() && (self.out.is_empty() || !self.writable) {
+            // What could be written of a final GOAWAY was written; the peer learns the rest
+            // from the close.
+            self.drain_events(now);
+            self.finished = true;
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.conn.poll_timeout().is_some_and(|t| t <= now) {
+            self.conn.handle_timeout(now);
+            self.drain_events(now);
+        }
+    }
+
+    /// The socket reported an error condition.
+    pub fn on_error(&mut self, now: Instant) {
+        let message = match self.socket.take_error() {
+            Ok(Some(e)) => e.to_string(),
+            Ok(None) => return,
+            Err(e) => e.to_string(),
+        };
+        self.conn.handle_io_error(message);
+        self.drain_events(now);
+    }
+
+    /// Ends the connection now.
+    pub fn close(&mut self, error: ConnError, now: Instant) {
+        self.conn.close(error);
+        self.drain_events(now);
+    }
+}

@@ -1,0 +1,607 @@
+//! The mio event loop: listeners, connections, and the wake-ups from sources, sinks and other
+//! threads, all on one thread that never blocks except in `Poll::poll`.
+//!
+//! Two ways to run it:
+//! - [`Engine::spawn`] runs the loop on its own thread; drive it through the cloneable, `Send`
+//!   [`EngineHandle`];
+//! - embed it in a host loop: watch [`Engine::as_raw_fd`] for readability and call
+//!   [`Engine::turn`] with a zero timeout when it fires (and at [`Engine::next_deadline`]).
+
+mod driver;
+pub mod socket;
+
+pub use driver::{Endpoint, OnDone, Transfer, WakeKey};
+pub use socket::Address;
+
+use crate::proto::{
+    Config, ConnError, ConnStats, Connection, Op, OpenOptions, Reason, Side, StreamStats,
+};
+use crate::volume::{VolumeError, VolumeReader, VolumeWriter};
+use driver::Driver;
+use mio::{Events, Poll, Token, Waker};
+use slab::Slab;
+use socket::{Listener, Socket};
+use std::fmt;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Names a connection of an engine. Carries a generation so a stale id never reaches the
+/// connection that later reused its slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConnectionId {
+    slot: u32,
+    generation: u32,
+}
+
+/// Names a listener of an engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ListenerId(usize);
+
+/// What a server asks its host for: a volume by name, for reading or writing.
+#[derive(Debug, Clone)]
+pub struct OpenRequest {
+    pub name: String,
+    pub options: OpenOptions,
+    /// For writes, the length of the content the peer will send.
+    pub size: u64,
+    /// Who asks (for logging and access control).
+    pub peer: String,
+}
+
+/// Resolves volume names on the serving side; the place for access control. Called on the
+/// loop thread: it must only decide and build the reader or writer, whose `start` does the
+/// opening off the loop.
+pub trait Provider: Send + Sync {
+    fn open_read(&self, request: &OpenRequest) -> Result<Box<dyn VolumeReader>, VolumeError>;
+    fn open_write(&self, request: &OpenRequest) -> Result<Box<dyn VolumeWriter>, VolumeError>;
+}
+
+/// Why a transfer failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransferError {
+    pub reason: Reason,
+    pub message: String,
+}
+
+impl fmt::Display for TransferError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.reason, self.message)
+    }
+}
+
+impl std::error::Error for TransferError {}
+
+/// How a transfer the local user started ended.
+#[derive(Debug, Clone)]
+pub struct TransferReport {
+    pub name: String,
+    /// `Op::Read` for a download, `Op::Write` for an upload.
+    pub op: Op,
+    /// The volume's logical length.
+    pub size: u64,
+    pub stats: StreamStats,
+    pub elapsed: Duration,
+    pub result: Result<(), TransferError>,
+}
+
+/// Engine-wide settings.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Protocol limits for every connection.
+    pub connection: Config,
+    /// Connections accepted at once; more are closed on arrival.
+    pub max_connections: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            connection: Config::default(),
+            max_connections: 256,
+        }
+    }
+}
+
+enum Command {
+    Connect {
+        addr: Address,
+        reply: mpsc::Sender<io::Result<ConnectionId>>,
+    },
+    Listen {
+        addr: Address,
+        provider: Arc<dyn Provider>,
+        reply: mpsc::Sender<io::Result<(ListenerId, Address)>>,
+    },
+    Transfer {
+        conn: ConnectionId,
+        transfer: Transfer,
+    },
+    Stats {
+        conn: ConnectionId,
+        reply: mpsc::Sender<Option<ConnStats>>,
+    },
+    GoAway {
+        conn: ConnectionId,
+    },
+    Shutdown,
+}
+
+/// State shared between the loop and other threads: the waker, and what woke it.
+pub struct Shared {
+    waker: Waker,
+    queue: Mutex<Wakeups>,
+}
+
+#[derive(Default)]
+struct Wakeups {
+    commands: Vec<Command>,
+    streams: Vec<WakeKey>,
+}
+
+impl Shared {
+    fn wake(&self, key: WakeKey) {
+        let first = {
+            let mut q = self.queue.lock().unwrap();
+            q.streams.push(key);
+            q.streams.len() == 1 && q.commands.is_empty()
+        };
+        if first {
+            let _ = self.waker.wake();
+        }
+    }
+
+    fn command(&self, command: Command) {
+        self.queue.lock().unwrap().commands.push(command);
+        let _ = self.waker.wake();
+    }
+}
+
+const WAKER: Token = Token(0);
+const KIND_LISTENER: usize = 1;
+const KIND_CONN: usize = 2;
+
+fn conn_token(id: ConnectionId) -> Token {
+    Token(((id.generation as usize) << 34) | ((id.slot as usize) << 2) | KIND_CONN)
+}
+
+fn listener_token(slot: usize) -> Token {
+    Token((slot << 2) | KIND_LISTENER)
+}
+
+/// The event loop and everything it owns.
+pub struct Engine {
+    poll: Poll,
+    events: Events,
+    shared: Arc<Shared>,
+    config: EngineConfig,
+    listeners: Slab<(Listener, Arc<dyn Provider>)>,
+    conns: Slab<Driver>,
+    generation: u32,
+    shutdown: bool,
+}
+
+impl Engine {
+    pub fn new(config: EngineConfig) -> io::Result<Engine> {
+        let poll = Poll::new()?;
+        let waker = Waker::new(poll.registry(), WAKER)?;
+        Ok(Engine {
+            poll,
+            events: Events::with_capacity(1024),
+            shared: Arc::new(Shared {
+                waker,
+                queue: Mutex::new(Wakeups::default()),
+            }),
+            config,
+            listeners: Slab::new(),
+            conns: Slab::new(),
+            generation: 0,
+            shutdown: false,
+        })
+    }
+
+    /// Runs an engine on a new thread until [`EngineHandle::shutdown`].
+    pub fn spawn(config: EngineConfig) -> io::Result<(EngineHandle, thread::JoinHandle<()>)> {
+        let mut engine = Engine::new(config)?;
+        let handle = engine.handle();
+        let thread = thread::Builder::new()
+            .name("volstream-loop".into())
+            .spawn(move || {
+                while !engine.is_shut_down() {
+                    if let Err(e) = engine.turn(None) {
+                        log::error!("event loop failed: {e}");
+                        break;
+                    }
+                }
+            })?;
+        Ok((handle, thread))
+    }
+
+    /// A handle for other threads.
+    pub fn handle(&self) -> EngineHandle {
+        EngineHandle {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
+    pub fn is_shut_down(&self) -> bool {
+        self.shutdown && self.conns.is_empty()
+    }
+
+    /// Starts listening; streams opened by peers are resolved by `provider`.
+    pub fn listen(
+        &mut self,
+        addr: &Address,
+        provider: Arc<dyn Provider>,
+    ) -> io::Result<(ListenerId, Address)> {
+        let mut listener = Listener::bind(addr)?;
+        let bound = listener.local_addr()?;
+        let entry = self.listeners.vacant_entry();
+        listener.register(self.poll.registry(), listener_token(entry.key()))?;
+        let id = ListenerId(entry.key());
+        entry.insert((listener, provider));
+        log::info!("listening on {bound}");
+        Ok((id, bound))
+    }
+
+    /// Connects to a server. The connection is usable at once: transfers submitted before the
+    /// handshake completes wait for it.
+    pub fn connect(&mut self, addr: &Address) -> io::Result<ConnectionId> {
+        let socket = Socket::connect(addr)?;
+        self.add_connection(socket, Side::Client, None, addr.to_string())
+    }
+
+    fn add_connection(
+        &mut self,
+        mut socket: Socket,
+        side: Side,
+        provider: Option<Arc<dyn Provider>>,
+        peer: String,
+    ) -> io::Result<ConnectionId> {
+        self.generation = self.generation.wrapping_add(1) & 0x3fff_ffff;
+        let entry = self.conns.vacant_entry();
+        let id = ConnectionId {
+            slot: entry.key() as u32,
+            generation: self.generation,
+        };
+        socket.register(self.poll.registry(), conn_token(id))?;
+        let conn = Connection::new(side, self.config.connection.clone(), Instant::now());
+        entry.insert(Driver::new(
+            id,
+            socket,
+            conn,
+            provider,
+            Arc::clone(&self.shared),
+            peer,
+        ));
+        Ok(id)
+    }
+
+    fn driver(&mut self, id: ConnectionId) -> Option<&mut Driver> {
+        self.conns.get_mut(id.slot as usize).filter(|d| d.id == id)
+    }
+
+    /// Starts a transfer on a connection; `transfer.on_done` is called when it ends, also when
+    /// the connection is unknown or gone.
+    pub fn submit(&mut self, conn: ConnectionId, transfer: Transfer) {
+        let now = Instant::now();
+        match self.driver(conn) {
+            Some(driver) => {
+                driver.submit(transfer, now);
+                driver.flush(now);
+            }
+            None => (transfer.on_done)(TransferReport {
+                name: transfer.name,
+                op: match transfer.endpoint {
+                    Endpoint::Reader(_) => Op::Write,
+                    Endpoint::Writer(_) => Op::Read,
+                },
+                size: 0,
+                stats: StreamStats::default(),
+                elapsed: Duration::ZERO,
+                result: Err(TransferError {
+                    reason: Reason::ConnectionLost,
+                    message: "no such connection".into(),
+                }),
+            }),
+        }
+    }
+
+    /// Connection counters, or `None` if the connection is gone.
+    pub fn stats(&mut self, conn: ConnectionId) -> Option<ConnStats> {
+        self.driver(conn).map(|d| d.conn.stats())
+    }
+
+    /// Sends GOAWAY: no new streams; the connection closes when its streams are done.
+    pub fn go_away(&mut self, conn: ConnectionId) {
+        let now = Instant::now();
+        if let Some(d) = self.driver(conn) {
+            d.conn.go_away();
+            d.drain_events(now);
+            d.flush(now);
+        }
+    }
+
+    /// Stops listening and ends every connection; `is_shut_down` turns true when they are gone.
+    pub fn shutdown(&mut self) {
+        self.shutdown = true;
+        for (mut listener, _) in self.listeners.drain() {
+            listener.close(self.poll.registry());
+        }
+        let now = Instant::now();
+        for (_, d) in self.conns.iter_mut() {
+            d.close(ConnError::LocallyClosed, now);
+            d.flush(now);
+        }
+        self.reap();
+    }
+
+    /// The file descriptor a host loop polls for readability (the epoll instance).
+    pub fn as_raw_fd(&self) -> RawFd {
+        self.poll.as_raw_fd()
+    }
+
+    /// When the engine next needs a turn even without I/O (timers).
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.conns
+            .iter()
+            .filter_map(|(_, d)| {
+                if d.read_pending {
+                    Some(Instant::now())
+                } else {
+                    d.conn.poll_timeout()
+                }
+            })
+            .min()
+    }
+
+    /// One iteration: wait for readiness (at most `timeout`, `None` = until something happens),
+    /// then do all the work it allows. Never blocks beyond the wait.
+    pub fn turn(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        let now = Instant::now();
+        let deadline_wait = self
+            .next_deadline()
+            .map(|d| d.saturating_duration_since(now));
+        let wait = match (timeout, deadline_wait) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let mut events = std::mem::replace(&mut self.events, Events::with_capacity(0));
+        let polled = self.poll.poll(&mut events, wait);
+        if let Err(e) = polled {
+            self.events = events;
+            if e.kind() == io::ErrorKind::Interrupted {
+                return Ok(());
+            }
+            return Err(e);
+        }
+        let now = Instant::now();
+        for event in events.iter() {
+            let token = event.token().0;
+            if event.token() == WAKER {
+                continue;
+            }
+            match token & 3 {
+                KIND_LISTENER => self.accept(token >> 2),
+                KIND_CONN => {
+                    let id = ConnectionId {
+                        slot: ((token >> 2) & 0xffff_ffff) as u32,
+                        generation: (token >> 34) as u32,
+                    };
+                    let Some(d) = self.driver(id) else { continue };
+                    if event.is_writable() {
+                        d.on_writable();
+                    }
+                    if event.is_readable() || event.is_read_closed() {
+                        d.on_readable(now);
+                    }
+                    if event.is_error() {
+                        d.on_error(now);
+                    }
+                }
+                _ => {}
+            }
+        }
+        self.events = events;
+        self.run_wakeups(now);
+        for (_, d) in self.conns.iter_mut() {
+            if d.read_pending {
+                d.on_readable(now);
+            }
+            d.handle_timeout(now);
+            d.flush(now);
+        }
+        self.reap();
+        Ok(())
+    }
+
+    fn run_wakeups(&mut self, now: Instant) {
+        // Commands may wake streams and streams may not issue commands, so one pass of each.
+        let Wakeups { commands, streams } = std::mem::take(&mut *self.shared.queue.lock().unwrap());
+        for command in commands {
+            self.run_command(command);
+        }
+        for key in streams {
+            if let Some(d) = self.driver(key.conn) {
+                d.service(key.local, now);
+            }
+        }
+    }
+
+    fn run_command(&mut self, command: Command) {
+        match command {
+            Command::Connect { addr, reply } => {
+                let _ = reply.send(self.connect(&addr));
+            }
+            Command::Listen {
+                addr,
+                provider,
+                reply,
+            } => {
+                let _ = reply.send(self.listen(&addr, provider));
+            }
+            Command::Transfer { conn, transfer } => self.submit(conn, transfer),
+            Command::Stats { conn, reply } => {
+                let _ = reply.send(self.stats(conn));
+            }
+            Command::GoAway { conn } => self.go_away(conn),
+            Command::Shutdown => self.shutdown(),
+        }
+    }
+
+    fn accept(&mut self, slot: usize) {
+        loop {
+            let Some((listener, provider)) = self.listeners.get(slot) else {
+                return;
+            };
+            let provider = Arc::clone(provider);
+            match listener.accept() {
+                Ok((socket, peer)) => {
+                    if self.conns.len() >= self.config.max_connections {
+                        log::warn!(
+                            "refusing connection from {peer}: {} connections open",
+                            self.conns.len()
+                        );
+                        continue;
+                    }
+                    log::debug!("accepted connection from {peer}");
+                    if let Err(e) = self.add_connection(socket, Side::Server, Some(provider), peer)
+                    {
+                        log::warn!("cannot register connection: {e}");
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // EMFILE and friends: try again at the next readiness.
+                    log::warn!("accept failed: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Drops connections that are over.
+    fn reap(&mut self) {
+        let done: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, d)| d.finished)
+            .map(|(slot, _)| slot)
+            .collect();
+        for slot in done {
+            let mut d = self.conns.remove(slot);
+            let _ = d.socket.deregister(self.poll.registry());
+            log::debug!("{}: connection dropped", d.peer);
+        }
+    }
+
+    /// Open connections.
+    pub fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+}
+
+/// Drives an engine from other threads. Cloneable and `Send`. Methods that answer block the
+/// calling thread until the loop replies: do not call them from the loop's own thread.
+#[derive(Clone)]
+pub struct EngineHandle {
+    shared: Arc<Shared>,
+}
+
+/// The loop is gone.
+fn loop_gone() -> io::Error {
+    io::Error::other("volstream event loop is not running")
+}
+
+impl EngineHandle {
+    pub fn connect(&self, addr: &Address) -> io::Result<ConnectionId> {
+        let (reply, rx) = mpsc::channel();
+        self.shared.command(Command::Connect {
+            addr: addr.clone(),
+            reply,
+        });
+        rx.recv().map_err(|_| loop_gone())?
+    }
+
+    pub fn listen(
+        &self,
+        addr: &Address,
+        provider: Arc<dyn Provider>,
+    ) -> io::Result<(ListenerId, Address)> {
+        let (reply, rx) = mpsc::channel();
+        self.shared.command(Command::Listen {
+            addr: addr.clone(),
+            provider,
+            reply,
+        });
+        rx.recv().map_err(|_| loop_gone())?
+    }
+
+    /// Starts a transfer; `transfer.on_done` runs on the loop thread when it ends.
+    pub fn submit(&self, conn: ConnectionId, transfer: Transfer) {
+        self.shared.command(Command::Transfer { conn, transfer });
+    }
+
+    /// Downloads `name` into `writer`; returns a receiver for the report.
+    pub fn download(
+        &self,
+        conn: ConnectionId,
+        name: &str,
+        options: OpenOptions,
+        writer: Box<dyn VolumeWriter>,
+    ) -> mpsc::Receiver<TransferReport> {
+        self.start(conn, name, options, Endpoint::Writer(writer))
+    }
+
+    /// Uploads the content of `reader` as `name`; returns a receiver for the report.
+    pub fn upload(
+        &self,
+        conn: ConnectionId,
+        name: &str,
+        options: OpenOptions,
+        reader: Box<dyn VolumeReader>,
+    ) -> mpsc::Receiver<TransferReport> {
+        self.start(conn, name, options, Endpoint::Reader(reader))
+    }
+
+    fn start(
+        &self,
+        conn: ConnectionId,
+        name: &str,
+        options: OpenOptions,
+        endpoint: Endpoint,
+    ) -> mpsc::Receiver<TransferReport> {
+        let (tx, rx) = mpsc::channel();
+        self.submit(
+            conn,
+            Transfer {
+                name: name.to_owned(),
+                options,
+                endpoint,
+                on_done: Box::new(move |report| {
+                    let _ = tx.send(report);
+                }),
+            },
+        );
+        rx
+    }
+
+    pub fn stats(&self, conn: ConnectionId) -> io::Result<Option<ConnStats>> {
+        let (reply, rx) = mpsc::channel();
+        self.shared.command(Command::Stats { conn, reply });
+        rx.recv().map_err(|_| loop_gone())
+    }
+
+    pub fn go_away(&self, conn: ConnectionId) {
+        self.shared.command(Command::GoAway { conn });
+    }
+
+    /// Ends every connection and stops the loop thread.
+    pub fn shutdown(&self) {
+        self.shared.command(Command::Shutdown);
+    }
+}

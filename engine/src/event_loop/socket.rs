@@ -1,0 +1,184 @@
+//! Addresses and the two kinds of stream socket a connection runs over.
+
+use bytes::BytesMut;
+use mio::event::Source;
+use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use mio::{Interest, Registry, Token};
+use std::fmt;
+use std::io::{self, IoSlice, Write};
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+/// Where to listen or connect: `unix:PATH` or `tcp:HOST:PORT`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Address {
+    Unix(PathBuf),
+    Tcp(SocketAddr),
+}
+
+impl FromStr for Address {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err(format!("bad address {s:?}: empty socket path"));
+            }
+            return Ok(Address::Unix(PathBuf::from(path)));
+        }
+        if let Some(hostport) = s.strip_prefix("tcp:") {
+            use std::net::ToSocketAddrs;
+            // Name resolution may block; it happens on the caller's thread, never the loop's.
+            return hostport
+                .to_socket_addrs()
+                .map_err(|e| format!("bad address {s:?}: {e}"))?
+                .next()
+                .map(Address::Tcp)
+                .ok_or_else(|| format!("bad address {s:?}: no such host"));
+        }
+        Err(format!(
+            "bad address {s:?}: expected unix:PATH or tcp:HOST:PORT"
+        ))
+    }
+}
+
+impl fmt::Display for Address {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Address::Unix(p) => write!(f, "unix:{}", p.display()),
+            Address::Tcp(a) => write!(f, "tcp:{a}"),
+        }
+    }
+}
+
+pub enum Listener {
+    Unix(UnixListener),
+    Tcp(TcpListener),
+}
+
+impl Listener {
+    pub fn bind(addr: &Address) -> io::Result<Listener> {
+        Ok(match addr {
+            Address::Unix(path) => Listener::Unix(UnixListener::bind(path)?),
+            Address::Tcp(a) => Listener::Tcp(TcpListener::bind(*a)?),
+        })
+    }
+
+    /// The bound address (with the real port when 0 was asked for).
+    pub fn local_addr(&self) -> io::Result<Address> {
+        match self {
+            Listener::Unix(l) => l
+                .local_addr()?
+                .as_pathname()
+                .map(|p| Address::Unix(p.to_owned()))
+                .ok_or_else(|| io::Error::other("unnamed unix socket")),
+            Listener::Tcp(l) => Ok(Address::Tcp(l.local_addr()?)),
+        }
+    }
+
+    pub fn accept(&self) -> io::Result<(Socket, String)> {
+        match self {
+            Listener::Unix(l) => {
+                let (s, _) = l.accept()?;
+                Ok((Socket::Unix(s), "unix peer".to_owned()))
+            }
+            Listener::Tcp(l) => {
+                let (s, peer) = l.accept()?;
+                s.set_nodelay(true)?;
+                Ok((Socket::Tcp(s), peer.to_string()))
+            }
+        }
+    }
+
+    pub fn register(&mut self, registry: &Registry, token: Token) -> io::Result<()> {
+        match self {
+            Listener::Unix(l) => l.register(registry, token, Interest::READABLE),
+            Listener::Tcp(l) => l.register(registry, token, Interest::READABLE),
+        }
+    }
+
+    /// Stops listening; a Unix socket's path is removed so the next server can bind it.
+    pub fn close(&mut self, registry: &Registry) {
+        if let Ok(Address::Unix(path)) = self.local_addr() {
+            let _ = std::fs::remove_file(path);
+        }
+        let _ = match self {
+            Listener::Unix(l) => l.deregister(registry),
+            Listener::Tcp(l) => l.deregister(registry),
+        };
+    }
+}
+
+pub enum Socket {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Socket {
+    pub fn connect(addr: &Address) -> io::Result<Socket> {
+        Ok(match addr {
+            Address::Unix(path) => Socket::Unix(UnixStream::connect(path)?),
+            Address::Tcp(a) => {
+                let s = TcpStream::connect(*a)?;
+                s.set_nodelay(true)?;
+                Socket::Tcp(s)
+            }
+        })
+    }
+
+    fn source(&mut self) -> &mut dyn Source {
+        match self {
+            Socket::Unix(s) => s,
+            Socket::Tcp(s) => s,
+        }
+    }
+
+    pub fn register(&mut self, registry: &Registry, token: Token) -> io::Result<()> {
+        self.source()
+            .register(registry, token, Interest::READABLE | Interest::WRITABLE)
+    }
+
+    pub fn deregister(&mut self, registry: &Registry) -> io::Result<()> {
+        self.source().deregister(registry)
+    }
+
+    fn raw_fd(&self) -> i32 {
+        match self {
+            Socket::Unix(s) => s.as_raw_fd(),
+            Socket::Tcp(s) => s.as_raw_fd(),
+        }
+    }
+
+    /// Reads up to `max` bytes into the spare capacity of `buf` without zero-filling it first.
+    /// Returns 0 at end of stream.
+    pub fn read_into(&mut self, buf: &mut BytesMut, max: usize) -> io::Result<usize> {
+        buf.reserve(max);
+        let spare = buf.spare_capacity_mut();
+        let want = spare.len().min(max);
+        // SAFETY: read(2) writes at most `want` bytes into memory we own and reports how many;
+        // only those are exposed with set_len.
+        let n = unsafe { libc::read(self.raw_fd(), spare.as_mut_ptr().cast(), want) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let n = n as usize;
+        unsafe { buf.set_len(buf.len() + n) };
+        Ok(n)
+    }
+
+    pub fn write_vectored(&mut self, slices: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Socket::Unix(s) => s.write_vectored(slices),
+            Socket::Tcp(s) => s.write_vectored(slices),
+        }
+    }
+
+    pub fn take_error(&self) -> io::Result<Option<io::Error>> {
+        match self {
+            Socket::Unix(s) => s.take_error(),
+            Socket::Tcp(s) => s.take_error(),
+        }
+    }
+}

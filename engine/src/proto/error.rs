@@ -1,0 +1,71 @@
+//! Errors scoped to a connection. Stream-scoped failures are not errors of the connection: they
+//! end one stream with ABORT and a [`Reason`](super::frame::Reason), and everything else goes on.
+
+use super::frame::{DecodeError, Reason};
+use std::fmt;
+
+/// Why a connection ended. Every variant aborts all of the connection's open streams.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnError {
+    /// The peer's bytes could not be decoded.
+    Decode(DecodeError),
+    /// Versions or limits could not be agreed.
+    Handshake(String),
+    /// The peer broke a rule of the protocol (frame for a stream that never existed, a frame
+    /// not allowed in the stream's state, too many streams).
+    Protocol(String),
+    /// The peer sent more than the credit it was granted, or overflowed a window.
+    FlowControl(String),
+    /// Nothing arrived from the peer in time (handshake or idle timeout).
+    Timeout(String),
+    /// The peer sent GOAWAY with an error.
+    PeerGoAway { reason: Reason, message: String },
+    /// The socket failed.
+    Io(String),
+    /// The peer closed the connection.
+    PeerClosed,
+    /// This side closed it (shutdown, GOAWAY with nothing left to finish).
+    LocallyClosed,
+}
+
+impl ConnError {
+    /// The reason reported to streams that this error aborts, and to the peer in GOAWAY.
+    pub fn reason(&self) -> Reason {
+        match self {
+            ConnError::Decode(_) | ConnError::Handshake(_) | ConnError::Protocol(_) => {
+                Reason::Protocol
+            }
+            ConnError::FlowControl(_) => Reason::FlowControl,
+            ConnError::Timeout(_) => Reason::Timeout,
+            ConnError::PeerGoAway { reason, .. } => *reason,
+            ConnError::Io(_) | ConnError::PeerClosed => Reason::ConnectionLost,
+            ConnError::LocallyClosed => Reason::Cancelled,
+        }
+    }
+}
+
+impl fmt::Display for ConnError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConnError::Decode(e) => write!(f, "malformed frame from peer: {e}"),
+            ConnError::Handshake(m) => write!(f, "handshake failed: {m}"),
+            ConnError::Protocol(m) => write!(f, "protocol violation by peer: {m}"),
+            ConnError::FlowControl(m) => write!(f, "flow-control violation by peer: {m}"),
+            ConnError::Timeout(m) => write!(f, "timed out: {m}"),
+            ConnError::PeerGoAway { reason, message } => {
+                write!(f, "peer closed the connection ({reason}): {message}")
+            }
+            ConnError::Io(m) => write!(f, "connection I/O error: {m}"),
+            ConnError::PeerClosed => write!(f, "connection closed by peer"),
+            ConnError::LocallyClosed => write!(f, "connection closed locally"),
+        }
+    }
+}
+
+impl std::error::Error for ConnError {}
+
+impl From<DecodeError> for ConnError {
+    fn from(e: DecodeError) -> Self {
+        ConnError::Decode(e)
+    }
+}

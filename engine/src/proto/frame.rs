@@ -1,0 +1,754 @@
+//! The wire format: the handshake `Hello` and the frames that follow it.
+//!
+//! Every integer is big-endian. docs/PROTOCOL.md is the normative description; this module is
+//! its only implementation. Decoding never allocates more than the frame it was given, and a
+//! frame header announcing a body larger than the local limit is refused before its body is read.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use std::fmt;
+
+/// First eight bytes on every connection, both directions.
+pub const MAGIC: [u8; 8] = *b"VOLSTRM\n";
+/// Size of the `Hello` record.
+pub const HELLO_LEN: usize = 32;
+/// Size of every frame header.
+pub const HEADER_LEN: usize = 12;
+/// The protocol versions this build speaks.
+pub const VERSION_MIN: u16 = 1;
+pub const VERSION_MAX: u16 = 1;
+/// Longest volume name accepted in OPEN.
+pub const MAX_NAME_LEN: usize = 255;
+/// Longest human-readable message in REJECT, ABORT and GOAWAY.
+pub const MAX_MESSAGE_LEN: usize = 1024;
+/// Smallest `max_frame` a peer may announce: an OPEN with the longest name must fit.
+pub const MIN_MAX_FRAME: u32 = 4096;
+
+/// Feature bits exchanged in the handshake; both sides use the intersection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Features(pub u32);
+
+impl Features {
+    /// Holes travel as HOLE frames; without it a sender expands them to zero DATA.
+    pub const SPARSE: Features = Features(1);
+    /// FINISH carries a CRC-32C of the logical content, checked by the receiver.
+    pub const DIGEST: Features = Features(2);
+    pub const ALL: Features = Features(3);
+
+    pub fn contains(self, other: Features) -> bool {
+        self.0 & other.0 == other.0
+    }
+    pub fn intersect(self, other: Features) -> Features {
+        Features(self.0 & other.0)
+    }
+    pub fn without(self, other: Features) -> Features {
+        Features(self.0 & !other.0)
+    }
+}
+
+/// What one side announces before any frame: versions, features, and the limits it enforces as
+/// a receiver (the peer must respect them when sending).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hello {
+    pub version_min: u16,
+    pub version_max: u16,
+    pub features: Features,
+    /// Largest frame body (bytes after the header) this side accepts.
+    pub max_frame: u32,
+    /// Credit this side grants each stream it receives data on, before any WINDOW.
+    pub stream_window: u32,
+    /// Credit this side grants the whole connection, before any WINDOW.
+    pub conn_window: u32,
+    /// How many streams the peer may have open towards this side at once.
+    pub max_streams: u32,
+}
+
+impl Hello {
+    pub fn encode(&self, out: &mut BytesMut) {
+        out.reserve(HELLO_LEN);
+        out.put_slice(&MAGIC);
+        out.put_u16(self.version_min);
+        out.put_u16(self.version_max);
+        out.put_u32(self.features.0);
+        out.put_u32(self.max_frame);
+        out.put_u32(self.stream_window);
+        out.put_u32(self.conn_window);
+        out.put_u32(self.max_streams);
+    }
+
+    /// Decodes a `Hello` from exactly `HELLO_LEN` bytes. Limits are checked by the handshake,
+    /// which knows the local configuration.
+    pub fn decode(bytes: &[u8; HELLO_LEN]) -> Result<Hello, DecodeError> {
+        if bytes[..8] != MAGIC {
+            return Err(DecodeError::BadMagic);
+        }
+        let mut b = &bytes[8..];
+        Ok(Hello {
+            version_min: b.get_u16(),
+            version_max: b.get_u16(),
+            features: Features(b.get_u32()),
+            max_frame: b.get_u32(),
+            stream_window: b.get_u32(),
+            conn_window: b.get_u32(),
+            max_streams: b.get_u32(),
+        })
+    }
+}
+
+/// A stream's number on the wire. 0 names the connection (WINDOW, PING, GOAWAY).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StreamId(pub u32);
+
+impl StreamId {
+    pub const CONNECTION: StreamId = StreamId(0);
+    pub fn is_connection(self) -> bool {
+        self.0 == 0
+    }
+}
+
+impl fmt::Display for StreamId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "stream {}", self.0)
+    }
+}
+
+/// What the opener of a stream asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// The peer reads the named volume and sends it to the opener (a download).
+    Read = 1,
+    /// The opener sends content that the peer writes into the named volume (an upload).
+    Write = 2,
+}
+
+/// Per-stream options carried in OPEN; they mean what the nbdcopy/qemu-img flags of the same
+/// names mean and are interpreted by whichever side touches the volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct OpenOptions {
+    pub flags: u8,
+    /// Zero-detection granularity in bytes (`-S`); 0 turns zero detection off.
+    pub zero_granularity: u32,
+}
+
+impl OpenOptions {
+    /// The sink must end fully allocated (write zeroes instead of punching).
+    pub const ALLOCATED: u8 = 1;
+    /// The sink already reads as zeroes: holes need no work.
+    pub const DESTINATION_IS_ZERO: u8 = 2;
+    /// The source ignores its extent map and reads everything.
+    pub const NO_EXTENTS: u8 = 4;
+    /// An existing volume may be replaced (uploads).
+    pub const OVERWRITE: u8 = 8;
+    /// Holes are sent as zero DATA for this stream even when SPARSE was negotiated.
+    pub const NO_SPARSE: u8 = 16;
+    const KNOWN: u8 = 31;
+
+    pub fn has(&self, flag: u8) -> bool {
+        self.flags & flag != 0
+    }
+}
+
+/// Why a stream or connection ended. Unknown codes from newer peers are kept, not refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    Protocol,
+    Internal,
+    NotFound,
+    AlreadyExists,
+    PermissionDenied,
+    InvalidName,
+    Io,
+    NoSpace,
+    DigestMismatch,
+    Cancelled,
+    TooManyStreams,
+    FlowControl,
+    Timeout,
+    ConnectionLost,
+    Unsupported,
+    GoingAway,
+    Other(u32),
+}
+
+impl Reason {
+    pub fn code(self) -> u32 {
+        match self {
+            Reason::Protocol => 1,
+            Reason::Internal => 2,
+            Reason::NotFound => 3,
+            Reason::AlreadyExists => 4,
+            Reason::PermissionDenied => 5,
+            Reason::InvalidName => 6,
+            Reason::Io => 7,
+            Reason::NoSpace => 8,
+            Reason::DigestMismatch => 9,
+            Reason::Cancelled => 10,
+            Reason::TooManyStreams => 11,
+            Reason::FlowControl => 12,
+            Reason::Timeout => 13,
+            Reason::ConnectionLost => 14,
+            Reason::Unsupported => 15,
+            Reason::GoingAway => 16,
+            Reason::Other(code) => code,
+        }
+    }
+
+    pub fn from_code(code: u32) -> Reason {
+        match code {
+            1 => Reason::Protocol,
+            2 => Reason::Internal,
+            3 => Reason::NotFound,
+            4 => Reason::AlreadyExists,
+            5 => Reason::PermissionDenied,
+            6 => Reason::InvalidName,
+            7 => Reason::Io,
+            8 => Reason::NoSpace,
+            9 => Reason::DigestMismatch,
+            10 => Reason::Cancelled,
+            11 => Reason::TooManyStreams,
+            12 => Reason::FlowControl,
+            13 => Reason::Timeout,
+            14 => Reason::ConnectionLost,
+            15 => Reason::Unsupported,
+            16 => Reason::GoingAway,
+            other => Reason::Other(other),
+        }
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let text = match self {
+            Reason::Protocol => "protocol error",
+            Reason::Internal => "internal error",
+            Reason::NotFound => "no such volume",
+            Reason::AlreadyExists => "volume exists",
+            Reason::PermissionDenied => "permission denied",
+            Reason::InvalidName => "invalid volume name",
+            Reason::Io => "I/O error",
+            Reason::NoSpace => "no space left",
+            Reason::DigestMismatch => "digest mismatch",
+            Reason::Cancelled => "cancelled",
+            Reason::TooManyStreams => "too many streams",
+            Reason::FlowControl => "flow-control violation",
+            Reason::Timeout => "timed out",
+            Reason::ConnectionLost => "connection lost",
+            Reason::Unsupported => "unsupported",
+            Reason::GoingAway => "going away",
+            Reason::Other(code) => return write!(f, "error code {code}"),
+        };
+        f.write_str(text)
+    }
+}
+
+/// Frame type bytes.
+mod kind {
+    pub const OPEN: u8 = 1;
+    pub const ACCEPT: u8 = 2;
+    pub const REJECT: u8 = 3;
+    pub const DATA: u8 = 4;
+    pub const HOLE: u8 = 5;
+    pub const WINDOW: u8 = 6;
+    pub const FINISH: u8 = 7;
+    pub const ABORT: u8 = 8;
+    pub const PING: u8 = 9;
+    pub const PONG: u8 = 10;
+    pub const GOAWAY: u8 = 11;
+}
+
+/// FINISH flag: this FINISH is the receiver's confirmation, not the sender's end of data.
+const FLAG_ACK: u8 = 1;
+/// FINISH flag: the digest field is meaningful.
+const FLAG_DIGEST: u8 = 2;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    Open {
+        stream: StreamId,
+        op: Op,
+        options: OpenOptions,
+        /// For `Op::Write`, the logical length of the content to come; 0 for `Op::Read`.
+        size: u64,
+        name: String,
+    },
+    Accept {
+        stream: StreamId,
+        /// The volume's logical length: what the data sender will send.
+        size: u64,
+    },
+    Reject {
+        stream: StreamId,
+        reason: Reason,
+        message: String,
+    },
+    Data {
+        stream: StreamId,
+        offset: u64,
+        payload: Bytes,
+    },
+    Hole {
+        stream: StreamId,
+        offset: u64,
+        len: u64,
+    },
+    Window {
+        stream: StreamId,
+        increment: u32,
+    },
+    Finish {
+        stream: StreamId,
+        length: u64,
+        digest: Option<u32>,
+        ack: bool,
+    },
+    Abort {
+        stream: StreamId,
+        reason: Reason,
+        message: String,
+    },
+    Ping {
+        data: u64,
+    },
+    Pong {
+        data: u64,
+    },
+    GoAway {
+        last_stream: StreamId,
+        reason: Reason,
+        message: String,
+    },
+}
+
+/// Why bytes from a peer could not be decoded. Every variant ends the connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DecodeError {
+    BadMagic,
+    FrameTooLarge { len: u32, max: u32 },
+    UnknownKind(u8),
+    BadLength { kind: u8, len: u32 },
+    NonZeroReserved,
+    UnknownFlags { kind: u8, flags: u8 },
+    BadOp(u8),
+    BadName,
+    BadMessage,
+    StreamIdZero { kind: u8 },
+    StreamIdNonZero { kind: u8 },
+}
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DecodeError::BadMagic => write!(f, "not a volstream peer (bad magic)"),
+            DecodeError::FrameTooLarge { len, max } => {
+                write!(f, "frame body of {len} bytes exceeds the limit of {max}")
+            }
+            DecodeError::UnknownKind(k) => write!(f, "unknown frame type {k}"),
+            DecodeError::BadLength { kind, len } => {
+                write!(f, "frame type {kind} cannot have a {len}-byte body")
+            }
+            DecodeError::NonZeroReserved => write!(f, "reserved header bits are not zero"),
+            DecodeError::UnknownFlags { kind, flags } => {
+                write!(f, "frame type {kind} has unknown flags {flags:#x}")
+            }
+            DecodeError::BadOp(op) => write!(f, "unknown OPEN operation {op}"),
+            DecodeError::BadName => write!(f, "volume name is empty, too long or not UTF-8"),
+            DecodeError::BadMessage => write!(f, "message is too long or not UTF-8"),
+            DecodeError::StreamIdZero { kind } => {
+                write!(f, "frame type {kind} needs a stream id, got 0")
+            }
+            DecodeError::StreamIdNonZero { kind } => {
+                write!(
+                    f,
+                    "frame type {kind} is connection-level but names a stream"
+                )
+            }
+        }
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
+/// Payloads shorter than this are copied out of the receive buffer instead of sharing it, so a
+/// stalled stream holding a few small payloads cannot pin many large receive buffers.
+const SHARE_PAYLOAD_MIN: usize = 16 * 1024;
+
+impl Frame {
+    pub fn stream(&self) -> StreamId {
+        match self {
+            Frame::Open { stream, .. }
+            | Frame::Accept { stream, .. }
+            | Frame::Reject { stream, .. }
+            | Frame::Data { stream, .. }
+            | Frame::Hole { stream, .. }
+            | Frame::Window { stream, .. }
+            | Frame::Finish { stream, .. }
+            | Frame::Abort { stream, .. } => *stream,
+            Frame::Ping { .. } | Frame::Pong { .. } | Frame::GoAway { .. } => StreamId::CONNECTION,
+        }
+    }
+
+    /// Decodes one frame from the front of `buf`, consuming it. `Ok(None)` means more bytes are
+    /// needed; nothing is consumed then. A header announcing more than `max_body` is refused at
+    /// once, before its body arrives.
+    pub fn decode(buf: &mut BytesMut, max_body: u32) -> Result<Option<Frame>, DecodeError> {
+        if buf.len() < HEADER_LEN {
+            return Ok(None);
+        }
+        let mut h = &buf[..HEADER_LEN];
+        let len = h.get_u32();
+        let kind = h.get_u8();
+        let flags = h.get_u8();
+        let reserved = h.get_u16();
+        let stream = StreamId(h.get_u32());
+        if len > max_body {
+            return Err(DecodeError::FrameTooLarge { len, max: max_body });
+        }
+        if reserved != 0 {
+            return Err(DecodeError::NonZeroReserved);
+        }
+        check_shape(kind, flags, len, stream)?;
+        let total = HEADER_LEN + len as usize;
+        if buf.len() < total {
+            return Ok(None);
+        }
+        buf.advance(HEADER_LEN);
+        let body = buf.split_to(len as usize);
+        parse_body(kind, flags, stream, body).map(Some)
+    }
+
+    /// Encodes a frame that has no bulk payload (everything but DATA) into `out`.
+    pub fn encode(&self, out: &mut BytesMut) {
+        match self {
+            Frame::Open {
+                stream,
+                op,
+                options,
+                size,
+                name,
+            } => {
+                put_header(out, kind::OPEN, 0, *stream, 16 + name.len());
+                out.put_u8(*op as u8);
+                out.put_u8(options.flags);
+                out.put_u16(name.len() as u16);
+                out.put_u32(options.zero_granularity);
+                out.put_u64(*size);
+                out.put_slice(name.as_bytes());
+            }
+            Frame::Accept { stream, size } => {
+                put_header(out, kind::ACCEPT, 0, *stream, 8);
+                out.put_u64(*size);
+            }
+            Frame::Reject {
+                stream,
+                reason,
+                message,
+            } => put_reason(out, kind::REJECT, *stream, *reason, message),
+            Frame::Data {
+                stream,
+                offset,
+                payload,
+            } => {
+                encode_data_header(out, *stream, *offset, payload.len());
+                out.put_slice(payload);
+            }
+            Frame::Hole {
+                stream,
+                offset,
+                len,
+            } => {
+                put_header(out, kind::HOLE, 0, *stream, 16);
+                out.put_u64(*offset);
+                out.put_u64(*len);
+            }
+            Frame::Window { stream, increment } => {
+                put_header(out, kind::WINDOW, 0, *stream, 4);
+                out.put_u32(*increment);
+            }
+            Frame::Finish {
+                stream,
+                length,
+                digest,
+                ack,
+            } => {
+                let mut flags = 0;
+                if *ack {
+                    flags |= FLAG_ACK;
+                }
+                if digest.is_some() {
+                    flags |= FLAG_DIGEST;
+                }
+                put_header(out, kind::FINISH, flags, *stream, 12);
+                out.put_u64(*length);
+                out.put_u32(digest.unwrap_or(0));
+            }
+            Frame::Abort {
+                stream,
+                reason,
+                message,
+            } => put_reason(out, kind::ABORT, *stream, *reason, message),
+            Frame::Ping { data } => {
+                put_header(out, kind::PING, 0, StreamId::CONNECTION, 8);
+                out.put_u64(*data);
+            }
+            Frame::Pong { data } => {
+                put_header(out, kind::PONG, 0, StreamId::CONNECTION, 8);
+                out.put_u64(*data);
+            }
+            Frame::GoAway {
+                last_stream,
+                reason,
+                message,
+            } => {
+                let message = clip_message(message);
+                put_header(
+                    out,
+                    kind::GOAWAY,
+                    0,
+                    StreamId::CONNECTION,
+                    8 + message.len(),
+                );
+                out.put_u32(last_stream.0);
+                out.put_u32(reason.code());
+                out.put_slice(message.as_bytes());
+            }
+        }
+    }
+}
+
+/// Writes the header and offset of a DATA frame whose `payload_len` payload bytes follow
+/// separately (the payload goes to the socket by writev, never copied into `out`).
+pub fn encode_data_header(out: &mut BytesMut, stream: StreamId, offset: u64, payload_len: usize) {
+    put_header(out, kind::DATA, 0, stream, 8 + payload_len);
+    out.put_u64(offset);
+}
+
+/// Bytes of a DATA frame besides its payload.
+pub const DATA_OVERHEAD: usize = HEADER_LEN + 8;
+
+fn put_header(out: &mut BytesMut, kind: u8, flags: u8, stream: StreamId, body_len: usize) {
+    out.reserve(HEADER_LEN + body_len.min(64));
+    out.put_u32(body_len as u32);
+    out.put_u8(kind);
+    out.put_u8(flags);
+    out.put_u16(0);
+    out.put_u32(stream.0);
+}
+
+fn clip_message(message: &str) -> &str {
+    if message.len() <= MAX_MESSAGE_LEN {
+        return message;
+    }
+    let mut end = MAX_MESSAGE_LEN;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    &message[..end]
+}
+
+fn put_reason(out: &mut BytesMut, kind: u8, stream: StreamId, reason: Reason, message: &str) {
+    let message = clip_message(message);
+    put_header(out, kind, 0, stream, 4 + message.len());
+    out.put_u32(reason.code());
+    out.put_slice(message.as_bytes());
+}
+
+/// Checks what the header alone can tell, so an impossible frame is refused before its body.
+fn check_shape(kind: u8, flags: u8, len: u32, stream: StreamId) -> Result<(), DecodeError> {
+    let bad_len = || DecodeError::BadLength { kind, len };
+    let fixed = |want: u32| if len == want { Ok(()) } else { Err(bad_len()) };
+    let allowed_flags = if kind == kind::FINISH {
+        FLAG_ACK | FLAG_DIGEST
+    } else {
+        0
+    };
+    if flags & !allowed_flags != 0 {
+        return Err(DecodeError::UnknownFlags { kind, flags });
+    }
+    let connection_level = matches!(kind, kind::PING | kind::PONG | kind::GOAWAY);
+    if connection_level && !stream.is_connection() {
+        return Err(DecodeError::StreamIdNonZero { kind });
+    }
+    let needs_stream = !connection_level && kind != kind::WINDOW;
+    if needs_stream && stream.is_connection() {
+        return Err(DecodeError::StreamIdZero { kind });
+    }
+    let message_body = |head: u32| {
+        if len >= head && len - head <= MAX_MESSAGE_LEN as u32 {
+            Ok(())
+        } else {
+            Err(bad_len())
+        }
+    };
+    match kind {
+        kind::OPEN => {
+            if (17..=16 + MAX_NAME_LEN as u32).contains(&len) {
+                Ok(())
+            } else {
+                Err(bad_len())
+            }
+        }
+        kind::ACCEPT => fixed(8),
+        kind::REJECT | kind::ABORT => message_body(4),
+        kind::DATA => {
+            if len >= 8 {
+                Ok(())
+            } else {
+                Err(bad_len())
+            }
+        }
+        kind::HOLE => fixed(16),
+        kind::WINDOW => fixed(4),
+        kind::FINISH => fixed(12),
+        kind::PING | kind::PONG => fixed(8),
+        kind::GOAWAY => message_body(8),
+        other => Err(DecodeError::UnknownKind(other)),
+    }
+}
+
+fn parse_body(
+    kind: u8,
+    flags: u8,
+    stream: StreamId,
+    mut body: BytesMut,
+) -> Result<Frame, DecodeError> {
+    Ok(match kind {
+        kind::OPEN => {
+            let op = match body.get_u8() {
+                1 => Op::Read,
+                2 => Op::Write,
+                other => return Err(DecodeError::BadOp(other)),
+            };
+            let flags = body.get_u8();
+            if flags & !OpenOptions::KNOWN != 0 {
+                return Err(DecodeError::UnknownFlags { kind, flags });
+            }
+            let name_len = body.get_u16() as usize;
+            let zero_granularity = body.get_u32();
+            let size = body.get_u64();
+            if name_len != body.len() || name_len == 0 {
+                return Err(DecodeError::BadName);
+            }
+            let name = String::from_utf8(body.to_vec()).map_err(|_| DecodeError::BadName)?;
+            Frame::Open {
+                stream,
+                op,
+                options: OpenOptions {
+                    flags,
+                    zero_granularity,
+                },
+                size,
+                name,
+            }
+        }
+        kind::ACCEPT => Frame::Accept {
+            stream,
+            size: body.get_u64(),
+        },
+        kind::REJECT | kind::ABORT => {
+            let reason = Reason::from_code(body.get_u32());
+            let message = parse_message(&body)?;
+            if kind == kind::REJECT {
+                Frame::Reject {
+                    stream,
+                    reason,
+                    message,
+                }
+            } else {
+                Frame::Abort {
+                    stream,
+                    reason,
+                    message,
+                }
+            }
+        }
+        kind::DATA => {
+            let offset = body.get_u64();
+            let payload = if body.len() < SHARE_PAYLOAD_MIN {
+                Bytes::copy_from_slice(&body)
+            } else {
+                body.freeze()
+            };
+            Frame::Data {
+                stream,
+                offset,
+                payload,
+            }
+        }
+        kind::HOLE => Frame::Hole {
+            stream,
+            offset: body.get_u64(),
+            len: body.get_u64(),
+        },
+        kind::WINDOW => Frame::Window {
+            stream,
+            increment: body.get_u32(),
+        },
+        kind::FINISH => {
+            let length = body.get_u64();
+            let digest = body.get_u32();
+            Frame::Finish {
+                stream,
+                length,
+                digest: (flags & FLAG_DIGEST != 0).then_some(digest),
+                ack: flags & FLAG_ACK != 0,
+            }
+        }
+        kind::PING => Frame::Ping {
+            data: body.get_u64(),
+        },
+        kind::PONG => Frame::Pong {
+            data: body.get_u64(),
+        },
+        kind::GOAWAY => {
+            let last_stream = StreamId(body.get_u32());
+            let reason = Reason::from_code(body.get_u32());
+            Frame::GoAway {
+                last_stream,
+                reason,
+                message: parse_message(&body)?,
+            }
+        }
+        other => return Err(DecodeError::UnknownKind(other)),
+    })
+}
+
+fn parse_message(bytes: &[u8]) -> Result<String, DecodeError> {
+    std::str::from_utf8(bytes)
+        .map(str::to_owned)
+        .map_err(|_| DecodeError::BadMessage)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn oversized_header_is_refused_before_body_arrives() {
+        let mut buf = BytesMut::new();
+        buf.put_u32(1 << 30);
+        buf.put_u8(kind::DATA);
+        buf.put_u8(0);
+        buf.put_u16(0);
+        buf.put_u32(1);
+        assert_eq!(
+            Frame::decode(&mut buf, 65_536),
+            Err(DecodeError::FrameTooLarge {
+                len: 1 << 30,
+                max: 65_536
+            })
+        );
+    }
+
+    #[test]
+    fn partial_frame_consumes_nothing() {
+        let mut full = BytesMut::new();
+        Frame::Hole {
+            stream: StreamId(3),
+            offset: 9,
+            len: 10,
+        }
+        .encode(&mut full);
+        let mut part = BytesMut::from(&full[..full.len() - 1]);
+        assert_eq!(Frame::decode(&mut part, 1 << 20), Ok(None));
+        assert_eq!(part.len(), full.len() - 1);
+    }
+}

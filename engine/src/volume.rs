@@ -1,0 +1,143 @@
+//! What the engine moves: chunks of a volume, and the non-blocking source and sink interfaces
+//! that fdstream (files, devices), the synthetic generator and embedders implement.
+//!
+//! The loop thread calls these methods and they must never block: work happens elsewhere (a
+//! worker thread, a helper process) and is announced through [`Notify`].
+
+use crate::proto::frame::Reason;
+use bytes::Bytes;
+use std::fmt;
+use std::sync::Arc;
+use std::task::Poll;
+
+/// One piece of a volume, in offset order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Chunk {
+    Data {
+        offset: u64,
+        bytes: Bytes,
+    },
+    /// `len` bytes that read as zero.
+    Hole {
+        offset: u64,
+        len: u64,
+    },
+    /// The end: the logical length and, when the peer sends one, the CRC-32C of the content.
+    End {
+        length: u64,
+        digest: Option<u32>,
+    },
+}
+
+impl Chunk {
+    pub fn logical_len(&self) -> u64 {
+        match self {
+            Chunk::Data { bytes, .. } => bytes.len() as u64,
+            Chunk::Hole { len, .. } => *len,
+            Chunk::End { .. } => 0,
+        }
+    }
+}
+
+/// A failure of a source or sink, with the protocol reason it is reported under.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeError {
+    pub reason: Reason,
+    pub message: String,
+}
+
+impl VolumeError {
+    pub fn new(reason: Reason, message: impl Into<String>) -> Self {
+        VolumeError {
+            reason,
+            message: message.into(),
+        }
+    }
+
+    /// Wraps an I/O error with what was being done, choosing the reason from the errno.
+    pub fn io(context: impl fmt::Display, err: &std::io::Error) -> Self {
+        use std::io::ErrorKind;
+        let reason = match err.kind() {
+            ErrorKind::NotFound => Reason::NotFound,
+            ErrorKind::AlreadyExists => Reason::AlreadyExists,
+            ErrorKind::PermissionDenied => Reason::PermissionDenied,
+            ErrorKind::StorageFull | ErrorKind::QuotaExceeded => Reason::NoSpace,
+            _ => Reason::Io,
+        };
+        VolumeError::new(reason, format!("{context}: {err}"))
+    }
+}
+
+impl fmt::Display for VolumeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.reason, self.message)
+    }
+}
+
+impl std::error::Error for VolumeError {}
+
+/// Tells the loop that a source or sink has something new (a chunk, progress, completion).
+/// Cheap to clone and to call from any thread; redundant calls are coalesced.
+#[derive(Clone)]
+pub struct Notify(Arc<dyn Fn() + Send + Sync>);
+
+impl Notify {
+    pub fn new(f: impl Fn() + Send + Sync + 'static) -> Self {
+        Notify(Arc::new(f))
+    }
+
+    /// A notifier that does nothing, for sources and sinks driven by polling (tests).
+    pub fn noop() -> Self {
+        Notify::new(|| {})
+    }
+
+    pub fn notify(&self) {
+        (self.0)()
+    }
+}
+
+impl fmt::Debug for Notify {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Notify")
+    }
+}
+
+/// A volume being read. Call order: `start`, then `poll_size` until ready, then `poll_chunk`
+/// until it yields `Chunk::End` or an error.
+pub trait VolumeReader: Send {
+    /// Begins opening and reading ahead; `notify` fires whenever a poll may give a new answer.
+    fn start(&mut self, notify: Notify);
+    /// The volume's logical length, once it is open.
+    fn poll_size(&mut self) -> Poll<Result<u64, VolumeError>>;
+    /// The next chunk in offset order. `Chunk::End` carries the digest of everything yielded.
+    fn poll_chunk(&mut self) -> Poll<Result<Chunk, VolumeError>>;
+    /// The stream ended early: stop reading and free buffers.
+    fn cancel(&mut self) {}
+}
+
+/// How far a sink has got.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct WriteProgress {
+    /// Chunks fully handled (written, punched or skipped) since `start`, counted in the order
+    /// they were given. The engine returns their flow-control credit to the peer.
+    pub completed: u64,
+    /// Set once `Chunk::End` was handled: Ok after the content was verified against the digest
+    /// and committed (synced, renamed into place).
+    pub outcome: Option<Result<(), VolumeError>>,
+}
+
+/// A volume being written. Call order: `start`, then `write` for each chunk as it arrives (the
+/// engine never gives more than the stream window), polling `poll_progress` when notified.
+pub trait VolumeWriter: Send {
+    /// Begins opening the sink for a volume of `size` bytes.
+    fn start(&mut self, size: u64, notify: Notify);
+    /// Whether the sink opened; an upload is accepted only after this is ready.
+    fn poll_ready(&mut self) -> Poll<Result<(), VolumeError>> {
+        Poll::Ready(Ok(()))
+    }
+    /// Queues one chunk. Never blocks; failures surface through `poll_progress`.
+    fn write(&mut self, chunk: Chunk);
+    fn poll_progress(&mut self) -> WriteProgress;
+    /// The stream ended without a verified FINISH: nothing may appear under the final name.
+    fn cancel(&mut self) {}
+}
