@@ -1,0 +1,215 @@
+//! Backpressure and the sparse fallback, end to end through two engines on a Unix socket.
+
+use engine::proto::{Config, Features, OpenOptions};
+use engine::synthetic::{Synthetic, SyntheticProvider, Verifier};
+use engine::{
+    Address, Chunk, Engine, EngineConfig, EngineHandle, Notify, VolumeWriter, WriteProgress,
+};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const MIB: u64 = 1024 * 1024;
+
+fn unix_addr(tag: &str) -> Address {
+    let path = std::env::temp_dir().join(format!("volstream-flow-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    Address::Unix(path)
+}
+
+fn spawn_server(
+    tag: &str,
+    volumes: &[(String, Synthetic)],
+    config: EngineConfig,
+) -> (EngineHandle, Address, std::thread::JoinHandle<()>) {
+    let mut provider = SyntheticProvider::default();
+    for (name, v) in volumes {
+        provider.insert(name.clone(), v.clone());
+    }
+    let (handle, thread) = Engine::spawn(config).unwrap();
+    let (_, bound) = handle.listen(&unix_addr(tag), Arc::new(provider)).unwrap();
+    (handle, bound, thread)
+}
+
+/// A sink that accepts chunks but completes none of them until its gate opens, like a disk
+/// that stopped answering. It counts the payload it holds.
+struct GatedWriter {
+    inner: Verifier,
+    open: Arc<AtomicBool>,
+    held: Arc<AtomicU64>,
+    peak_held: Arc<AtomicU64>,
+    queue: Vec<Chunk>,
+    notify: Arc<Mutex<Option<Notify>>>,
+}
+
+impl VolumeWriter for GatedWriter {
+    fn start(&mut self, size: u64, notify: Notify) {
+        *self.notify.lock().unwrap() = Some(notify.clone());
+        self.inner.start(size, notify);
+    }
+
+    fn write(&mut self, chunk: Chunk) {
+        let held = self.held.fetch_add(chunk_bytes(&chunk), Ordering::SeqCst) + chunk_bytes(&chunk);
+        self.peak_held.fetch_max(held, Ordering::SeqCst);
+        self.queue.push(chunk);
+    }
+
+    fn poll_progress(&mut self) -> WriteProgress {
+        if self.open.load(Ordering::SeqCst) {
+            for chunk in self.queue.drain(..) {
+                self.held.fetch_sub(chunk_bytes(&chunk), Ordering::SeqCst);
+                self.inner.write(chunk);
+            }
+        }
+        self.inner.poll_progress()
+    }
+}
+
+fn chunk_bytes(chunk: &Chunk) -> u64 {
+    match chunk {
+        Chunk::Data { bytes, .. } => bytes.len() as u64,
+        _ => 0,
+    }
+}
+
+#[test]
+fn stalled_sink_holds_only_its_own_window() {
+    let window = 256 * 1024;
+    let volumes: Vec<(String, Synthetic)> = (0..100)
+        .map(|i| (format!("v{i}"), Synthetic::new(77 + i, 4 * MIB, 0.1)))
+        .collect();
+    let (server, addr, server_thread) = spawn_server("stall", &volumes, EngineConfig::default());
+    let mut config = EngineConfig::default();
+    config.connection.stream_window = window;
+    config.connection.conn_window = 8 * 1024 * 1024;
+    let (client, client_thread) = Engine::spawn(config).unwrap();
+    let conn = client.connect(&addr).unwrap();
+
+    let open = Arc::new(AtomicBool::new(false));
+    let held = Arc::new(AtomicU64::new(0));
+    let peak_held = Arc::new(AtomicU64::new(0));
+    let notify = Arc::new(Mutex::new(None));
+    let gated = GatedWriter {
+        inner: volumes[0].1.verifier(),
+        open: Arc::clone(&open),
+        held: Arc::clone(&held),
+        peak_held: Arc::clone(&peak_held),
+        queue: Vec::new(),
+        notify: Arc::clone(&notify),
+    };
+    let stalled = client.download(conn, "v0", OpenOptions::default(), Box::new(gated));
+    let others: Vec<_> = volumes[1..]
+        .iter()
+        .map(|(name, v)| {
+            client.download(conn, name, OpenOptions::default(), Box::new(v.verifier()))
+        })
+        .collect();
+
+    for (i, rx) in others.into_iter().enumerate() {
+        let report = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("stream finishes");
+        assert_eq!(report.result, Ok(()), "stream {}", i + 1);
+    }
+    // 99 streams are done while the stalled one is still held back by its window.
+    assert!(
+        stalled.try_recv().is_err(),
+        "stalled stream must not finish"
+    );
+    let buffered = client.stats(conn).unwrap().unwrap().recv_buffered;
+    assert!(buffered > 0, "the stalled stream holds some data");
+    assert!(
+        buffered <= window as u64,
+        "engine holds {buffered} bytes for a stalled stream with a {window}-byte window"
+    );
+    assert!(peak_held.load(Ordering::SeqCst) <= window as u64);
+
+    open.store(true, Ordering::SeqCst);
+    notify.lock().unwrap().as_ref().unwrap().notify();
+    let report = stalled
+        .recv_timeout(Duration::from_secs(60))
+        .expect("resumed stream finishes");
+    assert_eq!(report.result, Ok(()));
+    assert!(report.stats.peak_buffered <= window as u64);
+    assert!(report.stats.peak_buffered > 0);
+
+    client.shutdown();
+    server.shutdown();
+    client_thread.join().unwrap();
+    server_thread.join().unwrap();
+}
+
+#[test]
+fn peer_without_sparse_gets_holes_as_zeroes_and_digest_verifies() {
+    let volumes: Vec<(String, Synthetic)> = (0..8)
+        .map(|i| {
+            (
+                format!("v{i}"),
+                Synthetic::new(900 + i, 3 * MIB + 1234, 0.5),
+            )
+        })
+        .collect();
+    let (server, addr, server_thread) = spawn_server("nosparse", &volumes, EngineConfig::default());
+    let config = EngineConfig {
+        connection: Config {
+            features: Features::ALL.without(Features::SPARSE),
+            ..Config::default()
+        },
+        ..EngineConfig::default()
+    };
+    let (client, client_thread) = Engine::spawn(config).unwrap();
+    let conn = client.connect(&addr).unwrap();
+
+    let mut pending = Vec::new();
+    for (i, (name, v)) in volumes.iter().enumerate() {
+        // Half download (the server expands holes), half upload (the client does).
+        let rx = if i % 2 == 0 {
+            client.download(conn, name, OpenOptions::default(), Box::new(v.verifier()))
+        } else {
+            client.upload(conn, name, OpenOptions::default(), Box::new(v.reader()))
+        };
+        pending.push((v.clone(), rx));
+    }
+    for (v, rx) in pending {
+        let report = rx.recv_timeout(Duration::from_secs(60)).unwrap();
+        assert_eq!(report.result, Ok(()));
+        assert_eq!(report.stats.hole_bytes, 0, "no HOLE frames without SPARSE");
+        assert_eq!(report.stats.data_bytes, v.size, "holes travel as zero DATA");
+        assert!(v.size > v.data_bytes(), "the volume has holes");
+    }
+    client.shutdown();
+    server.shutdown();
+    client_thread.join().unwrap();
+    server_thread.join().unwrap();
+}
+
+#[test]
+fn missing_volume_is_rejected_without_harming_the_connection() {
+    let volumes = vec![("here".to_owned(), Synthetic::new(5, MIB, 0.2))];
+    let (server, addr, server_thread) = spawn_server("reject", &volumes, EngineConfig::default());
+    let (client, client_thread) = Engine::spawn(EngineConfig::default()).unwrap();
+    let conn = client.connect(&addr).unwrap();
+    let missing = client.download(
+        conn,
+        "nothere",
+        OpenOptions::default(),
+        Box::new(volumes[0].1.verifier()),
+    );
+    let report = missing.recv_timeout(Duration::from_secs(10)).unwrap();
+    let err = report.result.unwrap_err();
+    assert_eq!(err.reason, engine::proto::Reason::NotFound);
+    let ok = client.download(
+        conn,
+        "here",
+        OpenOptions::default(),
+        Box::new(volumes[0].1.verifier()),
+    );
+    assert_eq!(
+        ok.recv_timeout(Duration::from_secs(10)).unwrap().result,
+        Ok(())
+    );
+    client.shutdown();
+    server.shutdown();
+    client_thread.join().unwrap();
+    server_thread.join().unwrap();
+}
