@@ -73,8 +73,11 @@ struct Local {
 /// Bytes kept queued for the socket; below this, more frames are scheduled. Small, so a frame
 /// for an interactive stream never waits behind a deep local queue.
 const TRANSMIT_TARGET: usize = 256 * 1024;
-/// Bytes read per readiness event before other connections get a turn.
-const READ_BUDGET: usize = 4 * 1024 * 1024;
+/// Bytes read, and bytes written, per connection per turn before the loop looks at wake-ups
+/// and other connections again. Without it a peer that reads as fast as we write would keep
+/// the loop in one writev loop and starve every source's notification.
+const READ_BUDGET: usize = 1024 * 1024;
+const WRITE_BUDGET: usize = 1024 * 1024;
 /// Most segments handed to one writev.
 const IOV_MAX: usize = 64;
 
@@ -94,6 +97,8 @@ pub struct Driver {
     writable: bool,
     /// More input may be waiting: the read budget ran out before WouldBlock.
     pub read_pending: bool,
+    /// More output could be written: the write budget ran out before WouldBlock.
+    pub write_pending: bool,
     /// The connection is over and its socket may be dropped.
     pub finished: bool,
 }
@@ -121,6 +126,7 @@ impl Driver {
             peer,
             writable: false,
             read_pending: false,
+            write_pending: false,
             finished: false,
         }
     }
@@ -561,6 +567,8 @@ impl Driver {
 
     /// Writes as much as the socket takes, scheduling frames as room appears.
     pub fn flush(&mut self, now: Instant) {
+        self.write_pending = false;
+        let mut budget = WRITE_BUDGET;
         loop {
             if self.out.len() < TRANSMIT_TARGET {
                 self.conn.poll_transmit(now, &mut self.out, TRANSMIT_TARGET);
@@ -570,10 +578,17 @@ impl Driver {
             if self.out.is_empty() || !self.writable {
                 break;
             }
+            if budget == 0 {
+                self.write_pending = true;
+                break;
+            }
             let mut slices = [IoSlice::new(&[]); IOV_MAX];
             let n = self.out.io_slices(&mut slices);
             match self.socket.write_vectored(&slices[..n]) {
-                Ok(written) => self.out.advance(written),
+                Ok(written) => {
+                    self.out.advance(written);
+                    budget = budget.saturating_sub(written);
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.writable = false;
                     break;

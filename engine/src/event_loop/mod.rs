@@ -349,7 +349,7 @@ impl Engine {
         self.conns
             .iter()
             .filter_map(|(_, d)| {
-                if d.read_pending {
+                if d.read_pending || d.write_pending {
                     Some(Instant::now())
                 } else {
                     d.conn.poll_timeout()

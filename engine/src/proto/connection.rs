@@ -662,8 +662,8 @@ impl Connection {
                 "chunk at {offset}+{len} out of order or past the end (expected offset {expected}, size {})",
                 stream.size
             );
+            // `cost` is already in `unconsumed`, which `abort` returns to the connection window.
             self.abort(id, Reason::Protocol, &message);
-            self.release_connection(cost);
             return Ok(());
         }
         recv.next_offset = offset + len;
@@ -676,12 +676,14 @@ impl Connection {
             self.conn_credit.grant(increment).map_err(|_| {
                 ConnError::FlowControl("connection WINDOW overflows the credit limit".into())
             })?;
+            // These streams were backlogged, not idle: they rejoin the old flows.
             for entry in std::mem::take(&mut self.conn_blocked) {
-                if let Some(stream) = self.streams.get_mut(entry.slot) {
-                    if stream.id == entry.id {
-                        stream.scheduled = false;
-                        self.schedule(entry.slot);
-                    }
+                if self
+                    .streams
+                    .get(entry.slot)
+                    .is_some_and(|s| s.id == entry.id)
+                {
+                    self.scheduler.requeue(entry);
                 }
             }
             return Ok(());
@@ -1059,6 +1061,9 @@ impl Connection {
             return;
         }
         let max_payload = self.max_payload();
+        // Deficit round robin in bytes with a quantum of one full frame: a bulk stream sends one
+        // frame per round, a stream of small messages as many as add up to one frame.
+        let quantum = (max_payload + frame::DATA_OVERHEAD) as i64;
         while out.len() < limit {
             let Some(entry) = self.scheduler.pop() else {
                 break;
@@ -1070,20 +1075,42 @@ impl Connection {
                 continue;
             }
             stream.scheduled = false;
-            let Some(need) = stream.credit_needed() else {
+            stream.deficit += quantum;
+            let mut blocked = false;
+            loop {
+                let stream = &self.streams[entry.slot];
+                let Some(need) = stream.credit_needed() else {
+                    break;
+                };
+                if need > self.conn_credit.available() {
+                    blocked = true;
+                    break;
+                }
+                if stream.deficit <= 0 {
+                    break;
+                }
+                let wire = self.send_one_frame(entry.slot, max_payload, out);
+                match self.streams.get_mut(entry.slot) {
+                    Some(s) if s.id == entry.id => s.deficit -= wire as i64,
+                    _ => break,
+                }
+            }
+            let Some(stream) = self
+                .streams
+                .get_mut(entry.slot)
+                .filter(|s| s.id == entry.id)
+            else {
                 continue;
             };
-            if need > self.conn_credit.available() {
+            if blocked {
                 stream.scheduled = true;
                 self.conn_blocked.push(entry);
-                continue;
-            }
-            self.send_one_frame(entry.slot, max_payload, out);
-            if let Some(stream) = self.streams.get(entry.slot) {
-                if stream.id == entry.id && stream.credit_needed().is_some() {
-                    self.streams[entry.slot].scheduled = true;
-                    self.scheduler.requeue(entry);
-                }
+            } else if stream.credit_needed().is_some() {
+                stream.scheduled = true;
+                self.scheduler.requeue(entry);
+            } else {
+                // An idle stream keeps no credit from the past (classic DRR).
+                stream.deficit = 0;
             }
         }
         // FINISH acknowledgements and ABORTs raised while sending go out in this same batch.
@@ -1100,11 +1127,12 @@ impl Connection {
     }
 
     /// Sends one frame from the front of a stream's queue; the caller checked it may.
-    fn send_one_frame(&mut self, slot: usize, max_payload: usize, out: &mut Transmit) {
+    /// Returns the frame's size on the wire.
+    fn send_one_frame(&mut self, slot: usize, max_payload: usize, out: &mut Transmit) -> usize {
         let stream = &mut self.streams[slot];
         let id = stream.id;
         let Half::Send(send) = &mut stream.half else {
-            return;
+            return 0;
         };
         let credit = send.credit.available().min(self.conn_credit.available());
         let limit = (max_payload as u64).min(credit) as usize;
@@ -1185,6 +1213,7 @@ impl Connection {
             send.stalled_source = false;
             self.events.push_back(Event::Writable { stream: id });
         }
+        wire
     }
 
     fn poll_keepalive(&mut self, now: Instant) {

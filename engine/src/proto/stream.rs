@@ -81,6 +81,8 @@ pub struct Stream {
     pub half: Half,
     /// In the scheduler's lists (or parked waiting for connection credit).
     pub scheduled: bool,
+    /// Deficit round robin: bytes this stream may still send in the current round.
+    pub deficit: i64,
     pub stats: StreamStats,
 }
 
@@ -101,6 +103,7 @@ impl Stream {
                 stalled_source: false,
             }),
             scheduled: false,
+            deficit: 0,
             stats: StreamStats::default(),
         }
     }
@@ -125,6 +128,7 @@ impl Stream {
                 unconsumed: VecDeque::new(),
             }),
             scheduled: false,
+            deficit: 0,
             stats: StreamStats::default(),
         }
     }

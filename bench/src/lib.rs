@@ -1,0 +1,179 @@
+//! Helpers shared by the benchmark binaries: argument parsing, percentiles, memory volumes.
+
+use bytes::Bytes;
+use engine::proto::Reason;
+use engine::{Chunk, Notify, OpenRequest, Provider, VolumeError, VolumeReader, VolumeWriter};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::task::Poll;
+
+/// `--name value` arguments; unknown names are an error so a typo never runs the wrong bench.
+pub struct Args(HashMap<String, String>);
+
+impl Args {
+    pub fn parse(known: &[&str]) -> Args {
+        let mut map = HashMap::new();
+        let mut it = std::env::args().skip(1);
+        while let Some(arg) = it.next() {
+            let Some(name) = arg.strip_prefix("--") else {
+                die(&format!("unexpected argument {arg:?}"));
+            };
+            if !known.contains(&name) {
+                die(&format!(
+                    "unknown option --{name}; known: {}",
+                    known.join(", ")
+                ));
+            }
+            let Some(value) = it.next() else {
+                die(&format!("--{name} needs a value"));
+            };
+            map.insert(name.to_owned(), value);
+        }
+        Args(map)
+    }
+
+    pub fn get<T: std::str::FromStr>(&self, name: &str, default: T) -> T {
+        match self.0.get(name) {
+            None => default,
+            Some(v) => v
+                .parse()
+                .unwrap_or_else(|_| die(&format!("bad value {v:?} for --{name}"))),
+        }
+    }
+
+    /// A comma-separated list.
+    pub fn list(&self, name: &str, default: &[u64]) -> Vec<u64> {
+        match self.0.get(name) {
+            None => default.to_vec(),
+            Some(v) => v
+                .split(',')
+                .map(|x| {
+                    x.trim()
+                        .parse()
+                        .unwrap_or_else(|_| die(&format!("bad value {x:?} in --{name}")))
+                })
+                .collect(),
+        }
+    }
+}
+
+pub fn die(message: &str) -> ! {
+    eprintln!("error: {message}");
+    std::process::exit(2)
+}
+
+/// The value below which `p` (0..=1) of `sorted` falls.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+/// Deterministic incompressible bytes.
+pub fn random_bytes(len: usize, seed: u64) -> Bytes {
+    let mut state = seed | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        v.extend_from_slice(&state.to_le_bytes());
+    }
+    v.truncate(len);
+    Bytes::from(v)
+}
+
+/// A source that sends `size` bytes by repeating one shared buffer: no generation cost and no
+/// copies, so a benchmark measures the engine, not the source.
+pub struct RepeatReader {
+    block: Bytes,
+    block_crc: u32,
+    size: u64,
+    offset: u64,
+    crc: u32,
+}
+
+impl RepeatReader {
+    pub fn new(block: Bytes, size: u64) -> Self {
+        let block_crc = crc32c::crc32c(&block);
+        RepeatReader {
+            block,
+            block_crc,
+            size,
+            offset: 0,
+            crc: 0,
+        }
+    }
+}
+
+impl VolumeReader for RepeatReader {
+    fn start(&mut self, _notify: Notify) {}
+
+    fn poll_size(&mut self) -> Poll<Result<u64, VolumeError>> {
+        Poll::Ready(Ok(self.size))
+    }
+
+    fn poll_chunk(&mut self) -> Poll<Result<Chunk, VolumeError>> {
+        if self.offset == self.size {
+            return Poll::Ready(Ok(Chunk::End {
+                length: self.size,
+                digest: Some(self.crc),
+            }));
+        }
+        let n = (self.size - self.offset).min(self.block.len() as u64) as usize;
+        let bytes = self.block.slice(..n);
+        self.crc = if n == self.block.len() {
+            crc32c::crc32c_combine(self.crc, self.block_crc, n)
+        } else {
+            crc32c::crc32c_append(self.crc, &bytes)
+        };
+        let chunk = Chunk::Data {
+            offset: self.offset,
+            bytes,
+        };
+        self.offset += n as u64;
+        Poll::Ready(Ok(chunk))
+    }
+}
+
+/// Serves every name as a repeat of one block, `size` bytes long, and discards every write
+/// after checking its digest.
+pub struct MemoryProvider {
+    pub block: Bytes,
+    pub size: u64,
+    /// Named sinks that override the discarding default (e.g. a latency probe).
+    pub sinks: std::sync::Mutex<HashMap<String, Box<dyn VolumeWriter>>>,
+}
+
+impl Provider for MemoryProvider {
+    fn open_read(&self, _request: &OpenRequest) -> Result<Box<dyn VolumeReader>, VolumeError> {
+        Ok(Box::new(RepeatReader::new(self.block.clone(), self.size)))
+    }
+
+    fn open_write(&self, request: &OpenRequest) -> Result<Box<dyn VolumeWriter>, VolumeError> {
+        if let Some(sink) = self.sinks.lock().unwrap().remove(&request.name) {
+            return Ok(sink);
+        }
+        if request.name.is_empty() {
+            return Err(VolumeError::new(Reason::InvalidName, "empty name"));
+        }
+        Ok(Box::new(engine::synthetic::DiscardWriter::default()))
+    }
+}
+
+/// A fresh Unix socket path in the temp directory.
+pub fn socket_path(tag: &str) -> engine::Address {
+    let path = std::env::temp_dir().join(format!("volstream-bench-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    engine::Address::Unix(path)
+}
+
+pub fn provider(block: Bytes, size: u64) -> Arc<MemoryProvider> {
+    Arc::new(MemoryProvider {
+        block,
+        size,
+        sinks: Default::default(),
+    })
+}
