@@ -178,7 +178,10 @@ impl Driver {
         local.options = transfer.options;
         local.on_done = Some(transfer.on_done);
         if self.conn.is_closed() {
-            let error = (Reason::ConnectionLost, "connection is closed".to_owned());
+            let error = match self.conn.error() {
+                Some(e) => (e.reason(), e.to_string()),
+                None => (Reason::GoingAway, "connection is closed".to_owned()),
+            };
             return self.end_local(key, StreamStats::default(), Err(error), now);
         }
         if op == Op::Write {

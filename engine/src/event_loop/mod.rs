@@ -182,7 +182,12 @@ pub struct Engine {
     conns: Slab<Driver>,
     generation: u32,
     shutdown: bool,
+    /// Why recently dropped connections ended, for transfers submitted after the fact.
+    graveyard: std::collections::VecDeque<(ConnectionId, Reason, String)>,
 }
+
+/// How many dropped connections' reasons are remembered.
+const GRAVEYARD: usize = 256;
 
 impl Engine {
     pub fn new(config: EngineConfig) -> io::Result<Engine> {
@@ -200,6 +205,7 @@ impl Engine {
             conns: Slab::new(),
             generation: 0,
             shutdown: false,
+            graveyard: Default::default(),
         })
     }
 
@@ -293,20 +299,25 @@ impl Engine {
                 driver.submit(transfer, now);
                 driver.flush(now);
             }
-            None => (transfer.on_done)(TransferReport {
-                name: transfer.name,
-                op: match transfer.endpoint {
-                    Endpoint::Reader(_) => Op::Write,
-                    Endpoint::Writer(_) => Op::Read,
-                },
-                size: 0,
-                stats: StreamStats::default(),
-                elapsed: Duration::ZERO,
-                result: Err(TransferError {
-                    reason: Reason::ConnectionLost,
-                    message: "no such connection".into(),
-                }),
-            }),
+            None => {
+                let (reason, message) = self
+                    .graveyard
+                    .iter()
+                    .find(|(id, _, _)| *id == conn)
+                    .map(|(_, r, m)| (*r, m.clone()))
+                    .unwrap_or((Reason::ConnectionLost, "no such connection".into()));
+                (transfer.on_done)(TransferReport {
+                    name: transfer.name,
+                    op: match transfer.endpoint {
+                        Endpoint::Reader(_) => Op::Write,
+                        Endpoint::Writer(_) => Op::Read,
+                    },
+                    size: 0,
+                    stats: StreamStats::default(),
+                    elapsed: Duration::ZERO,
+                    result: Err(TransferError { reason, message }),
+                })
+            }
         }
     }
 
@@ -495,6 +506,14 @@ impl Engine {
         for slot in done {
             let mut d = self.conns.remove(slot);
             let _ = d.socket.deregister(self.poll.registry());
+            let (reason, message) = match d.conn.error() {
+                Some(e) => (e.reason(), e.to_string()),
+                None => (Reason::GoingAway, "connection closed".to_owned()),
+            };
+            if self.graveyard.len() == GRAVEYARD {
+                self.graveyard.pop_front();
+            }
+            self.graveyard.push_back((d.id, reason, message));
             log::debug!("{}: connection dropped", d.peer);
         }
     }

@@ -216,6 +216,8 @@ pub struct Connection {
     ping_sent: Option<(u64, Instant)>,
     ping_counter: u64,
     stats: ConnStats,
+    /// Why the connection ended, once it has.
+    error: Option<ConnError>,
 }
 
 impl Connection {
@@ -259,6 +261,7 @@ impl Connection {
             ping_sent: None,
             ping_counter: 0,
             stats: ConnStats::default(),
+            error: None,
             config,
         }
     }
@@ -283,6 +286,11 @@ impl Connection {
     /// True once the connection failed or was closed: flush the transmit buffer and drop it.
     pub fn is_closed(&self) -> bool {
         self.phase == Phase::Closed
+    }
+
+    /// Why the connection ended (`None` while open, or after a clean GOAWAY close).
+    pub fn error(&self) -> Option<&ConnError> {
+        self.error.as_ref()
     }
 
     pub fn stats(&self) -> ConnStats {
@@ -1402,6 +1410,7 @@ impl Connection {
             });
         }
         self.input.clear();
+        self.error = Some(error.clone());
         self.events.push_back(Event::Closed { error: Some(error) });
     }
 }
