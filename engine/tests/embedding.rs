@@ -1,0 +1,114 @@
+//! The two embedding modes: a handle used from many host threads, and a host-driven loop.
+
+use engine::event_loop::{Endpoint, Transfer};
+use engine::proto::OpenOptions;
+use engine::synthetic::{Synthetic, SyntheticProvider};
+use engine::{Address, Engine, EngineConfig, TransferReport};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+fn socket(tag: &str) -> Address {
+    let p = std::env::temp_dir().join(format!("volstream-embed-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_file(&p);
+    Address::Unix(p)
+}
+
+fn provider(volumes: &[Synthetic]) -> Arc<SyntheticProvider> {
+    let mut p = SyntheticProvider::default();
+    for (i, v) in volumes.iter().enumerate() {
+        p.insert(format!("d{i}"), v.clone());
+    }
+    Arc::new(p)
+}
+
+#[test]
+fn handle_is_shared_by_host_threads() {
+    let volumes: Vec<Synthetic> = (0..8).map(|i| Synthetic::new(i, 2 << 20, 0.4)).collect();
+    let (server, st) = Engine::spawn(EngineConfig::default()).unwrap();
+    let (_, addr) = server
+        .listen(&socket("threads"), provider(&volumes))
+        .unwrap();
+    let (client, ct) = Engine::spawn(EngineConfig::default()).unwrap();
+    let conn = client.connect(&addr).unwrap();
+    let threads: Vec<_> = volumes
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let client = client.clone();
+            let v = v.clone();
+            std::thread::spawn(move || {
+                let rx = client.download(
+                    conn,
+                    &format!("d{i}"),
+                    OpenOptions::default(),
+                    Box::new(v.verifier()),
+                );
+                rx.recv_timeout(Duration::from_secs(30)).unwrap()
+            })
+        })
+        .collect();
+    for t in threads {
+        assert_eq!(t.join().unwrap().result, Ok(()));
+    }
+    client.shutdown();
+    server.shutdown();
+    ct.join().unwrap();
+    st.join().unwrap();
+}
+
+#[test]
+fn host_loop_drives_engines_through_their_fd() {
+    let volumes: Vec<Synthetic> = (0..6)
+        .map(|i| Synthetic::new(10 + i, 4 << 20, 0.5))
+        .collect();
+    let mut server = Engine::new(EngineConfig::default()).unwrap();
+    let (_, addr) = server
+        .listen(&socket("hostloop"), provider(&volumes))
+        .unwrap();
+    let mut client = Engine::new(EngineConfig::default()).unwrap();
+    let conn = client.connect(&addr).unwrap();
+    let reports: Arc<Mutex<Vec<TransferReport>>> = Arc::default();
+    for (i, v) in volumes.iter().enumerate() {
+        let reports = Arc::clone(&reports);
+        client.submit(
+            conn,
+            Transfer {
+                name: format!("d{i}"),
+                options: OpenOptions::default(),
+                endpoint: Endpoint::Writer(Box::new(v.verifier())),
+                on_done: Box::new(move |r| reports.lock().unwrap().push(r)),
+            },
+        );
+    }
+    let start = Instant::now();
+    let mut turns_without_readiness = 0;
+    while reports.lock().unwrap().len() < volumes.len() {
+        assert!(start.elapsed() < Duration::from_secs(30), "stalled");
+        let mut fds = [server.as_raw_fd(), client.as_raw_fd()].map(|fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        let now = Instant::now();
+        let wait = [server.next_deadline(), client.next_deadline()]
+            .into_iter()
+            .flatten()
+            .map(|d| d.saturating_duration_since(now).as_millis() as i32)
+            .min()
+            .unwrap_or(1000);
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, wait) };
+        if ready == 0 {
+            turns_without_readiness += 1;
+        }
+        // turn() with a zero timeout never blocks.
+        let t = Instant::now();
+        server.turn(Some(Duration::ZERO)).unwrap();
+        client.turn(Some(Duration::ZERO)).unwrap();
+        assert!(t.elapsed() < Duration::from_secs(1));
+    }
+    for r in reports.lock().unwrap().iter() {
+        assert_eq!(r.result, Ok(()), "{}", r.name);
+        assert!(r.stats.hole_bytes > 0);
+    }
+    assert!(turns_without_readiness < 100, "the fd signals readiness");
+}
