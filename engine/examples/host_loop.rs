@@ -32,6 +32,7 @@ fn main() -> std::io::Result<()> {
         client.submit(
             conn,
             Transfer {
+                op: engine::proto::Op::Read,
                 name: format!("disk{i}"),
                 options: OpenOptions::default(),
                 endpoint: Endpoint::Writer(Box::new(v.verifier())),

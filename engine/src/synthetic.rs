@@ -502,4 +502,17 @@ impl crate::Provider for SyntheticProvider {
     ) -> Result<Box<dyn VolumeWriter>, VolumeError> {
         Ok(Box::new(self.get(&request.name)?.verifier()))
     }
+
+    fn open_list(
+        &self,
+        _request: &crate::OpenRequest,
+    ) -> Result<Box<dyn VolumeReader>, VolumeError> {
+        let mut names: Vec<_> = self.volumes.iter().collect();
+        names.sort_by_key(|(name, _)| name.as_str());
+        let text: String = names
+            .iter()
+            .map(|(name, v)| format!("{name}\t{}\t{}\n", v.size, v.data_bytes()))
+            .collect();
+        Ok(Box::new(MemoryReader::new(Bytes::from(text), Vec::new())))
+    }
 }

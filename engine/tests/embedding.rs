@@ -73,6 +73,7 @@ fn host_loop_drives_engines_through_their_fd() {
         client.submit(
             conn,
             Transfer {
+                op: engine::proto::Op::Read,
                 name: format!("d{i}"),
                 options: OpenOptions::default(),
                 endpoint: Endpoint::Writer(Box::new(v.verifier())),

@@ -213,3 +213,47 @@ fn missing_volume_is_rejected_without_harming_the_connection() {
     client_thread.join().unwrap();
     server_thread.join().unwrap();
 }
+
+#[test]
+fn list_travels_as_stream_content() {
+    let volumes = vec![
+        ("b".to_owned(), Synthetic::new(5, MIB, 0.2)),
+        ("a".to_owned(), Synthetic::new(6, 3 * MIB, 0.5)),
+    ];
+    let (server, addr, server_thread) = spawn_server("list", &volumes, EngineConfig::default());
+    let (client, client_thread) = Engine::spawn(EngineConfig::default()).unwrap();
+    let conn = client.connect(&addr).unwrap();
+    let sink = engine::synthetic::MemoryWriter::default();
+    let content = sink.content();
+    let rx = client.fetch(conn, engine::proto::Op::List, "", Box::new(sink));
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(10)).unwrap().result,
+        Ok(())
+    );
+    let text = String::from_utf8(content.lock().unwrap().clone()).unwrap();
+    let expected = format!(
+        "a\t{}\t{}\nb\t{}\t{}\n",
+        3 * MIB,
+        volumes[1].1.data_bytes(),
+        MIB,
+        volumes[0].1.data_bytes()
+    );
+    assert_eq!(text, expected);
+    // Extents are not offered by this provider: the stream is refused, the connection lives.
+    let rx = client.fetch(
+        conn,
+        engine::proto::Op::Extents,
+        "a",
+        Box::new(engine::synthetic::MemoryWriter::default()),
+    );
+    let err = rx
+        .recv_timeout(Duration::from_secs(10))
+        .unwrap()
+        .result
+        .unwrap_err();
+    assert_eq!(err.reason, engine::proto::Reason::Unsupported);
+    client.shutdown();
+    server.shutdown();
+    client_thread.join().unwrap();
+    server_thread.join().unwrap();
+}

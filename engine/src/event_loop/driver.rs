@@ -21,6 +21,8 @@ pub type OnDone = Box<dyn FnOnce(TransferReport) + Send>;
 
 /// A download or upload asked for by the local user.
 pub struct Transfer {
+    /// `Op::Write` needs a reader endpoint, every other op a writer.
+    pub op: Op,
     pub name: String,
     pub options: OpenOptions,
     pub endpoint: Endpoint,
@@ -169,14 +171,23 @@ impl Driver {
 
     /// Starts a transfer the local user asked for.
     pub fn submit(&mut self, transfer: Transfer, now: Instant) {
-        let op = match transfer.endpoint {
-            Endpoint::Reader(_) => Op::Write,
-            Endpoint::Writer(_) => Op::Read,
-        };
+        let op = transfer.op;
         let key = self.new_local(transfer.endpoint, op, transfer.name, now);
         let local = self.locals.get_mut(&key).unwrap();
         local.options = transfer.options;
         local.on_done = Some(transfer.on_done);
+        let mismatch = matches!(
+            (&local.endpoint, op),
+            (Endpoint::Reader(_), Op::Read | Op::List | Op::Extents)
+                | (Endpoint::Writer(_), Op::Write)
+        );
+        if mismatch {
+            let error = (
+                Reason::Internal,
+                format!("{op:?} needs the other kind of endpoint"),
+            );
+            return self.end_local(key, StreamStats::default(), Err(error), now);
+        }
         if self.conn.is_closed() {
             let error = match self.conn.error() {
                 Some(e) => (e.reason(), e.to_string()),
@@ -186,7 +197,7 @@ impl Driver {
         }
         if op == Op::Write {
             // OPEN carries the upload's size, so the source opens (off the loop) first.
-            local.gate = Gate::Size;
+            self.locals.get_mut(&key).unwrap().gate = Gate::Size;
             let notify = self.notify_for(key);
             if let Endpoint::Reader(reader) = &mut self.locals.get_mut(&key).unwrap().endpoint {
                 reader.start(notify);
@@ -446,6 +457,8 @@ impl Driver {
         let opened = match op {
             Op::Read => provider.open_read(&request).map(Endpoint::Reader),
             Op::Write => provider.open_write(&request).map(Endpoint::Writer),
+            Op::List => provider.open_list(&request).map(Endpoint::Reader),
+            Op::Extents => provider.open_extents(&request).map(Endpoint::Reader),
         };
         let endpoint = match opened {
             Ok(endpoint) => endpoint,

@@ -58,6 +58,23 @@ pub struct OpenRequest {
 pub trait Provider: Send + Sync {
     fn open_read(&self, request: &OpenRequest) -> Result<Box<dyn VolumeReader>, VolumeError>;
     fn open_write(&self, request: &OpenRequest) -> Result<Box<dyn VolumeWriter>, VolumeError>;
+
+    /// The volume list, as content: one line per volume, `name TAB size TAB allocated LF`.
+    fn open_list(&self, _request: &OpenRequest) -> Result<Box<dyn VolumeReader>, VolumeError> {
+        Err(VolumeError::new(
+            Reason::Unsupported,
+            "listing is not offered",
+        ))
+    }
+
+    /// A volume's allocation map, as content: one line per extent,
+    /// `offset TAB length TAB data|hole|zero LF`.
+    fn open_extents(&self, _request: &OpenRequest) -> Result<Box<dyn VolumeReader>, VolumeError> {
+        Err(VolumeError::new(
+            Reason::Unsupported,
+            "allocation maps are not offered",
+        ))
+    }
 }
 
 /// Why a transfer failed.
@@ -308,10 +325,7 @@ impl Engine {
                     .unwrap_or((Reason::ConnectionLost, "no such connection".into()));
                 (transfer.on_done)(TransferReport {
                     name: transfer.name,
-                    op: match transfer.endpoint {
-                        Endpoint::Reader(_) => Op::Write,
-                        Endpoint::Writer(_) => Op::Read,
-                    },
+                    op: transfer.op,
                     size: 0,
                     stats: StreamStats::default(),
                     elapsed: Duration::ZERO,
@@ -573,7 +587,7 @@ impl EngineHandle {
         options: OpenOptions,
         writer: Box<dyn VolumeWriter>,
     ) -> mpsc::Receiver<TransferReport> {
-        self.start(conn, name, options, Endpoint::Writer(writer))
+        self.start(conn, Op::Read, name, options, Endpoint::Writer(writer))
     }
 
     /// Uploads the content of `reader` as `name`; returns a receiver for the report.
@@ -584,12 +598,30 @@ impl EngineHandle {
         options: OpenOptions,
         reader: Box<dyn VolumeReader>,
     ) -> mpsc::Receiver<TransferReport> {
-        self.start(conn, name, options, Endpoint::Reader(reader))
+        self.start(conn, Op::Write, name, options, Endpoint::Reader(reader))
+    }
+
+    /// Fetches a document the peer generates (`Op::List`, `Op::Extents`) into `writer`.
+    pub fn fetch(
+        &self,
+        conn: ConnectionId,
+        op: Op,
+        name: &str,
+        writer: Box<dyn VolumeWriter>,
+    ) -> mpsc::Receiver<TransferReport> {
+        self.start(
+            conn,
+            op,
+            name,
+            OpenOptions::default(),
+            Endpoint::Writer(writer),
+        )
     }
 
     fn start(
         &self,
         conn: ConnectionId,
+        op: Op,
         name: &str,
         options: OpenOptions,
         endpoint: Endpoint,
@@ -598,6 +630,7 @@ impl EngineHandle {
         self.submit(
             conn,
             Transfer {
+                op,
                 name: name.to_owned(),
                 options,
                 endpoint,

@@ -567,7 +567,9 @@ impl Connection {
             )));
         }
         let stream = match op {
-            Op::Read => Stream::sender(id, op, options, State::Requested, 0),
+            Op::Read | Op::List | Op::Extents => {
+                Stream::sender(id, op, options, State::Requested, 0)
+            }
             Op::Write => Stream::receiver(
                 id,
                 op,
@@ -810,7 +812,7 @@ impl Connection {
         let id = StreamId(self.next_local_id);
         self.next_local_id += 2;
         let stream = match op {
-            Op::Read => Stream::receiver(
+            Op::Read | Op::List | Op::Extents => Stream::receiver(
                 id,
                 op,
                 options,
@@ -857,7 +859,7 @@ impl Connection {
         }
         let mut stream = self.streams.remove(slot);
         stream.state = State::Open;
-        if stream.op == Op::Read {
+        if stream.op.peer_sends() {
             stream.size = size;
             self.init_send_half(&mut stream);
         }

@@ -118,6 +118,17 @@ pub enum Op {
     Read = 1,
     /// The opener sends content that the peer writes into the named volume (an upload).
     Write = 2,
+    /// The peer sends its list of volumes as the stream's content (the name is empty).
+    List = 3,
+    /// The peer sends the allocation map of the named volume as the stream's content.
+    Extents = 4,
+}
+
+impl Op {
+    /// Whether the peer (not the opener) sends the stream's content.
+    pub fn peer_sends(self) -> bool {
+        self != Op::Write
+    }
 }
 
 /// Per-stream options carried in OPEN; they mean what the nbdcopy/qemu-img flags of the same
@@ -580,7 +591,7 @@ fn check_shape(kind: u8, flags: u8, len: u32, stream: StreamId) -> Result<(), De
     };
     match kind {
         kind::OPEN => {
-            if (17..=16 + MAX_NAME_LEN as u32).contains(&len) {
+            if (16..=16 + MAX_NAME_LEN as u32).contains(&len) {
                 Ok(())
             } else {
                 Err(bad_len())
@@ -615,6 +626,8 @@ fn parse_body(
             let op = match body.get_u8() {
                 1 => Op::Read,
                 2 => Op::Write,
+                3 => Op::List,
+                4 => Op::Extents,
                 other => return Err(DecodeError::BadOp(other)),
             };
             let flags = body.get_u8();
@@ -624,7 +637,7 @@ fn parse_body(
             let name_len = body.get_u16() as usize;
             let zero_granularity = body.get_u32();
             let size = body.get_u64();
-            if name_len != body.len() || name_len == 0 {
+            if name_len != body.len() || (name_len == 0) != (op == Op::List) {
                 return Err(DecodeError::BadName);
             }
             let name = String::from_utf8(body.to_vec()).map_err(|_| DecodeError::BadName)?;
