@@ -20,7 +20,8 @@ use crate::volume::{VolumeError, VolumeReader, VolumeWriter};
 use driver::Driver;
 use mio::{Events, Poll, Token, Waker};
 use slab::Slab;
-use socket::{Listener, Socket};
+use socket::Listener;
+pub use socket::Socket;
 use std::fmt;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -126,6 +127,11 @@ impl Default for EngineConfig {
 enum Command {
     Connect {
         addr: Address,
+        reply: mpsc::Sender<io::Result<ConnectionId>>,
+    },
+    Attach {
+        socket: Socket,
+        peer: String,
         reply: mpsc::Sender<io::Result<ConnectionId>>,
     },
     Listen {
@@ -275,6 +281,12 @@ impl Engine {
     pub fn connect(&mut self, addr: &Address) -> io::Result<ConnectionId> {
         let socket = Socket::connect(addr)?;
         self.add_connection(socket, Side::Client, None, addr.to_string())
+    }
+
+    /// Runs the client side of the protocol over a socket connected elsewhere (see
+    /// [`Socket::connect_blocking`]).
+    pub fn attach(&mut self, socket: Socket, peer: String) -> io::Result<ConnectionId> {
+        self.add_connection(socket, Side::Client, None, peer)
     }
 
     fn add_connection(
@@ -461,6 +473,13 @@ impl Engine {
             Command::Connect { addr, reply } => {
                 let _ = reply.send(self.connect(&addr));
             }
+            Command::Attach {
+                socket,
+                peer,
+                reply,
+            } => {
+                let _ = reply.send(self.attach(socket, peer));
+            }
             Command::Listen {
                 addr,
                 provider,
@@ -555,6 +574,18 @@ impl EngineHandle {
         let (reply, rx) = mpsc::channel();
         self.shared.command(Command::Connect {
             addr: addr.clone(),
+            reply,
+        });
+        rx.recv().map_err(|_| loop_gone())?
+    }
+
+    /// Connects on the calling thread (at most `timeout`), then hands the socket to the loop.
+    pub fn connect_blocking(&self, addr: &Address, timeout: Duration) -> io::Result<ConnectionId> {
+        let socket = Socket::connect_blocking(addr, timeout)?;
+        let (reply, rx) = mpsc::channel();
+        self.shared.command(Command::Attach {
+            socket,
+            peer: addr.to_string(),
             reply,
         });
         rx.recv().map_err(|_| loop_gone())?

@@ -128,6 +128,24 @@ impl Socket {
         })
     }
 
+    /// Connects on the caller's thread, waiting at most `timeout`, so a host or CLI learns at
+    /// once that a server is unreachable; hand the result to `Engine::attach`.
+    pub fn connect_blocking(addr: &Address, timeout: std::time::Duration) -> io::Result<Socket> {
+        Ok(match addr {
+            Address::Unix(path) => {
+                let s = std::os::unix::net::UnixStream::connect(path)?;
+                s.set_nonblocking(true)?;
+                Socket::Unix(UnixStream::from_std(s))
+            }
+            Address::Tcp(a) => {
+                let s = std::net::TcpStream::connect_timeout(a, timeout)?;
+                s.set_nodelay(true)?;
+                s.set_nonblocking(true)?;
+                Socket::Tcp(TcpStream::from_std(s))
+            }
+        })
+    }
+
     fn source(&mut self) -> &mut dyn Source {
         match self {
             Socket::Unix(s) => s,
