@@ -1,0 +1,283 @@
+//! What the fuzz targets run. engine/tests/fuzz_corpus.rs and engine/tests/codec_props.rs include
+//! this file with `#[path]`, so replaying the corpus exercises exactly the fuzzed code.
+//!
+//! Everything here panics on a broken invariant; a panic is what the fuzzer reports as a crash.
+
+use bytes::{Bytes, BytesMut};
+use engine::proto::frame::HEADER_LEN;
+use engine::proto::{
+    Config, ConnError, Connection, Event, Features, Frame, Hello, Op, Reason, Side, StreamId,
+    Transmit,
+};
+use engine::{Chunk, Digest};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// The body limit the decode target passes to `Frame::decode`.
+pub const DECODE_MAX: u32 = 64 * 1024;
+
+/// Sizes of the successive pieces the connection target reads its input in (each further capped
+/// by `input_room`), so frames and the handshake arrive split at many different points. Mostly
+/// smaller than a DATA frame, so the driver usually answers an OPEN before the content that
+/// follows it arrives (as a real uploader waits for ACCEPT).
+pub const PIECES: &[usize] = &[1, 5, 12, 16, 3, 9, 16, 2, 4096];
+
+/// Decodes frames from the front of `data` until the bytes run out or one is refused, checking
+/// every frame against `max`. Returns how many frames were decoded.
+pub fn decode_frames(data: &[u8], max: u32) -> usize {
+    let mut buf = BytesMut::from(data);
+    let mut frames = 0;
+    loop {
+        let before = buf.len();
+        match Frame::decode(&mut buf, max) {
+            Ok(Some(frame)) => {
+                let consumed = before - buf.len();
+                assert!(consumed >= HEADER_LEN, "{consumed}-byte frame");
+                assert!(
+                    consumed - HEADER_LEN <= max as usize,
+                    "body of {} bytes decoded with a limit of {max}",
+                    consumed - HEADER_LEN
+                );
+                if let Frame::Data { payload, .. } = &frame {
+                    assert!(
+                        payload.len() + 8 <= max as usize,
+                        "DATA payload over the limit"
+                    );
+                }
+                // The decoded value is canonical: it encodes to a frame of the same size that
+                // decodes to the same value.
+                let mut again = BytesMut::new();
+                frame.encode(&mut again);
+                assert_eq!(again.len(), consumed, "re-encoding of {frame:?}");
+                assert_eq!(Frame::decode(&mut again, max), Ok(Some(frame)));
+                assert!(again.is_empty());
+                frames += 1;
+            }
+            Ok(None) => {
+                assert_eq!(buf.len(), before, "an incomplete frame consumed input");
+                break;
+            }
+            Err(_) => break,
+        }
+    }
+    frames
+}
+
+/// The server's configuration in the connection target: small limits, so flow control and the
+/// stream limit are reachable with small inputs.
+pub fn server_config() -> Config {
+    Config {
+        features: Features::ALL,
+        max_frame: 16 * 1024,
+        stream_window: 16 * 1024,
+        conn_window: 48 * 1024,
+        max_streams: 8,
+        send_frame: 4096,
+        send_buffer: 16 * 1024,
+        ..Config::default()
+    }
+}
+
+/// A valid client `Hello` (what seeds start with).
+pub fn client_hello() -> Hello {
+    Hello {
+        version_min: 1,
+        version_max: 1,
+        features: Features::ALL,
+        max_frame: 64 * 1024,
+        stream_window: 64 * 1024,
+        conn_window: 1024 * 1024,
+        max_streams: 16,
+    }
+}
+
+/// The most the input buffer may hold when the driver reads only `input_room` bytes at a time.
+pub fn input_bound(config: &Config) -> usize {
+    config.max_frame as usize + 64 * 1024 + HEADER_LEN
+}
+
+/// Length of the volume the server sends for every `Op::Read` it accepts.
+pub const SOURCE_LEN: u64 = 12 * 1024;
+
+/// What happened on one run of [`drive_server`].
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub connected: bool,
+    pub opened: usize,
+    pub completed: usize,
+    pub aborted: usize,
+    /// The error in the `Closed` event, if any.
+    pub error: Option<Option<ConnError>>,
+}
+
+#[derive(Default)]
+struct Driver {
+    outcome: Outcome,
+    /// Chunks handed to us and not yet released, per stream.
+    pending: HashMap<StreamId, u64>,
+    digests: HashMap<StreamId, Digest>,
+}
+
+impl Driver {
+    fn react(&mut self, conn: &mut Connection) {
+        while let Some(event) = conn.poll_event() {
+            assert!(
+                self.outcome.error.is_none(),
+                "event after Closed: {event:?}"
+            );
+            match event {
+                Event::Connected { .. } => {
+                    assert!(!self.outcome.connected, "second Connected");
+                    self.outcome.connected = true;
+                }
+                Event::OpenRequested {
+                    stream,
+                    op,
+                    name,
+                    size,
+                    ..
+                } => {
+                    self.outcome.opened += 1;
+                    if name.starts_with('x') {
+                        conn.reject(stream, Reason::NotFound, "no such volume");
+                    } else if op == Op::Write {
+                        conn.accept(stream, size);
+                    } else {
+                        conn.accept(stream, SOURCE_LEN);
+                        send_source(conn, stream);
+                    }
+                }
+                Event::Chunk { stream, chunk } => {
+                    let digest = self.digests.entry(stream).or_default();
+                    match chunk {
+                        Chunk::Data { bytes, .. } => digest.update(&bytes),
+                        Chunk::Hole { len, .. } => digest.update_zeroes(len),
+                        Chunk::End { length, digest: d } => {
+                            assert_eq!(digest.len(), length, "End before all content");
+                            let ours = digest.value();
+                            let pending = self.pending.remove(&stream).unwrap_or(0);
+                            conn.release(stream, pending);
+                            if d.is_some_and(|d| d != ours) {
+                                conn.abort(stream, Reason::DigestMismatch, "digest mismatch");
+                            } else {
+                                conn.stream_verified(stream);
+                            }
+                            continue;
+                        }
+                    }
+                    // Release every second chunk, so some credit stays held for a while.
+                    let pending = self.pending.entry(stream).or_default();
+                    *pending += 1;
+                    if *pending >= 2 {
+                        conn.release(stream, *pending);
+                        *pending = 0;
+                    }
+                }
+                Event::Completed { .. } => self.outcome.completed += 1,
+                Event::Aborted { .. } => self.outcome.aborted += 1,
+                Event::Closed { error } => self.outcome.error = Some(error),
+                Event::Accepted { .. } | Event::Rejected { .. } | Event::Writable { .. } => {}
+            }
+        }
+    }
+}
+
+static PATTERN: [u8; 4096] = {
+    let mut p = [0u8; 4096];
+    let mut i = 0;
+    while i < p.len() {
+        p[i] = (i * 7 + 3) as u8;
+        i += 1;
+    }
+    p
+};
+
+/// Queues the served volume: data, a hole, data, the end with its digest.
+fn send_source(conn: &mut Connection, stream: StreamId) {
+    let data = Bytes::from_static(&PATTERN);
+    let mut digest = Digest::new();
+    digest.update(&data);
+    digest.update_zeroes(4096);
+    digest.update(&data);
+    let chunks = [
+        Chunk::Data {
+            offset: 0,
+            bytes: data.clone(),
+        },
+        Chunk::Hole {
+            offset: 4096,
+            len: 4096,
+        },
+        Chunk::Data {
+            offset: 8192,
+            bytes: data,
+        },
+        Chunk::End {
+            length: SOURCE_LEN,
+            digest: Some(digest.value()),
+        },
+    ];
+    for chunk in chunks {
+        if !conn.can_send(stream) {
+            break;
+        }
+        conn.send_chunk(stream, chunk);
+    }
+}
+
+/// Runs a server-side connection on `data` as the peer's bytes, read in pieces of the sizes in
+/// `pieces` (cycled, each capped by `input_room`), answering events like a driver would and
+/// discarding everything it transmits; then the peer closes. Panics on a broken invariant.
+pub fn drive_server(data: &[u8], pieces: &[usize]) -> Outcome {
+    let config = server_config();
+    let bound = input_bound(&config);
+    let conn_window = config.conn_window as u64;
+    let mut now = Instant::now();
+    let mut conn = Connection::new(Side::Server, config, now);
+    let mut driver = Driver::default();
+    let mut out = Transmit::default();
+    let mut rest = data;
+    let mut piece = 0;
+    while !rest.is_empty() {
+        let room = conn.input_room();
+        if room == 0 {
+            assert!(conn.is_closed(), "no input room on an open connection");
+            break;
+        }
+        let n = pieces[piece % pieces.len()].clamp(1, room).min(rest.len());
+        piece += 1;
+        conn.input_buffer().extend_from_slice(&rest[..n]);
+        conn.record_bytes_in(n);
+        rest = &rest[n..];
+        assert!(
+            conn.input_buffer().len() <= bound,
+            "input buffer over its bound"
+        );
+        now += Duration::from_millis(1);
+        conn.handle_input(now);
+        conn.handle_timeout(now);
+        driver.react(&mut conn);
+        conn.poll_transmit(now, &mut out, 256 * 1024);
+        out.advance(out.len());
+        driver.react(&mut conn);
+        assert!(
+            conn.input_buffer().len() <= bound,
+            "input buffer over its bound"
+        );
+        let buffered = conn.stats().recv_buffered;
+        assert!(
+            buffered <= conn_window,
+            "{buffered} bytes buffered with a connection window of {conn_window}"
+        );
+    }
+    conn.handle_eof();
+    driver.react(&mut conn);
+    assert!(conn.is_closed());
+    assert_eq!(
+        conn.stream_count(),
+        0,
+        "streams left after the connection closed"
+    );
+    assert!(driver.outcome.error.is_some(), "no Closed event");
+    driver.outcome
+}
