@@ -1,1 +1,26 @@
+//! Volume sources and sinks over file descriptors: regular files, block devices and pipes,
+//! read and written by a pool of worker threads so the engine's event loop never blocks.
+//!
+//! - [`FileReader`]: extent map (SEEK_DATA/SEEK_HOLE) plus zero detection, bounded read-ahead,
+//!   digest computed on the worker.
+//! - [`FileWriter`]: new files via a temporary and rename after the digest matched; existing
+//!   files and devices in place with the zeroing cascade ([`punch`]); pipes sequentially.
+//! - [`DirProvider`]: serves a directory (and named devices) to an engine listener.
+//! - [`extents`]: the allocation map of a file or device.
 
+pub mod error;
+pub mod extents;
+mod fd;
+pub mod pool;
+pub mod provider;
+pub mod punch;
+pub mod reader;
+pub mod writer;
+pub mod zero;
+
+pub use error::Error;
+pub use extents::{extents, Extent, ExtentKind};
+pub use pool::Pool;
+pub use provider::{DirProvider, VolumeInfo};
+pub use reader::{FileReader, ReaderOptions};
+pub use writer::{FileWriter, WriterOptions};

@@ -1,0 +1,303 @@
+//! Real files through two engines over a unix socket (one process), against `cp
+//! --sparse=always`, `qemu-img convert -O raw` and `nbdcopy` on the same files. Prints JSON.
+//!
+//! `files [--dir /var/tmp/volstream-bench] [--runs 3]`
+//! Workloads (as in shared/peers): W1 = 2 GiB dense; W2 = 64 GiB apparent, 256 x 4 MiB extents
+//! every 256 MiB (1 GiB of data). Created under --dir once and reused. Every source's data is
+//! read once before timing (warm cache), an untimed `sync` precedes each run, and no side
+//! fsyncs (volstream runs with its no-fdatasync option), as in the peers' method.
+
+use bench::{random_bytes, socket_path, Args};
+use engine::proto::OpenOptions;
+use engine::{Engine, EngineConfig};
+use fdstream::{extents, DirProvider, ExtentKind, FileWriter, WriterOptions};
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+
+struct Workload {
+    name: &'static str,
+    size: u64,
+    extents: Vec<(u64, u64)>,
+}
+
+impl Workload {
+    fn data(&self) -> u64 {
+        self.extents.iter().map(|e| e.1).sum()
+    }
+}
+
+fn workloads() -> Vec<Workload> {
+    vec![
+        Workload {
+            name: "W1.img",
+            size: 2 * GIB,
+            extents: vec![(0, 2 * GIB)],
+        },
+        Workload {
+            name: "W2.img",
+            size: 64 * GIB,
+            extents: (0..256).map(|k| (k * 256 * MIB, 4 * MIB)).collect(),
+        },
+    ]
+}
+
+/// Creates the workload file unless a complete one (marked by a stamp file) is there.
+fn ensure(dir: &Path, w: &Workload) -> PathBuf {
+    let path = dir.join(w.name);
+    let stamp = dir.join(format!(".{}.done", w.name));
+    if stamp.exists() && path.metadata().map(|m| m.len()).ok() == Some(w.size) {
+        return path;
+    }
+    eprintln!("creating {}", path.display());
+    let f = File::create(&path).expect("create workload");
+    f.set_len(w.size).unwrap();
+    for (i, &(off, len)) in w.extents.iter().enumerate() {
+        let mut pos = 0;
+        while pos < len {
+            let n = (len - pos).min(64 * MIB);
+            let block = random_bytes(n as usize, ((i as u64) << 32) | (pos / MIB) | 1);
+            f.write_all_at(&block, off + pos).unwrap();
+            pos += n;
+        }
+    }
+    f.sync_all().unwrap();
+    File::create(stamp).unwrap();
+    path
+}
+
+/// Reads every data range once so that every tool starts from a warm cache.
+fn warm(path: &Path) {
+    let f = File::open(path).unwrap();
+    let mut buf = vec![0u8; 4 * MIB as usize];
+    for e in extents(path).unwrap() {
+        if e.kind != ExtentKind::Data {
+            continue;
+        }
+        let mut pos = e.offset;
+        while pos < e.offset + e.len {
+            let n = (e.offset + e.len - pos).min(buf.len() as u64) as usize;
+            f.read_exact_at(&mut buf[..n], pos).unwrap();
+            pos += n as u64;
+        }
+    }
+}
+
+fn sync() {
+    let _ = Command::new("sync").status();
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+/// Times one copy `runs` times into a fresh `dst`; returns the median wall time.
+fn time_runs(
+    runs: usize,
+    dst: &Path,
+    mut copy: impl FnMut() -> Result<(), String>,
+) -> Result<f64, String> {
+    let mut times = Vec::new();
+    for _ in 0..runs {
+        let _ = std::fs::remove_file(dst);
+        sync();
+        let t = Instant::now();
+        copy()?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    Ok(median(times))
+}
+
+fn command(program: &str, args: &[&str]) -> Result<(), String> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|e| format!("{program}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{program} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+fn installed(program: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// Same length and content (compared over the source's data extents; elsewhere both must be
+/// holes or zero, which the digest of the volstream transfer already covers for volstream).
+fn same(src: &Path, dst: &Path) -> bool {
+    let (a, b) = (File::open(src).unwrap(), File::open(dst).unwrap());
+    if a.metadata().unwrap().len() != b.metadata().unwrap().len() {
+        return false;
+    }
+    let mut x = vec![0u8; 4 * MIB as usize];
+    let mut y = vec![0u8; 4 * MIB as usize];
+    for e in extents(src).unwrap() {
+        let mut pos = e.offset;
+        while pos < e.offset + e.len {
+            let n = (e.offset + e.len - pos).min(x.len() as u64) as usize;
+            if e.kind == ExtentKind::Data {
+                a.read_exact_at(&mut x[..n], pos).unwrap();
+            } else {
+                x[..n.min(4096)].fill(0);
+            }
+            // Reading a 64 GiB hole of the copy would take long: sample its allocation instead.
+            if e.kind == ExtentKind::Data || pos == e.offset {
+                let m = n.min(if e.kind == ExtentKind::Data { n } else { 4096 });
+                b.read_exact_at(&mut y[..m], pos).unwrap();
+                if x[..m] != y[..m] {
+                    return false;
+                }
+            }
+            pos += n as u64;
+        }
+    }
+    true
+}
+
+fn main() {
+    let args = Args::parse(&["dir", "runs", "only", "window"]);
+    let only: String = args.get("only", String::new());
+    let mut config = EngineConfig::default();
+    config.connection.stream_window = args.get("window", config.connection.stream_window);
+    let dir = PathBuf::from(args.get("dir", "/var/tmp/volstream-bench".to_owned()));
+    let runs: usize = args.get("runs", 3);
+    std::fs::create_dir_all(&dir).expect("create --dir");
+    let out_dir = dir.join("out");
+    std::fs::create_dir_all(&out_dir).unwrap();
+
+    let (server, server_thread) = Engine::spawn(config.clone()).unwrap();
+    let provider = DirProvider::new(&dir).unwrap().without_sync();
+    let (_, addr) = server
+        .listen(&socket_path("files"), Arc::new(provider))
+        .unwrap();
+    let (client, client_thread) = Engine::spawn(config.clone()).unwrap();
+    let conn = client.connect(&addr).unwrap();
+    let options = OpenOptions {
+        flags: 0,
+        zero_granularity: 4096,
+    };
+
+    let mut rows = Vec::new();
+    for w in workloads() {
+        if !only.is_empty() && !w.name.starts_with(only.as_str()) {
+            continue;
+        }
+        let src = ensure(&dir, &w);
+        warm(&src);
+        let dst = out_dir.join(w.name);
+        let src_s = src.to_str().unwrap().to_owned();
+        let dst_s = dst.to_str().unwrap().to_owned();
+
+        let mut ours_ok = true;
+        let ours = time_runs(runs, &dst, || {
+            let writer = FileWriter::create(
+                &dst,
+                WriterOptions {
+                    no_sync: true,
+                    ..WriterOptions::default()
+                },
+            );
+            let report = client
+                .download(conn, w.name, options, Box::new(writer))
+                .recv_timeout(Duration::from_secs(600))
+                .map_err(|_| "volstream timed out".to_owned())?;
+            report.result.map_err(|e| e.to_string())
+        });
+        let ours = match ours {
+            Ok(s) => {
+                ours_ok &= same(&src, &dst);
+                s
+            }
+            Err(e) => {
+                eprintln!("volstream failed on {}: {e}", w.name);
+                f64::NAN
+            }
+        };
+        let ours_alloc = dst.metadata().map(|m| m.blocks() * 512).unwrap_or(0);
+        let mut peers = Vec::new();
+        let tools: [(&str, Vec<&str>); 3] = [
+            (
+                "cp --sparse=always",
+                vec!["cp", "--sparse=always", &src_s, &dst_s],
+            ),
+            (
+                "qemu-img convert -O raw",
+                vec![
+                    "qemu-img", "convert", "-f", "raw", "-O", "raw", &src_s, &dst_s,
+                ],
+            ),
+            ("nbdcopy", vec!["nbdcopy", &src_s, &dst_s]),
+        ];
+        for (label, argv) in tools {
+            if !installed(argv[0]) {
+                peers.push(format!(
+                    "{{\"tool\":\"{label}\",\"skipped\":\"{} is not installed\"}}",
+                    argv[0]
+                ));
+                continue;
+            }
+            let result = time_runs(runs, &dst, || {
+                if argv[0] == "nbdcopy" {
+                    // nbdcopy writes into an existing destination.
+                    File::create(&dst)
+                        .and_then(|f| f.set_len(w.size))
+                        .map_err(|e| e.to_string())?;
+                }
+                command(argv[0], &argv[1..])
+            });
+            match result {
+                Ok(s) => {
+                    let ok = same(&src, &dst);
+                    let alloc = dst.metadata().map(|m| m.blocks() * 512).unwrap_or(0);
+                    peers.push(format!(
+                        "{{\"tool\":\"{label}\",\"seconds\":{s:.3},\"apparent_gb_s\":{:.2},\"data_gb_s\":{:.3},\"dst_allocated\":{alloc},\"content_ok\":{ok},\"time_ratio_volstream_over_peer\":{:.2}}}",
+                        w.size as f64 / s / 1e9,
+                        w.data() as f64 / s / 1e9,
+                        ours / s
+                    ));
+                }
+                Err(e) => peers.push(format!("{{\"tool\":\"{label}\",\"error\":{e:?}}}")),
+            }
+        }
+        let _ = std::fs::remove_file(&dst);
+        rows.push(format!(
+            "{{\"workload\":\"{}\",\"apparent_bytes\":{},\"data_bytes\":{},\"volstream\":{{\"seconds\":{ours:.3},\"apparent_gb_s\":{:.2},\"data_gb_s\":{:.3},\"dst_allocated\":{ours_alloc},\"content_ok\":{ours_ok}}},\"peers\":[{}]}}",
+            w.name,
+            w.size,
+            w.data(),
+            w.size as f64 / ours / 1e9,
+            w.data() as f64 / ours / 1e9,
+            peers.join(",")
+        ));
+    }
+    client.shutdown();
+    server.shutdown();
+    let _ = client_thread.join();
+    let _ = server_thread.join();
+    let mut cpuinfo = String::new();
+    let _ = File::open("/proc/cpuinfo").and_then(|mut f| f.read_to_string(&mut cpuinfo));
+    let cpus = cpuinfo.matches("processor").count();
+    println!(
+        "{{\"bench\":\"files\",\"transport\":\"unix\",\"stream_window\":{},\"runs_per_case\":{runs},\"median\":true,\"cache\":\"warm\",\"fsync\":false,\"cpus\":{cpus},\"workers\":{},\"results\":[{}]}}",
+        config.connection.stream_window,
+        fdstream::Pool::shared().workers(),
+        rows.join(",")
+    );
+}

@@ -1,0 +1,129 @@
+//! The crate's one error type, and how each case is reported to the peer.
+
+use engine::proto::Reason;
+use engine::VolumeError;
+use std::fmt;
+use std::io;
+
+#[derive(Debug)]
+pub enum Error {
+    /// A system call failed while doing `context`.
+    Io {
+        context: String,
+        source: io::Error,
+    },
+    InvalidName(String),
+    AlreadyExists(String),
+    NotFound(String),
+    /// The volume is of a kind this side cannot serve that way (a directory, a FIFO without a
+    /// known size, ...).
+    Unsupported(String),
+    /// The sink is smaller than the volume.
+    TooSmall {
+        target: String,
+        have: u64,
+        need: u64,
+    },
+    /// The content received is not what the sender says it sent.
+    DigestMismatch {
+        ours: u32,
+        theirs: u32,
+    },
+    /// The stream ended at a different length than announced or reached.
+    Length {
+        expected: u64,
+        got: u64,
+    },
+    /// A write into a device or an existing file failed part-way: `[from, to)` was not written
+    /// (everything before `from` was).
+    Partial {
+        from: u64,
+        to: u64,
+        cause: Box<Error>,
+    },
+    Cancelled,
+}
+
+impl Error {
+    pub fn io(context: impl Into<String>, source: io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    pub fn reason(&self) -> Reason {
+        match self {
+            Error::Io { source, .. } => io_reason(source),
+            Error::InvalidName(_) => Reason::InvalidName,
+            Error::AlreadyExists(_) => Reason::AlreadyExists,
+            Error::NotFound(_) => Reason::NotFound,
+            Error::Unsupported(_) => Reason::Unsupported,
+            Error::TooSmall { .. } => Reason::NoSpace,
+            Error::DigestMismatch { .. } => Reason::DigestMismatch,
+            Error::Length { .. } => Reason::Protocol,
+            Error::Partial { cause, .. } => cause.reason(),
+            Error::Cancelled => Reason::Cancelled,
+        }
+    }
+}
+
+fn io_reason(e: &io::Error) -> Reason {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG) => return Reason::NoSpace,
+        Some(libc::ELOOP) | Some(libc::EXDEV) => return Reason::InvalidName,
+        Some(libc::EOPNOTSUPP) => return Reason::Unsupported,
+        _ => {}
+    }
+    match e.kind() {
+        io::ErrorKind::NotFound => Reason::NotFound,
+        io::ErrorKind::AlreadyExists => Reason::AlreadyExists,
+        io::ErrorKind::PermissionDenied => Reason::PermissionDenied,
+        _ => Reason::Io,
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Io { context, source } => write!(f, "{context}: {source}"),
+            Error::InvalidName(n) => write!(f, "invalid volume name {n:?}"),
+            Error::AlreadyExists(n) => write!(f, "{n} exists (overwrite not requested)"),
+            Error::NotFound(n) => write!(f, "{n} not found"),
+            Error::Unsupported(m) => f.write_str(m),
+            Error::TooSmall { target, have, need } => {
+                write!(f, "{target} holds {have} bytes, the volume needs {need}")
+            }
+            Error::DigestMismatch { ours, theirs } => write!(
+                f,
+                "content digest {ours:#010x} differs from the sender's {theirs:#010x}"
+            ),
+            Error::Length { expected, got } => {
+                write!(f, "stream ended at {got} bytes, expected {expected}")
+            }
+            Error::Partial { from, to, cause } => write!(
+                f,
+                "{cause}; bytes {from}..{to} were not written (everything before {from} was)"
+            ),
+            Error::Cancelled => f.write_str("cancelled"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Io { source, .. } => Some(source),
+            Error::Partial { cause, .. } => Some(cause.as_ref()),
+            _ => None,
+        }
+    }
+}
+
+impl From<Error> for VolumeError {
+    fn from(e: Error) -> Self {
+        VolumeError::new(e.reason(), e.to_string())
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

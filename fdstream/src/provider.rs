@@ -1,0 +1,157 @@
+//! [`DirProvider`]: serves the regular files of one directory, and block devices named by the
+//! host, as volumes.
+//!
+//! Names are checked on the loop thread (cheap, no I/O); opening happens on a worker, relative
+//! to a directory fd opened once, with openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS), so a name
+//! cannot be swapped for a symlink between a check and the open.
+
+use crate::error::Error;
+use crate::fd;
+use crate::pool::Pool;
+use crate::reader::{FileReader, ReaderOptions};
+use crate::writer::{FileWriter, WriterOptions};
+use engine::{OpenRequest, Provider, VolumeError, VolumeReader, VolumeWriter};
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// One volume as `list` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeInfo {
+    pub name: String,
+    /// Logical length in bytes.
+    pub size: u64,
+    /// Bytes the volume occupies on disk (st_blocks * 512; the size for devices).
+    pub allocated: u64,
+    pub device: bool,
+}
+
+pub struct DirProvider {
+    dir: Arc<OwnedFd>,
+    path: PathBuf,
+    devices: HashMap<String, PathBuf>,
+    pool: Option<Arc<Pool>>,
+    no_sync: bool,
+}
+
+impl DirProvider {
+    /// Serves the files directly inside `dir` (opened now, once).
+    pub fn new(dir: impl AsRef<Path>) -> io::Result<Self> {
+        let path = dir.as_ref().to_path_buf();
+        Ok(DirProvider {
+            dir: Arc::new(fd::open_dir(&path)?),
+            path,
+            devices: HashMap::new(),
+            pool: None,
+            no_sync: false,
+        })
+    }
+
+    /// Also serves the block device at `path` under `name` (written in place).
+    pub fn with_device(mut self, name: impl Into<String>, path: impl Into<PathBuf>) -> Self {
+        self.devices.insert(name.into(), path.into());
+        self
+    }
+
+    /// Runs readers and writers on `pool` instead of the process-wide one.
+    pub fn with_pool(mut self, pool: Arc<Pool>) -> Self {
+        self.pool = Some(pool);
+        self
+    }
+
+    /// Skips fdatasync before reporting uploads as done (benchmarks).
+    pub fn without_sync(mut self) -> Self {
+        self.no_sync = true;
+        self
+    }
+
+    fn name(&self, name: &str) -> Result<std::ffi::CString, VolumeError> {
+        fd::plain_name(name).ok_or_else(|| Error::InvalidName(name.to_owned()).into())
+    }
+
+    /// The served volumes with their sizes and allocation. Blocks (stats every file); call it
+    /// off the loop thread.
+    pub fn list(&self) -> io::Result<Vec<VolumeInfo>> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&self.path)? {
+            let entry = entry?;
+            let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            if fd::plain_name(&name).is_none() {
+                continue;
+            }
+            // symlink_metadata: a symlink is not served, so it is not listed.
+            let meta = match entry.metadata() {
+                Ok(m) if m.file_type().is_file() => m,
+                _ => continue,
+            };
+            out.push(VolumeInfo {
+                name,
+                size: meta.len(),
+                allocated: meta.blocks() * 512,
+                device: false,
+            });
+        }
+        for (name, path) in &self.devices {
+            let file = File::open(path)?;
+            let kind = fd::Kind::of(&file)?;
+            let size = fd::size_of(&file, kind)?.unwrap_or(0);
+            out.push(VolumeInfo {
+                name: name.clone(),
+                size,
+                allocated: size,
+                device: true,
+            });
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    fn shown(&self, name: &str) -> String {
+        format!("{}/{name}", self.path.display())
+    }
+}
+
+impl Provider for DirProvider {
+    fn open_read(&self, request: &OpenRequest) -> Result<Box<dyn VolumeReader>, VolumeError> {
+        let mut options = ReaderOptions::from_open(&request.options);
+        options.pool = self.pool.clone();
+        if let Some(path) = self.devices.get(&request.name) {
+            return Ok(Box::new(FileReader::open(path.clone(), options)));
+        }
+        let name = self.name(&request.name)?;
+        log::debug!(
+            "{} reads {} (fd {})",
+            request.peer,
+            request.name,
+            self.dir.as_raw_fd()
+        );
+        Ok(Box::new(FileReader::at(
+            Arc::clone(&self.dir),
+            name,
+            self.shown(&request.name),
+            options,
+        )))
+    }
+
+    fn open_write(&self, request: &OpenRequest) -> Result<Box<dyn VolumeWriter>, VolumeError> {
+        let mut options = WriterOptions::from_open(&request.options);
+        options.pool = self.pool.clone();
+        options.no_sync = self.no_sync;
+        if let Some(path) = self.devices.get(&request.name) {
+            return Ok(Box::new(FileWriter::in_place(path.clone(), options)));
+        }
+        let name = self.name(&request.name)?;
+        Ok(Box::new(FileWriter::create_at(
+            Arc::clone(&self.dir),
+            name,
+            self.shown(&request.name),
+            options,
+        )))
+    }
+}

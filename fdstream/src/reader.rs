@@ -1,0 +1,435 @@
+//! [`FileReader`]: a volume source over a regular file, block device or pipe, read by a pool
+//! worker a bounded distance ahead of the event loop.
+//!
+//! One run of the worker job reads at most one buffer (1 MiB). The buffer is split by zero
+//! detection into DATA chunks, which are slices of that same buffer (no copy), and holes, which
+//! are merged with neighbouring holes (SEEK_HOLE ones too) before they are queued. Every byte
+//! is read once and digested once, on the worker.
+
+use crate::error::Error;
+use crate::extents::{segment_at, Segment};
+use crate::fd::{self, Kind, Location};
+use crate::pool::{Job, JobHandle, Pool, Step};
+use crate::zero::{self, Run};
+use engine::proto::OpenOptions;
+use engine::{Chunk, Digest, Notify, VolumeError, VolumeReader};
+use std::collections::VecDeque;
+use std::fs::File;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::Poll;
+
+/// Bytes read per worker run; offsets of reads are multiples of it (so O_DIRECT fits later).
+const READ_BUF: u64 = 1 << 20;
+/// Read-ahead bound: the worker pauses when this much data is queued for the loop...
+const AHEAD_BYTES: u64 = 4 << 20;
+/// ...or this many chunks (holes are small in memory but not free).
+const AHEAD_CHUNKS: usize = 64;
+
+/// How to read a volume.
+#[derive(Clone)]
+pub struct ReaderOptions {
+    /// Zero-detection block size in bytes (`-S`); 0 turns zero detection off.
+    pub zero_granularity: u32,
+    /// Ignore the file's extent map and read everything (NO_EXTENTS).
+    pub no_extents: bool,
+    /// The length of a pipe or FIFO, which cannot be asked.
+    pub stream_size: Option<u64>,
+    /// Workers to use; the process-wide pool when `None`.
+    pub pool: Option<Arc<Pool>>,
+}
+
+impl Default for ReaderOptions {
+    fn default() -> Self {
+        ReaderOptions {
+            zero_granularity: 4096,
+            no_extents: false,
+            stream_size: None,
+            pool: None,
+        }
+    }
+}
+
+impl ReaderOptions {
+    /// The options a peer asked for in OPEN (`zero_granularity` 0 means off, as on the wire).
+    pub fn from_open(options: &OpenOptions) -> Self {
+        ReaderOptions {
+            zero_granularity: options.zero_granularity,
+            no_extents: options.has(OpenOptions::NO_EXTENTS),
+            ..ReaderOptions::default()
+        }
+    }
+}
+
+#[derive(Default)]
+struct Out {
+    size: Option<Result<u64, VolumeError>>,
+    queue: VecDeque<Chunk>,
+    queued_bytes: u64,
+    error: Option<VolumeError>,
+    /// `Chunk::End` was queued: the worker has nothing more to do.
+    ended: bool,
+    cancelled: bool,
+}
+
+impl Out {
+    fn full(&self) -> bool {
+        self.queued_bytes >= AHEAD_BYTES || self.queue.len() >= AHEAD_CHUNKS
+    }
+}
+
+/// A volume source read off the loop thread. See the module docs.
+pub struct FileReader {
+    location: Option<Location>,
+    options: ReaderOptions,
+    out: Arc<Mutex<Out>>,
+    job: Option<JobHandle>,
+    bytes_read: Arc<AtomicU64>,
+}
+
+impl FileReader {
+    /// Reads the file, device or FIFO at `path` (opened by a worker at `start`).
+    pub fn open(path: impl Into<PathBuf>, options: ReaderOptions) -> Self {
+        Self::new(Location::Path(path.into()), options)
+    }
+
+    /// Reads an already open file.
+    pub fn from_file(file: File, options: ReaderOptions) -> Self {
+        Self::new(Location::Open(file), options)
+    }
+
+    /// Reads the regular file `name` inside `dir` (no symlinks, nothing outside `dir`).
+    pub(crate) fn at(
+        dir: Arc<OwnedFd>,
+        name: std::ffi::CString,
+        shown: String,
+        options: ReaderOptions,
+    ) -> Self {
+        Self::new(Location::At { dir, name, shown }, options)
+    }
+
+    fn new(location: Location, options: ReaderOptions) -> Self {
+        FileReader {
+            location: Some(location),
+            options,
+            out: Arc::default(),
+            job: None,
+            bytes_read: Arc::default(),
+        }
+    }
+
+    /// Bytes read from the volume's fd so far (each byte should be read once).
+    pub fn bytes_read(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.bytes_read)
+    }
+}
+
+impl VolumeReader for FileReader {
+    fn start(&mut self, notify: Notify) {
+        let Some(location) = self.location.take() else {
+            return;
+        };
+        let pool = self.options.pool.clone().unwrap_or_else(Pool::shared);
+        let g = self.options.zero_granularity.min(READ_BUF as u32) as u64;
+        let job = pool.register(ReadJob {
+            out: Arc::clone(&self.out),
+            notify,
+            work: Mutex::new(Work {
+                location: Some(location),
+                file: None,
+                kind: Kind::Regular,
+                size: 0,
+                pos: 0,
+                segment: None,
+                use_extents: !self.options.no_extents,
+                granularity: g,
+                stream_size: self.options.stream_size,
+                digest: Digest::new(),
+                pending_hole: None,
+                bytes_read: Arc::clone(&self.bytes_read),
+            }),
+        });
+        job.schedule();
+        self.job = Some(job);
+    }
+
+    fn poll_size(&mut self) -> Poll<Result<u64, VolumeError>> {
+        let out = self.out.lock().unwrap();
+        match (&out.size, &out.error) {
+            (Some(size), _) => Poll::Ready(size.clone()),
+            (None, Some(e)) => Poll::Ready(Err(e.clone())),
+            (None, None) => Poll::Pending,
+        }
+    }
+
+    fn poll_chunk(&mut self) -> Poll<Result<Chunk, VolumeError>> {
+        let mut out = self.out.lock().unwrap();
+        let Some(chunk) = out.queue.pop_front() else {
+            return match &out.error {
+                Some(e) => Poll::Ready(Err(e.clone())),
+                None => Poll::Pending,
+            };
+        };
+        if let Chunk::Data { bytes, .. } = &chunk {
+            out.queued_bytes -= bytes.len() as u64;
+        }
+        let resume = !out.ended && !out.full() && out.error.is_none();
+        drop(out);
+        if resume {
+            if let Some(job) = &self.job {
+                job.schedule();
+            }
+        }
+        Poll::Ready(Ok(chunk))
+    }
+
+    fn cancel(&mut self) {
+        let mut out = self.out.lock().unwrap();
+        out.cancelled = true;
+        out.queue.clear();
+        out.queued_bytes = 0;
+        drop(out);
+        // The job closes the fd on its next run.
+        if let Some(job) = &self.job {
+            job.schedule();
+        }
+    }
+}
+
+impl Drop for FileReader {
+    fn drop(&mut self) {
+        self.cancel();
+    }
+}
+
+struct ReadJob {
+    out: Arc<Mutex<Out>>,
+    notify: Notify,
+    work: Mutex<Work>,
+}
+
+struct Work {
+    location: Option<Location>,
+    file: Option<File>,
+    kind: Kind,
+    size: u64,
+    pos: u64,
+    /// What the extent map said about `pos` onwards: (end, is data).
+    segment: Option<(u64, bool)>,
+    use_extents: bool,
+    granularity: u64,
+    stream_size: Option<u64>,
+    digest: Digest,
+    /// A hole not yet queued, so that it can grow by the next zero run.
+    pending_hole: Option<(u64, u64)>,
+    bytes_read: Arc<AtomicU64>,
+}
+
+/// What one run produced.
+#[derive(Default)]
+struct Produced {
+    size: Option<u64>,
+    chunks: Vec<Chunk>,
+    end: bool,
+}
+
+impl Job for ReadJob {
+    fn run(&self) -> Step {
+        {
+            let out = self.out.lock().unwrap();
+            if out.cancelled || out.error.is_some() || out.ended {
+                drop(out);
+                let mut w = self.work.lock().unwrap();
+                w.file = None;
+                w.location = None;
+                return Step::Idle;
+            }
+            if out.full() {
+                return Step::Idle;
+            }
+        }
+        let result = self.work.lock().unwrap().step();
+        let mut out = self.out.lock().unwrap();
+        if out.cancelled {
+            return Step::Again;
+        }
+        let step = match result {
+            Ok(p) => {
+                if let Some(size) = p.size {
+                    out.size = Some(Ok(size));
+                }
+                for chunk in p.chunks {
+                    if let Chunk::Data { bytes, .. } = &chunk {
+                        out.queued_bytes += bytes.len() as u64;
+                    }
+                    out.queue.push_back(chunk);
+                }
+                out.ended = p.end;
+                if p.end || out.full() {
+                    Step::Idle
+                } else {
+                    Step::Again
+                }
+            }
+            Err(e) => {
+                log::warn!("reading failed: {e}");
+                let e = VolumeError::from(e);
+                if out.size.is_none() {
+                    out.size = Some(Err(e.clone()));
+                }
+                out.error = Some(e);
+                Step::Idle
+            }
+        };
+        drop(out);
+        self.notify.notify();
+        step
+    }
+}
+
+fn no_size(shown: &str) -> Error {
+    Error::Unsupported(format!(
+        "{shown} is a pipe or character device: its size must be given \
+         (ReaderOptions::stream_size)"
+    ))
+}
+
+impl Work {
+    fn open(&mut self) -> Result<u64, Error> {
+        let location = self.location.take().ok_or(Error::Cancelled)?;
+        let shown = location.describe();
+        let file = match location {
+            Location::Path(p) => {
+                // Refuse a sizeless pipe before open(2), which would wait for a writer.
+                use std::os::unix::fs::FileTypeExt;
+                let ft = std::fs::metadata(&p)
+                    .map_err(|e| Error::io(format!("inspecting {shown}"), e))?
+                    .file_type();
+                if (ft.is_fifo() || ft.is_char_device() || ft.is_socket())
+                    && self.stream_size.is_none()
+                {
+                    return Err(no_size(&shown));
+                }
+                File::open(&p).map_err(|e| Error::io(format!("opening {shown}"), e))
+            }
+            Location::Open(f) => Ok(f),
+            Location::At { dir, name, .. } => {
+                // O_NONBLOCK so that a FIFO planted in the directory cannot hang the worker.
+                let f = fd::open_beneath(&dir, &name, libc::O_RDONLY | libc::O_NONBLOCK)
+                    .map_err(|e| Error::io(format!("opening {shown}"), e))?;
+                match Kind::of(&f) {
+                    Ok(Kind::Regular) => Ok(f),
+                    _ => Err(Error::Unsupported(format!("{shown} is not a regular file"))),
+                }
+            }
+        }?;
+        self.kind = Kind::of(&file).map_err(|e| Error::io(format!("inspecting {shown}"), e))?;
+        let size =
+            fd::size_of(&file, self.kind).map_err(|e| Error::io(format!("sizing {shown}"), e))?;
+        self.size = match (size, self.stream_size) {
+            (Some(s), _) => s,
+            (None, Some(s)) => s,
+            (None, None) => return Err(no_size(&shown)),
+        };
+        self.use_extents &= self.kind == Kind::Regular;
+        self.file = Some(file);
+        log::debug!("reading {shown}: {:?}, {} bytes", self.kind, self.size);
+        Ok(self.size)
+    }
+
+    fn hole(&mut self, offset: u64, len: u64, chunks: &mut Vec<Chunk>) {
+        self.digest.update_zeroes(len);
+        match &mut self.pending_hole {
+            Some((o, l)) if *o + *l == offset => *l += len,
+            _ => {
+                self.flush_hole(chunks);
+                self.pending_hole = Some((offset, len));
+            }
+        }
+    }
+
+    fn flush_hole(&mut self, chunks: &mut Vec<Chunk>) {
+        if let Some((offset, len)) = self.pending_hole.take() {
+            chunks.push(Chunk::Hole { offset, len });
+        }
+    }
+
+    /// Reads one buffer (after any holes before it), or ends the volume.
+    fn step(&mut self) -> Result<Produced, Error> {
+        let mut p = Produced::default();
+        if self.file.is_none() {
+            p.size = Some(self.open()?);
+            return Ok(p);
+        }
+        loop {
+            if self.pos >= self.size {
+                self.flush_hole(&mut p.chunks);
+                p.chunks.push(Chunk::End {
+                    length: self.size,
+                    digest: Some(self.digest.value()),
+                });
+                p.end = true;
+                self.file = None;
+                return Ok(p);
+            }
+            let (end, data) = match self.segment {
+                Some((end, data)) if end > self.pos => (end, data),
+                _ => {
+                    let seg = if self.use_extents {
+                        let file = self.file.as_ref().ok_or(Error::Cancelled)?;
+                        match segment_at(file, self.pos, self.size)
+                            .map_err(|e| Error::io(format!("SEEK_DATA at {}", self.pos), e))?
+                        {
+                            Some(Segment::Data(end)) => (end, true),
+                            Some(Segment::Hole(end)) => (end, false),
+                            None => {
+                                log::debug!("no extent map here; reading everything");
+                                self.use_extents = false;
+                                (self.size, true)
+                            }
+                        }
+                    } else {
+                        (self.size, true)
+                    };
+                    self.segment = Some(seg);
+                    seg
+                }
+            };
+            if !data {
+                let pos = self.pos;
+                self.hole(pos, end - pos, &mut p.chunks);
+                self.pos = end;
+                continue;
+            }
+            let n = (end - self.pos).min(READ_BUF - self.pos % READ_BUF);
+            let file = self.file.as_ref().ok_or(Error::Cancelled)?;
+            let buf = fd::read_new(file, self.kind, self.pos, n as usize)
+                .map_err(|e| Error::io(format!("reading at {}", self.pos), e))?;
+            self.bytes_read.fetch_add(n, Ordering::Relaxed);
+            let buf = buf.freeze();
+            self.digest.update(&buf);
+            for run in zero::split(self.pos, buf, self.granularity) {
+                match run {
+                    Run::Zero { offset, len } => {
+                        // Already digested with the buffer: record the hole without it.
+                        match &mut self.pending_hole {
+                            Some((o, l)) if *o + *l == offset => *l += len,
+                            _ => {
+                                self.flush_hole(&mut p.chunks);
+                                self.pending_hole = Some((offset, len));
+                            }
+                        }
+                    }
+                    Run::Data { offset, bytes } => {
+                        self.flush_hole(&mut p.chunks);
+                        p.chunks.push(Chunk::Data { offset, bytes });
+                    }
+                }
+            }
+            self.pos += n;
+            return Ok(p);
+        }
+    }
+}

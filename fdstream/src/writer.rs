@@ -1,0 +1,703 @@
+//! [`FileWriter`]: a volume sink over a new file (written beside its final name and renamed
+//! into place only after the digest matched), an existing file or block device (written in
+//! place, holes zeroed), or a pipe (holes written as zeroes).
+//!
+//! `write` only queues; a pool worker handles one chunk (or one slice of a long hole) per run.
+//! A chunk counts as completed, and its flow-control credit goes back to the sender, only when
+//! its work is done, so a sink that must zero its holes slows the sender down.
+
+use crate::error::Error;
+use crate::fd::{self, Kind, Location};
+use crate::pool::{Job, JobHandle, Pool, Step};
+use crate::punch::{self, Zeroer};
+use engine::proto::OpenOptions;
+use engine::{Chunk, Digest, Notify, VolumeError, VolumeWriter, WriteProgress};
+use std::collections::VecDeque;
+use std::ffi::CString;
+use std::fs::File;
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::Poll;
+
+/// Largest slice of a hole zeroed per worker run, so other streams get a turn.
+const ZERO_SLICE: u64 = 64 << 20;
+/// Chunks and data bytes handled per run. Below half the engine's default stream window, so
+/// credit for one batch goes back while the sender fills the next.
+const BATCH_CHUNKS: usize = 16;
+const BATCH_BYTES: u64 = 1 << 20;
+
+/// How to write a volume.
+#[derive(Clone, Default)]
+pub struct WriterOptions {
+    /// The result must be fully allocated (ALLOCATED): zero instead of punching.
+    pub allocated: bool,
+    /// The sink already reads as zero (DESTINATION_IS_ZERO): holes need no work.
+    pub destination_is_zero: bool,
+    /// A new file may replace an existing one (OVERWRITE).
+    pub overwrite: bool,
+    /// Skip fdatasync before reporting success (benchmarks only: a crash may lose the data).
+    pub no_sync: bool,
+    /// Workers to use; the process-wide pool when `None`.
+    pub pool: Option<Arc<Pool>>,
+}
+
+impl WriterOptions {
+    pub fn from_open(options: &OpenOptions) -> Self {
+        WriterOptions {
+            allocated: options.has(OpenOptions::ALLOCATED),
+            destination_is_zero: options.has(OpenOptions::DESTINATION_IS_ZERO),
+            overwrite: options.has(OpenOptions::OVERWRITE),
+            ..WriterOptions::default()
+        }
+    }
+}
+
+enum Target {
+    /// A new file: written as a temporary in `dir`, renamed to `name` at the end.
+    Create {
+        dir: Option<Arc<OwnedFd>>,
+        dir_path: Option<PathBuf>,
+        name: CString,
+        shown: String,
+    },
+    InPlace(Location),
+}
+
+#[derive(Default)]
+struct Out {
+    ready: Option<Result<(), VolumeError>>,
+    queue: VecDeque<Chunk>,
+    completed: u64,
+    outcome: Option<Result<(), VolumeError>>,
+    cancelled: bool,
+}
+
+/// A volume sink written off the loop thread. See the module docs.
+pub struct FileWriter {
+    target: Option<Target>,
+    options: WriterOptions,
+    out: Arc<Mutex<Out>>,
+    job: Option<JobHandle>,
+    bytes_written: Arc<AtomicU64>,
+}
+
+fn split_path(path: PathBuf) -> (Option<PathBuf>, CString, String) {
+    let shown = path.display().to_string();
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = path
+        .file_name()
+        .map(|n| CString::new(n.as_bytes()).unwrap_or_default())
+        .unwrap_or_default();
+    (Some(dir), name, shown)
+}
+
+impl FileWriter {
+    /// Creates a new regular file at `path` (replacing an existing one only with `overwrite`).
+    /// Nothing appears under `path` unless the whole volume arrived and matched its digest.
+    pub fn create(path: impl Into<PathBuf>, options: WriterOptions) -> Self {
+        let (dir_path, name, shown) = split_path(path.into());
+        Self::new(
+            Target::Create {
+                dir: None,
+                dir_path,
+                name,
+                shown,
+            },
+            options,
+        )
+    }
+
+    /// Writes into an existing regular file, block device or FIFO, in place.
+    pub fn in_place(path: impl Into<PathBuf>, options: WriterOptions) -> Self {
+        Self::new(Target::InPlace(Location::Path(path.into())), options)
+    }
+
+    /// Writes into an already open file, device or pipe, in place.
+    pub fn from_file(file: File, options: WriterOptions) -> Self {
+        Self::new(Target::InPlace(Location::Open(file)), options)
+    }
+
+    pub(crate) fn create_at(
+        dir: Arc<OwnedFd>,
+        name: CString,
+        shown: String,
+        options: WriterOptions,
+    ) -> Self {
+        Self::new(
+            Target::Create {
+                dir: Some(dir),
+                dir_path: None,
+                name,
+                shown,
+            },
+            options,
+        )
+    }
+
+    fn new(target: Target, options: WriterOptions) -> Self {
+        FileWriter {
+            target: Some(target),
+            options,
+            out: Arc::default(),
+            job: None,
+            bytes_written: Arc::default(),
+        }
+    }
+
+    /// Data bytes written to the fd so far (zeroes written for holes not included).
+    pub fn bytes_written(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.bytes_written)
+    }
+
+    fn schedule(&self) {
+        if let Some(job) = &self.job {
+            job.schedule();
+        }
+    }
+}
+
+impl VolumeWriter for FileWriter {
+    fn start(&mut self, size: u64, notify: Notify) {
+        let Some(target) = self.target.take() else {
+            return;
+        };
+        let pool = self.options.pool.clone().unwrap_or_else(Pool::shared);
+        let job = pool.register(WriteJob {
+            out: Arc::clone(&self.out),
+            notify,
+            work: Mutex::new(Work {
+                target: Some(target),
+                options: self.options.clone(),
+                size,
+                file: None,
+                kind: Kind::Regular,
+                dir: None,
+                temp: None,
+                final_name: CString::default(),
+                shown: String::new(),
+                old_size: 0,
+                zeroer: Zeroer::new(Kind::Regular, false),
+                preallocated: false,
+                next: 0,
+                hole_done: None,
+                digest: Digest::new(),
+                bytes_written: Arc::clone(&self.bytes_written),
+            }),
+        });
+        job.schedule();
+        self.job = Some(job);
+    }
+
+    fn poll_ready(&mut self) -> Poll<Result<(), VolumeError>> {
+        match &self.out.lock().unwrap().ready {
+            Some(r) => Poll::Ready(r.clone()),
+            None => Poll::Pending,
+        }
+    }
+
+    fn write(&mut self, chunk: Chunk) {
+        self.out.lock().unwrap().queue.push_back(chunk);
+        self.schedule();
+    }
+
+    fn poll_progress(&mut self) -> WriteProgress {
+        let out = self.out.lock().unwrap();
+        WriteProgress {
+            completed: out.completed,
+            outcome: out.outcome.clone(),
+        }
+    }
+
+    fn cancel(&mut self) {
+        let mut out = self.out.lock().unwrap();
+        if matches!(out.outcome, Some(Ok(()))) {
+            return;
+        }
+        out.cancelled = true;
+        out.queue.clear();
+        drop(out);
+        // The job removes the temporary file on its next run.
+        self.schedule();
+    }
+}
+
+impl Drop for FileWriter {
+    fn drop(&mut self) {
+        self.cancel();
+    }
+}
+
+struct WriteJob {
+    out: Arc<Mutex<Out>>,
+    notify: Notify,
+    work: Mutex<Work>,
+}
+
+struct Work {
+    target: Option<Target>,
+    options: WriterOptions,
+    /// The announced volume length.
+    size: u64,
+    file: Option<File>,
+    kind: Kind,
+    /// For new files: the directory, the temporary name and the final name.
+    dir: Option<Arc<OwnedFd>>,
+    temp: Option<CString>,
+    final_name: CString,
+    shown: String,
+    /// Length of an existing file written in place: beyond it, holes need no zeroing.
+    old_size: u64,
+    zeroer: Zeroer,
+    /// A new ALLOCATED file was fallocated whole at open.
+    preallocated: bool,
+    /// Where the next chunk must start.
+    next: u64,
+    /// How far into the current hole the zeroing got.
+    hole_done: Option<u64>,
+    digest: Digest,
+    bytes_written: Arc<AtomicU64>,
+}
+
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+impl Job for WriteJob {
+    fn run(&self) -> Step {
+        let (front, opened) = {
+            let out = self.out.lock().unwrap();
+            if out.cancelled {
+                drop(out);
+                self.work.lock().unwrap().discard();
+                return Step::Idle;
+            }
+            if out.outcome.is_some() {
+                return Step::Idle;
+            }
+            // A few chunks per run: fewer wake-ups, and runs of DATA become one pwritev.
+            let mut bytes = 0;
+            let batch: Vec<Chunk> = out
+                .queue
+                .iter()
+                .take_while(|c| {
+                    bytes += c.logical_len().min(BATCH_BYTES);
+                    bytes <= BATCH_BYTES
+                })
+                .take(BATCH_CHUNKS)
+                .cloned()
+                .collect();
+            let batch = if batch.is_empty() {
+                out.queue.front().cloned().into_iter().collect()
+            } else {
+                batch
+            };
+            (batch, out.ready.is_some())
+        };
+        let mut w = self.work.lock().unwrap();
+        if !opened {
+            let r = w.open();
+            drop(w);
+            let mut out = self.out.lock().unwrap();
+            let r = r.map_err(VolumeError::from);
+            if let Err(e) = &r {
+                log::warn!("opening sink failed: {e}");
+                out.outcome = Some(Err(e.clone()));
+            }
+            out.ready = Some(r);
+            drop(out);
+            self.notify.notify();
+            return Step::Again;
+        }
+        if front.is_empty() {
+            return Step::Idle;
+        }
+        let (done, result) = w.handle_batch(&front);
+        if result.is_err() {
+            w.discard();
+        }
+        drop(w);
+        let mut out = self.out.lock().unwrap();
+        for _ in 0..done {
+            out.queue.pop_front();
+        }
+        out.completed += done as u64;
+        let step = match result {
+            Ok(true) => {
+                out.outcome = Some(Ok(()));
+                Step::Idle
+            }
+            Ok(false) if out.queue.is_empty() => Step::Idle,
+            Ok(false) => Step::Again,
+            Err(e) => {
+                log::warn!("writing failed: {e}");
+                out.outcome = Some(Err(e.into()));
+                Step::Idle
+            }
+        };
+        drop(out);
+        self.notify.notify();
+        step
+    }
+}
+
+impl Work {
+    fn open(&mut self) -> Result<(), Error> {
+        match self.target.take().ok_or(Error::Cancelled)? {
+            Target::Create {
+                dir,
+                dir_path,
+                name,
+                shown,
+            } => {
+                self.shown = shown;
+                let dir = match (dir, dir_path) {
+                    (Some(d), _) => d,
+                    (None, Some(p)) => Arc::new(
+                        fd::open_dir(&p)
+                            .map_err(|e| Error::io(format!("opening {}", p.display()), e))?,
+                    ),
+                    (None, None) => return Err(Error::Cancelled),
+                };
+                if name.as_bytes().is_empty() {
+                    return Err(Error::InvalidName(self.shown.clone()));
+                }
+                if !self.options.overwrite && exists_at(&dir, &name) {
+                    return Err(Error::AlreadyExists(self.shown.clone()));
+                }
+                let temp = CString::new(format!(
+                    ".{}.volstream-tmp-{}-{}",
+                    name.to_string_lossy(),
+                    std::process::id(),
+                    TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+                ))
+                .map_err(|_| Error::InvalidName(self.shown.clone()))?;
+                let file = fd::openat(
+                    &dir,
+                    &temp,
+                    libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW,
+                    0o644,
+                )
+                .map_err(|e| {
+                    Error::io(format!("creating a temporary file for {}", self.shown), e)
+                })?;
+                self.temp = Some(temp);
+                self.dir = Some(dir);
+                self.final_name = name;
+                self.kind = Kind::Regular;
+                self.zeroer = Zeroer::new(Kind::Regular, self.options.allocated);
+                if self.options.allocated && self.size > 0 {
+                    // One fallocate for the whole volume; holes then need nothing.
+                    let r = self.zeroer.allocate_only(&file, 0, self.size);
+                    self.preallocated = r.map_err(|e| {
+                        Error::io(
+                            format!("allocating {} bytes for {}", self.size, self.shown),
+                            e,
+                        )
+                    })?;
+                }
+                self.file = Some(file);
+            }
+            Target::InPlace(location) => {
+                self.shown = location.describe();
+                let file = match location {
+                    Location::Open(f) => f,
+                    Location::Path(p) => open_existing(&p)
+                        .map_err(|e| Error::io(format!("opening {}", self.shown), e))?,
+                    Location::At { dir, name, .. } => {
+                        fd::open_beneath(&dir, &name, libc::O_RDWR)
+                            .map_err(|e| Error::io(format!("opening {}", self.shown), e))?
+                    }
+                };
+                self.kind = Kind::of(&file)
+                    .map_err(|e| Error::io(format!("inspecting {}", self.shown), e))?;
+                let have = fd::size_of(&file, self.kind)
+                    .map_err(|e| Error::io(format!("sizing {}", self.shown), e))?;
+                match self.kind {
+                    Kind::Block if have.unwrap_or(0) < self.size => {
+                        return Err(Error::TooSmall {
+                            target: self.shown.clone(),
+                            have: have.unwrap_or(0),
+                            need: self.size,
+                        })
+                    }
+                    Kind::Regular => self.old_size = have.unwrap_or(0),
+                    _ => {}
+                }
+                self.zeroer = Zeroer::new(self.kind, self.options.allocated);
+                self.file = Some(file);
+            }
+        }
+        log::debug!(
+            "writing {} ({:?}, {} bytes)",
+            self.shown,
+            self.kind,
+            self.size
+        );
+        Ok(())
+    }
+
+    /// Handles chunks from the front of `batch` in order: how many were completed, and whether
+    /// the volume was committed (End handled).
+    fn handle_batch(&mut self, batch: &[Chunk]) -> (usize, Result<bool, Error>) {
+        let mut done = 0;
+        while done < batch.len() {
+            let run = batch[done..]
+                .iter()
+                .take_while(|c| matches!(c, Chunk::Data { .. }))
+                .count();
+            if run > 1 && self.kind != Kind::Stream {
+                if let Err(e) = self.write_data_run(&batch[done..done + run]) {
+                    return (done, Err(self.partial(e)));
+                }
+                done += run;
+                continue;
+            }
+            match self.handle(&batch[done]) {
+                Ok(true) => done += 1,
+                Ok(false) => return (done, Ok(false)),
+                Err(e) => return (done, Err(e)),
+            }
+            if matches!(batch[done - 1], Chunk::End { .. }) {
+                return (done, Ok(true));
+            }
+        }
+        (done, Ok(false))
+    }
+
+    /// Writes consecutive DATA chunks with one pwritev (retrying what a short write left).
+    fn write_data_run(&mut self, chunks: &[Chunk]) -> Result<(), Error> {
+        let mut slices = Vec::with_capacity(chunks.len());
+        let start = self.next;
+        let mut end = start;
+        for c in chunks {
+            if let Chunk::Data { offset, bytes } = c {
+                if *offset != end || offset + bytes.len() as u64 > self.size {
+                    return Err(Error::Length {
+                        expected: end,
+                        got: *offset,
+                    });
+                }
+                end += bytes.len() as u64;
+                slices.push(std::io::IoSlice::new(bytes));
+            }
+        }
+        let file = self.file.as_ref().ok_or(Error::Cancelled)?;
+        let written = loop {
+            match nix::sys::uio::pwritev(file, &slices, start as libc::off_t) {
+                Ok(n) => break n as u64,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    return Err(Error::io(
+                        format!("writing {} at {start}", self.shown),
+                        e.into(),
+                    ))
+                }
+            }
+        };
+        // A short write: finish chunk by chunk from where it stopped.
+        let mut at = start;
+        for c in chunks {
+            if let Chunk::Data { bytes, .. } = c {
+                let len = bytes.len() as u64;
+                if at + len > start + written {
+                    let skip = (start + written).saturating_sub(at) as usize;
+                    fd::write_full(file, self.kind, at + skip as u64, &bytes[skip..])
+                        .map_err(|e| Error::io(format!("writing {} at {at}", self.shown), e))?;
+                }
+                self.digest.update(bytes);
+                at += len;
+            }
+        }
+        self.bytes_written.fetch_add(end - start, Ordering::Relaxed);
+        self.next = end;
+        Ok(())
+    }
+
+    fn partial(&self, e: Error) -> Error {
+        if self.temp.is_none() && self.kind != Kind::Stream {
+            let from = self.next + self.hole_done.unwrap_or(0);
+            return Error::Partial {
+                from,
+                to: self.size.max(from),
+                cause: Box::new(e),
+            };
+        }
+        e
+    }
+
+    /// Does (part of) the work of one chunk; true when the chunk is done.
+    fn handle(&mut self, chunk: &Chunk) -> Result<bool, Error> {
+        self.handle_inner(chunk).map_err(|e| self.partial(e))
+    }
+
+    fn handle_inner(&mut self, chunk: &Chunk) -> Result<bool, Error> {
+        let file = self.file.as_ref().ok_or(Error::Cancelled)?;
+        match chunk {
+            Chunk::Data { offset, bytes } => {
+                self.check_offset(*offset, bytes.len() as u64)?;
+                fd::write_full(file, self.kind, *offset, bytes)
+                    .map_err(|e| Error::io(format!("writing {} at {offset}", self.shown), e))?;
+                self.bytes_written
+                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                self.digest.update(bytes);
+                self.next += bytes.len() as u64;
+                Ok(true)
+            }
+            &Chunk::Hole { offset, len } => {
+                let done = match self.hole_done {
+                    Some(done) => done,
+                    None => {
+                        self.check_offset(offset, len)?;
+                        self.digest.update_zeroes(len);
+                        0
+                    }
+                };
+                let end = offset + len;
+                let work_end = self.hole_work_end(end);
+                let from = offset + done;
+                if from < work_end {
+                    let n = (work_end - from).min(ZERO_SLICE);
+                    let new_file = self.temp.is_some();
+                    let file = self.file.as_ref().ok_or(Error::Cancelled)?;
+                    let r = if self.kind == Kind::Stream {
+                        punch::write_zeroes(file, self.kind, from, n).map(|_| punch::Method::Write)
+                    } else if new_file {
+                        self.zeroer.allocate(file, from, n)
+                    } else {
+                        self.zeroer.zero(file, from, n)
+                    };
+                    r.map_err(|e| {
+                        Error::io(
+                            format!("zeroing {}..{} of {}", from, from + n, self.shown),
+                            e,
+                        )
+                    })?;
+                    if from + n < work_end {
+                        self.hole_done = Some(done + n);
+                        return Ok(false);
+                    }
+                }
+                self.hole_done = None;
+                self.next = end;
+                Ok(true)
+            }
+            &Chunk::End { length, digest } => {
+                if length != self.size || self.next != length {
+                    return Err(Error::Length {
+                        expected: self.size,
+                        got: self.next,
+                    });
+                }
+                if let Some(theirs) = digest {
+                    let ours = self.digest.value();
+                    if ours != theirs {
+                        return Err(Error::DigestMismatch { ours, theirs });
+                    }
+                }
+                self.commit()?;
+                Ok(true)
+            }
+        }
+    }
+
+    /// Where the work for a hole ending at `end` stops: some sinks need none.
+    fn hole_work_end(&self, end: u64) -> u64 {
+        let start = self.next;
+        if self.kind == Kind::Stream {
+            return end;
+        }
+        if self.temp.is_some() {
+            // A new file reads zero wherever nothing was written; ALLOCATED needs blocks.
+            return if self.zeroer.allocated() && !self.preallocated {
+                end
+            } else {
+                start
+            };
+        }
+        if self.options.destination_is_zero {
+            return start;
+        }
+        if self.kind == Kind::Regular && !self.zeroer.allocated() {
+            // Past the old end the file reads zero once it is extended.
+            return end.min(self.old_size.max(start));
+        }
+        end
+    }
+
+    fn check_offset(&self, offset: u64, len: u64) -> Result<(), Error> {
+        if offset != self.next || offset + len > self.size {
+            return Err(Error::Length {
+                expected: self.next,
+                got: offset,
+            });
+        }
+        Ok(())
+    }
+
+    fn commit(&mut self) -> Result<(), Error> {
+        let file = self.file.take().ok_or(Error::Cancelled)?;
+        let shown = self.shown.clone();
+        if self.kind == Kind::Regular {
+            file.set_len(self.size)
+                .map_err(|e| Error::io(format!("setting the size of {shown}"), e))?;
+        }
+        if !self.options.no_sync && self.kind != Kind::Stream {
+            file.sync_data()
+                .map_err(|e| Error::io(format!("syncing {shown}"), e))?;
+        }
+        drop(file);
+        if let (Some(dir), Some(temp)) = (&self.dir, &self.temp) {
+            fd::renameat(dir, temp, &self.final_name, self.options.overwrite).map_err(|e| {
+                if e.raw_os_error() == Some(libc::EEXIST) {
+                    Error::AlreadyExists(shown.clone())
+                } else {
+                    Error::io(format!("renaming into {shown}"), e)
+                }
+            })?;
+            self.temp = None;
+        }
+        log::debug!("{shown}: {} bytes written and verified", self.size);
+        Ok(())
+    }
+
+    /// Drops the fd and removes a temporary file: nothing half-written stays behind.
+    fn discard(&mut self) {
+        self.file = None;
+        self.target = None;
+        if let (Some(dir), Some(temp)) = (&self.dir, self.temp.take()) {
+            if let Err(e) = fd::unlinkat(dir, &temp) {
+                log::warn!("cannot remove temporary file {temp:?}: {e}");
+            }
+        }
+    }
+}
+
+fn exists_at(dir: &OwnedFd, name: &CString) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: valid dir fd, NUL-terminated name, and a stat buffer of the right size.
+    unsafe {
+        libc::fstatat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            st.as_mut_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        ) == 0
+    }
+}
+
+/// Opens an existing sink for writing without creating or truncating it. A FIFO is opened
+/// write-only, which waits (on a worker) for a reader.
+fn open_existing(path: &std::path::Path) -> std::io::Result<File> {
+    use std::os::unix::fs::FileTypeExt;
+    let ft = std::fs::metadata(path)?.file_type();
+    let read = ft.is_file() || ft.is_block_device();
+    std::fs::OpenOptions::new()
+        .read(read)
+        .write(true)
+        .open(path)
+}
