@@ -1,1 +1,103 @@
-fn main() {}
+//! The `volstream` command: serve, upload, download, list, extents, demo.
+//!
+//! Exit codes: 0 success; 1 one or more transfers failed (one line each on stderr); 2 bad
+//! usage; 3 the server could not be reached or the service could not start.
+
+mod demo;
+mod error;
+mod json;
+mod progress;
+mod query;
+mod serve;
+mod transfer;
+
+use clap::{Args, Parser, Subcommand};
+use error::CliError;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "volstream",
+    version,
+    about = "Sparse-aware volume transfers, many streams over one connection"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve a directory of volumes (and named block devices).
+    Serve(serve::ServeArgs),
+    /// Download volumes into local files or devices, all over one connection.
+    Download(transfer::TransferArgs),
+    /// Upload local files or devices as volumes, all over one connection.
+    Upload(transfer::TransferArgs),
+    /// List a server's volumes.
+    List(query::ListArgs),
+    /// Show the allocation map of a local file or device, or of a remote volume.
+    Extents(query::ExtentsArgs),
+    /// Run a server and a client in this process on a temporary pool and show the result.
+    Demo(demo::DemoArgs),
+}
+
+/// Where the server is.
+#[derive(Args, Clone)]
+pub struct ConnectArg {
+    /// Server address: unix:PATH or tcp:HOST:PORT [env: VOLSTREAM_ADDR]
+    #[arg(long, value_name = "ADDR")]
+    connect: Option<String>,
+}
+
+impl ConnectArg {
+    fn address(&self) -> Result<engine::Address, CliError> {
+        let text = match &self.connect {
+            Some(a) => a.clone(),
+            None => std::env::var("VOLSTREAM_ADDR").map_err(|_| {
+                CliError::Usage(
+                    "no server address: give --connect ADDR or set VOLSTREAM_ADDR".into(),
+                )
+            })?,
+        };
+        text.parse().map_err(CliError::Usage)
+    }
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            // One line, like every other error of this tool.
+            let text = e.to_string();
+            let line = text
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("bad usage")
+                .trim_start_matches("error: ");
+            eprintln!("volstream: {line} (see --help)");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match cli.command {
+        Command::Serve(args) => serve::run(args),
+        Command::Download(args) => transfer::run(args, transfer::Direction::Download),
+        Command::Upload(args) => transfer::run(args, transfer::Direction::Upload),
+        Command::List(args) => query::list(args),
+        Command::Extents(args) => query::extents(args),
+        Command::Demo(args) => demo::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("volstream: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}

@@ -1,0 +1,97 @@
+//! `serve`: a directory of volumes (and named block devices) on one listening address.
+
+use crate::error::CliError;
+use clap::Args;
+use engine::{Address, Engine, EngineConfig};
+use fdstream::DirProvider;
+use nix::sys::signal::{SigSet, Signal};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Directory whose regular files are the volumes.
+    #[arg(long, value_name = "DIR")]
+    pool: PathBuf,
+    /// Also serve a block device under a name (repeatable).
+    #[arg(long = "device", value_name = "NAME=/dev/PATH")]
+    devices: Vec<String>,
+    /// Where to listen: unix:PATH or tcp:HOST:PORT.
+    #[arg(long, value_name = "ADDR")]
+    listen: String,
+    /// Skip fdatasync of uploads before confirming them (benchmarks only).
+    #[arg(long)]
+    no_sync: bool,
+}
+
+pub fn run(args: ServeArgs) -> Result<(), CliError> {
+    let addr: Address = args.listen.parse().map_err(CliError::Usage)?;
+    let mut provider = DirProvider::new(&args.pool).map_err(|e| {
+        CliError::Connect(format!("cannot serve pool {}: {e}", args.pool.display()))
+    })?;
+    for spec in &args.devices {
+        let Some((name, path)) = spec.split_once('=') else {
+            return Err(CliError::Usage(format!(
+                "--device {spec:?}: expected NAME=/dev/PATH"
+            )));
+        };
+        provider = provider.with_device(name, path);
+    }
+    if args.no_sync {
+        provider = provider.without_sync();
+    }
+    if let Address::Tcp(sock) = &addr {
+        if !sock.ip().is_loopback() {
+            eprintln!(
+                "volstream: warning: listening on {sock} without authentication: anyone who can reach it can read and write the pool"
+            );
+        }
+    }
+    if let Address::Unix(path) = &addr {
+        remove_stale_socket(path)?;
+    }
+
+    // SIGINT/SIGTERM end the service cleanly (the Unix socket path is removed) instead of
+    // killing it mid-write: a thread waits for them and asks the loop to shut down.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGTERM);
+    signals
+        .thread_block()
+        .map_err(|e| CliError::Other(format!("cannot block signals: {e}")))?;
+
+    let mut engine = Engine::new(EngineConfig::default())
+        .map_err(|e| CliError::Other(format!("cannot start the event loop: {e}")))?;
+    let (_, bound) = engine
+        .listen(&addr, Arc::new(provider))
+        .map_err(|e| CliError::Connect(format!("cannot listen on {addr}: {e}")))?;
+    eprintln!("volstream: serving {} on {bound}", args.pool.display());
+    let handle = engine.handle();
+    std::thread::spawn(move || {
+        if let Ok(signal) = signals.wait() {
+            log::info!("{signal:?}: shutting down");
+        }
+        handle.shutdown();
+    });
+    while !engine.is_shut_down() {
+        engine
+            .turn(None)
+            .map_err(|e| CliError::Other(format!("event loop failed: {e}")))?;
+    }
+    Ok(())
+}
+
+/// A socket file left by a server that died is removed; a live one is an error.
+fn remove_stale_socket(path: &std::path::Path) -> Result<(), CliError> {
+    if !path.exists() {
+        return Ok(());
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(CliError::Connect(format!(
+            "{} is in use by a running server",
+            path.display()
+        )));
+    }
+    std::fs::remove_file(path)
+        .map_err(|e| CliError::Connect(format!("cannot remove stale {}: {e}", path.display())))
+}

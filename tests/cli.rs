@@ -1,0 +1,316 @@
+//! The real `volstream` binary end to end: a server process, clients in other processes, real
+//! files, Unix and TCP sockets.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const MIB: u64 = 1 << 20;
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_volstream"));
+    c.env_remove("VOLSTREAM_ADDR").env("RUST_LOG", "warn");
+    c
+}
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!("volstream-cli-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A sparse file: `size` bytes with pseudo-random data at the given (offset, len) extents.
+fn sparse_file(path: &Path, size: u64, data: &[(u64, u64)], seed: u64) {
+    let f = File::create(path).unwrap();
+    f.set_len(size).unwrap();
+    let mut state = seed | 1;
+    for &(off, len) in data {
+        let buf: Vec<u8> = (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect();
+        f.write_all_at(&buf, off).unwrap();
+    }
+}
+
+fn read_all(path: &Path) -> Vec<u8> {
+    let mut v = Vec::new();
+    File::open(path).unwrap().read_to_end(&mut v).unwrap();
+    v
+}
+
+fn allocated(path: &Path) -> u64 {
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+struct Server {
+    child: Child,
+}
+
+impl Server {
+    fn start(pool: &Path, listen: &str) -> Server {
+        let child = bin()
+            .args(["serve", "--pool"])
+            .arg(pool)
+            .args(["--listen", listen])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let up = match listen.strip_prefix("unix:") {
+                Some(p) => std::os::unix::net::UnixStream::connect(p).is_ok(),
+                None => std::net::TcpStream::connect(listen.strip_prefix("tcp:").unwrap()).is_ok(),
+            };
+            if up {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server did not come up on {listen}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Server { child }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // SIGTERM: the server shuts down cleanly.
+        unsafe { libc_kill(self.child.id() as i32, 15) };
+        let _ = self.child.wait();
+    }
+}
+
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output().unwrap()
+}
+
+fn stderr_lines(o: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&o.stderr)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// name, size, data extents
+type TestVolume = (String, u64, Vec<(u64, u64)>);
+
+/// Many volumes down and back up in one invocation each, content and sparseness verified.
+fn round_trip(tag: &str, listen: &str) {
+    let dir = TempDir::new(tag);
+    let pool = dir.join("pool");
+    let local = dir.join("local");
+    std::fs::create_dir_all(&pool).unwrap();
+    std::fs::create_dir_all(&local).unwrap();
+    let volumes: Vec<TestVolume> = (0..6u64)
+        .map(|i| {
+            let size = 64 * MIB + i * 4096 + 123;
+            let data = vec![(0, MIB), (8 * MIB + i * 4096, 2 * MIB), (size - 5000, 5000)];
+            (format!("vol{i}.raw"), size, data)
+        })
+        .collect();
+    for (i, (name, size, data)) in volumes.iter().enumerate() {
+        sparse_file(&pool.join(name), *size, data, i as u64 + 1);
+    }
+    let _server = Server::start(&pool, listen);
+
+    let mut download = bin();
+    download.args(["download", "--connect", listen]);
+    for (name, _, _) in &volumes {
+        download.arg(name).arg(local.join(name));
+    }
+    let out = run(&mut download);
+    assert!(out.status.success(), "download: {:?}", stderr_lines(&out));
+    for (name, _, data) in &volumes {
+        let (src, dst) = (pool.join(name), local.join(name));
+        assert_eq!(read_all(&src), read_all(&dst), "{name} content");
+        let data_bytes: u64 = data.iter().map(|d| d.1).sum();
+        // Sparse: allocation follows the data (within a block per extent), not the size.
+        assert!(
+            allocated(&dst) <= data_bytes + 4 * 4096 * data.len() as u64,
+            "{name} is sparse"
+        );
+    }
+
+    let mut upload = bin();
+    upload.args(["upload", "--json", "--connect", listen]);
+    for (name, _, _) in &volumes {
+        upload.arg(local.join(name)).arg(format!("up-{name}"));
+    }
+    let out = run(&mut upload);
+    assert!(out.status.success(), "upload: {:?}", stderr_lines(&out));
+    let json = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(json.lines().count(), volumes.len());
+    assert!(json.lines().all(|l| l.contains("\"ok\":true")), "{json}");
+    for (name, _, _) in &volumes {
+        assert_eq!(
+            read_all(&pool.join(name)),
+            read_all(&pool.join(format!("up-{name}")))
+        );
+        assert!(
+            allocated(&pool.join(format!("up-{name}"))) <= allocated(&pool.join(name)) + 16 * 4096
+        );
+    }
+
+    // Replacing needs --overwrite; without it the volume is untouched.
+    let first = &volumes[0].0;
+    let out = run(bin()
+        .args(["upload", "--connect", listen])
+        .arg(local.join(&volumes[1].0))
+        .arg(format!("up-{first}")));
+    assert_eq!(out.status.code(), Some(1));
+    let lines = stderr_lines(&out);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains(&format!("up-{first}")) && l.contains("exists")),
+        "{lines:?}"
+    );
+    assert_eq!(
+        read_all(&pool.join(first)),
+        read_all(&pool.join(format!("up-{first}")))
+    );
+    let out = run(bin()
+        .args(["upload", "--overwrite", "--connect", listen])
+        .arg(local.join(&volumes[1].0))
+        .arg(format!("up-{first}")));
+    assert!(out.status.success(), "{:?}", stderr_lines(&out));
+    assert_eq!(
+        read_all(&pool.join(&volumes[1].0)),
+        read_all(&pool.join(format!("up-{first}")))
+    );
+
+    // A missing volume fails alone, with one line naming it; the others succeed.
+    let out = run(bin()
+        .args(["download", "--connect", listen, "nosuch.raw"])
+        .arg(local.join("nosuch.raw"))
+        .arg(&volumes[2].0)
+        .arg(local.join("again.raw")));
+    assert_eq!(out.status.code(), Some(1));
+    let lines = stderr_lines(&out);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("nosuch.raw") && l.contains("no such volume")),
+        "{lines:?}"
+    );
+    assert!(
+        !local.join("nosuch.raw").exists(),
+        "nothing appears for a failed download"
+    );
+    assert_eq!(
+        read_all(&local.join("again.raw")),
+        read_all(&pool.join(&volumes[2].0))
+    );
+}
+
+#[test]
+fn serve_download_upload_over_unix() {
+    let sock = std::env::temp_dir().join(format!("volstream-cli-{}.sock", std::process::id()));
+    round_trip("unix", &format!("unix:{}", sock.display()));
+}
+
+#[test]
+fn serve_download_upload_over_tcp() {
+    round_trip("tcp", &format!("tcp:127.0.0.1:{}", free_tcp_port()));
+}
+
+#[test]
+fn local_extents_show_data_and_holes() {
+    let dir = TempDir::new("extents");
+    let f = dir.join("f.raw");
+    sparse_file(&f, 16 * MIB, &[(4 * MIB, MIB)], 9);
+    let out = run(bin().args(["extents", "--json"]).arg(&f));
+    assert!(out.status.success(), "{:?}", stderr_lines(&out));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let data: Vec<&str> = text.lines().filter(|l| l.contains("\"data\"")).collect();
+    assert_eq!(data.len(), 1, "{text}");
+    assert!(
+        data[0].contains(&format!("\"offset\":{}", 4 * MIB)),
+        "{text}"
+    );
+    assert!(text.lines().any(|l| l.contains("\"hole\"")), "{text}");
+}
+
+#[test]
+fn usage_errors_exit_2_with_one_line() {
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["download", "--connect", "unix:/nonexistent", "only-one"],
+        vec!["download", "--bogus-flag", "a", "b"],
+        vec!["download", "--connect", "carrier-pigeon:5", "a", "b"],
+        vec!["download", "a", "b"],
+        vec!["frobnicate"],
+    ];
+    for args in cases {
+        let out = run(bin().args(&args));
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?}: {:?}",
+            stderr_lines(&out)
+        );
+        let lines = stderr_lines(&out);
+        assert_eq!(lines.len(), 1, "{args:?}: {lines:?}");
+        assert!(lines[0].starts_with("volstream: "), "{lines:?}");
+    }
+}
+
+#[test]
+fn unreachable_server_exits_3_with_one_line() {
+    let dir = TempDir::new("unreachable");
+    for addr in [
+        format!("unix:{}", dir.join("nobody.sock").display()),
+        format!("tcp:127.0.0.1:{}", free_tcp_port()),
+    ] {
+        let out = run(bin()
+            .args(["download", "--connect", &addr, "v"])
+            .arg(dir.join("v")));
+        assert_eq!(
+            out.status.code(),
+            Some(3),
+            "{addr}: {:?}",
+            stderr_lines(&out)
+        );
+        let lines = stderr_lines(&out);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(lines[0].contains("cannot connect"), "{lines:?}");
+        let out = run(bin().args(["list", "--connect", &addr]));
+        assert_eq!(out.status.code(), Some(3));
+    }
+}
