@@ -188,8 +188,31 @@ fn round_trip(tag: &str, listen: &str) {
         );
     }
 
-    // Replacing needs --overwrite; without it the volume is untouched.
+    // The server lists what it has, and maps a volume the same way a local look does.
+    let out = run(bin().args(["list", "--json", "--connect", listen]));
+    assert!(out.status.success(), "list: {:?}", stderr_lines(&out));
+    let listing = String::from_utf8(out.stdout).unwrap();
+    for (name, size, _) in &volumes {
+        for shown in [name.clone(), format!("up-{name}")] {
+            let line = format!("{{\"name\":\"{shown}\",\"size\":{size},");
+            assert!(listing.contains(&line), "{line} in {listing}");
+        }
+    }
     let first = &volumes[0].0;
+    let remote = run(bin().args(["extents", "--json", "--connect", listen, first]));
+    assert!(
+        remote.status.success(),
+        "extents: {:?}",
+        stderr_lines(&remote)
+    );
+    let local_map = run(bin().args(["extents", "--json"]).arg(pool.join(first)));
+    assert_eq!(
+        String::from_utf8_lossy(&remote.stdout),
+        String::from_utf8_lossy(&local_map.stdout)
+    );
+    assert!(String::from_utf8_lossy(&remote.stdout).contains("\"kind\":\"hole\""));
+
+    // Replacing needs --overwrite; without it the volume is untouched.
     let out = run(bin()
         .args(["upload", "--connect", listen])
         .arg(local.join(&volumes[1].0))
@@ -313,4 +336,16 @@ fn unreachable_server_exits_3_with_one_line() {
         let out = run(bin().args(["list", "--connect", &addr]));
         assert_eq!(out.status.code(), Some(3));
     }
+}
+
+#[test]
+fn demo_runs_and_verifies_every_volume() {
+    let dir = TempDir::new("demo");
+    let out = run(bin().args(["demo", "--dir"]).arg(&dir.0));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout} {:?}", stderr_lines(&out));
+    assert_eq!(stdout.matches("identical").count(), 5, "{stdout}");
+    assert!(stdout.contains("1.0 TiB"), "{stdout}");
+    let left: Vec<_> = std::fs::read_dir(&dir.0).unwrap().collect();
+    assert!(left.is_empty(), "the demo cleans up after itself");
 }

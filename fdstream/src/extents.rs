@@ -82,9 +82,13 @@ fn push(map: &mut Vec<Extent>, offset: u64, len: u64, kind: ExtentKind) {
 /// (Data and Zero, by reading the whole device and finding 4 KiB blocks of zeroes). Blocks the
 /// calling thread; reads a device completely.
 pub fn extents(path: &Path) -> io::Result<Vec<Extent>> {
-    let file = File::open(path)?;
-    let kind = Kind::of(&file)?;
-    let size = fd::size_of(&file, kind)?.ok_or_else(|| {
+    extents_of(&File::open(path)?)
+}
+
+/// [`extents`] of a file already open.
+pub fn extents_of(file: &File) -> io::Result<Vec<Extent>> {
+    let kind = Kind::of(file)?;
+    let size = fd::size_of(file, kind)?.ok_or_else(|| {
         io::Error::new(io::ErrorKind::Unsupported, "a stream has no allocation map")
     })?;
     let mut map = Vec::new();
@@ -92,7 +96,7 @@ pub fn extents(path: &Path) -> io::Result<Vec<Extent>> {
     match kind {
         Kind::Regular => {
             while pos < size {
-                match segment_at(&file, pos, size)? {
+                match segment_at(file, pos, size)? {
                     None => {
                         push(&mut map, pos, size - pos, ExtentKind::Data);
                         pos = size;
@@ -113,7 +117,7 @@ pub fn extents(path: &Path) -> io::Result<Vec<Extent>> {
             let mut buf = vec![0u8; BUF as usize];
             while pos < size {
                 let n = (size - pos).min(BUF) as usize;
-                fd::read_full(&file, kind, pos, &mut buf[..n])?;
+                fd::read_full(file, kind, pos, &mut buf[..n])?;
                 for run in zero::split(pos, bytes::Bytes::copy_from_slice(&buf[..n]), 4096) {
                     match run {
                         zero::Run::Data { offset, bytes } => {

@@ -140,7 +140,9 @@ pub fn plain_name(name: &str) -> Option<CString> {
         && !name.starts_with('.')
         && !name.contains('/')
         && name.len() <= 255
-        && !name.contains('\0');
+        && !name.contains('\0')
+        // Listings are tab- and line-separated; control characters have no place in a name.
+        && !name.chars().any(char::is_control);
     if ok {
         CString::new(name).ok()
     } else {

@@ -8,6 +8,7 @@
 //! - [`DirProvider`]: serves a directory (and named devices) to an engine listener.
 //! - [`extents`]: the allocation map of a file or device.
 
+pub mod document;
 pub mod error;
 pub mod extents;
 mod fd;
@@ -19,7 +20,7 @@ pub mod writer;
 pub mod zero;
 
 pub use error::Error;
-pub use extents::{extents, Extent, ExtentKind};
+pub use extents::{extents, extents_of, Extent, ExtentKind};
 pub use pool::Pool;
 pub use provider::{DirProvider, VolumeInfo};
 pub use reader::{FileReader, ReaderOptions};

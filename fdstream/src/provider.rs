@@ -5,11 +5,13 @@
 //! to a directory fd opened once, with openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS), so a name
 //! cannot be swapped for a symlink between a check and the open.
 
+use crate::document::DocumentReader;
 use crate::error::Error;
 use crate::fd;
 use crate::pool::Pool;
 use crate::reader::{FileReader, ReaderOptions};
 use crate::writer::{FileWriter, WriterOptions};
+use bytes::Bytes;
 use engine::{OpenRequest, Provider, VolumeError, VolumeReader, VolumeWriter};
 use std::collections::HashMap;
 use std::fs::File;
@@ -76,40 +78,7 @@ impl DirProvider {
     /// The served volumes with their sizes and allocation. Blocks (stats every file); call it
     /// off the loop thread.
     pub fn list(&self) -> io::Result<Vec<VolumeInfo>> {
-        let mut out = Vec::new();
-        for entry in std::fs::read_dir(&self.path)? {
-            let entry = entry?;
-            let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
-                continue;
-            };
-            if fd::plain_name(&name).is_none() {
-                continue;
-            }
-            // symlink_metadata: a symlink is not served, so it is not listed.
-            let meta = match entry.metadata() {
-                Ok(m) if m.file_type().is_file() => m,
-                _ => continue,
-            };
-            out.push(VolumeInfo {
-                name,
-                size: meta.len(),
-                allocated: meta.blocks() * 512,
-                device: false,
-            });
-        }
-        for (name, path) in &self.devices {
-            let file = File::open(path)?;
-            let kind = fd::Kind::of(&file)?;
-            let size = fd::size_of(&file, kind)?.unwrap_or(0);
-            out.push(VolumeInfo {
-                name: name.clone(),
-                size,
-                allocated: size,
-                device: true,
-            });
-        }
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(out)
+        list_volumes(&self.path, &self.devices)
     }
 
     fn shown(&self, name: &str) -> String {
@@ -118,6 +87,53 @@ impl DirProvider {
 }
 
 impl Provider for DirProvider {
+    fn open_list(&self, _request: &OpenRequest) -> Result<Box<dyn VolumeReader>, VolumeError> {
+        let (path, devices) = (self.path.clone(), self.devices.clone());
+        Ok(self.document(move || {
+            let volumes = list_volumes(&path, &devices)
+                .map_err(|e| Error::io(format!("listing {}", path.display()), e))?;
+            let text: String = volumes
+                .iter()
+                .map(|v| format!("{}\t{}\t{}\n", v.name, v.size, v.allocated))
+                .collect();
+            Ok(Bytes::from(text))
+        }))
+    }
+
+    fn open_extents(&self, request: &OpenRequest) -> Result<Box<dyn VolumeReader>, VolumeError> {
+        let shown = self.shown(&request.name);
+        let open: Box<dyn FnOnce() -> io::Result<File> + Send> = match self
+            .devices
+            .get(&request.name)
+        {
+            Some(path) => {
+                let path = path.clone();
+                Box::new(move || File::open(path))
+            }
+            None => {
+                let (dir, name) = (Arc::clone(&self.dir), self.name(&request.name)?);
+                Box::new(move || fd::open_beneath(&dir, &name, libc::O_RDONLY | libc::O_NONBLOCK))
+            }
+        };
+        Ok(self.document(move || {
+            let file = open().map_err(|e| Error::io(format!("opening {shown}"), e))?;
+            let map = crate::extents::extents_of(&file)
+                .map_err(|e| Error::io(format!("mapping {shown}"), e))?;
+            let text: String = map
+                .iter()
+                .map(|e| {
+                    format!(
+                        "{}\t{}\t{}\n",
+                        e.offset,
+                        e.len,
+                        format!("{:?}", e.kind).to_lowercase()
+                    )
+                })
+                .collect();
+            Ok(Bytes::from(text))
+        }))
+    }
+
     fn open_read(&self, request: &OpenRequest) -> Result<Box<dyn VolumeReader>, VolumeError> {
         let mut options = ReaderOptions::from_open(&request.options);
         options.pool = self.pool.clone();
@@ -153,5 +169,51 @@ impl Provider for DirProvider {
             self.shown(&request.name),
             options,
         )))
+    }
+}
+
+fn list_volumes(path: &Path, devices: &HashMap<String, PathBuf>) -> io::Result<Vec<VolumeInfo>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(path)? {
+        let entry = entry?;
+        let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+            continue;
+        };
+        if fd::plain_name(&name).is_none() {
+            continue;
+        }
+        // symlink_metadata: a symlink is not served, so it is not listed.
+        let meta = match entry.metadata() {
+            Ok(m) if m.file_type().is_file() => m,
+            _ => continue,
+        };
+        out.push(VolumeInfo {
+            name,
+            size: meta.len(),
+            allocated: meta.blocks() * 512,
+            device: false,
+        });
+    }
+    for (name, path) in devices {
+        let file = File::open(path)?;
+        let kind = fd::Kind::of(&file)?;
+        let size = fd::size_of(&file, kind)?.unwrap_or(0);
+        out.push(VolumeInfo {
+            name: name.clone(),
+            size,
+            allocated: size,
+            device: true,
+        });
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+impl DirProvider {
+    fn document(
+        &self,
+        build: impl FnOnce() -> Result<Bytes, Error> + Send + 'static,
+    ) -> Box<dyn VolumeReader> {
+        Box::new(DocumentReader::new(self.pool.clone(), build))
     }
 }
