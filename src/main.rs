@@ -9,6 +9,7 @@ mod json;
 mod progress;
 mod query;
 mod serve;
+mod stress;
 mod transfer;
 
 use clap::{Args, Parser, Subcommand};
@@ -40,6 +41,8 @@ enum Command {
     Extents(query::ExtentsArgs),
     /// Run a server and a client in this process on a temporary pool and show the result.
     Demo(demo::DemoArgs),
+    /// Many parallel streams of generated volumes, verified, with a summary.
+    Stress(stress::StressArgs),
 }
 
 /// Where the server is.
@@ -92,6 +95,7 @@ fn main() -> ExitCode {
         Command::List(args) => query::list(args),
         Command::Extents(args) => query::extents(args),
         Command::Demo(args) => demo::run(args),
+        Command::Stress(args) => stress::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
