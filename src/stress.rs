@@ -173,6 +173,8 @@ pub fn run(args: StressArgs) -> Result<(), CliError> {
 
     client.shutdown();
     let _ = client_thread.join();
+    // The handle keeps the loop's waker (an eventfd) open; the fd count must not see it.
+    drop(client);
     if let Some((handle, thread)) = server {
         handle.shutdown();
         let _ = thread.join();
