@@ -14,6 +14,6 @@ pub use volume::{Chunk, Notify, VolumeError, VolumeReader, VolumeWriter, WritePr
 pub mod event_loop;
 
 pub use event_loop::{
-    Address, ConnectionId, Engine, EngineConfig, EngineHandle, OpenRequest, Provider,
+    Address, ConnectionId, Engine, EngineConfig, EngineHandle, EngineStats, OpenRequest, Provider,
     TransferError, TransferReport,
 };

@@ -73,8 +73,10 @@ struct Local {
 }
 
 /// Bytes kept queued for the socket; below this, more frames are scheduled. Small, so a frame
-/// for an interactive stream never waits behind a deep local queue.
-const TRANSMIT_TARGET: usize = 256 * 1024;
+/// for an interactive stream never waits behind a deep local queue. With the streams'
+/// `send_buffer`s and the connection's `control_backlog` it bounds what a peer that stops
+/// reading makes us hold.
+pub const TRANSMIT_TARGET: usize = 256 * 1024;
 /// Bytes read, and bytes written, per connection per turn before the loop looks at wake-ups
 /// and other connections again. Without it a peer that reads as fast as we write would keep
 /// the loop in one writev loop and starve every source's notification.
@@ -101,6 +103,9 @@ pub struct Driver {
     pub read_pending: bool,
     /// More output could be written: the write budget ran out before WouldBlock.
     pub write_pending: bool,
+    /// Reading stopped because the connection had no input room (control backlog full).
+    /// Readiness is edge-triggered, so the loop must come back by itself once there is room.
+    input_stalled: bool,
     /// The connection is over and its socket may be dropped.
     pub finished: bool,
 }
@@ -129,6 +134,7 @@ impl Driver {
             writable: false,
             read_pending: false,
             write_pending: false,
+            input_stalled: false,
             finished: false,
         }
     }
@@ -545,10 +551,16 @@ impl Driver {
     /// Reads what the socket has (up to a budget) and processes it.
     pub fn on_readable(&mut self, now: Instant) {
         self.read_pending = false;
+        if self.conn.is_input_paused() && self.conn.input_room() > 0 {
+            // Frames read earlier and left unprocessed come before anything new.
+            self.conn.handle_input(now);
+            self.drain_events(now);
+        }
         let mut budget = READ_BUDGET;
         loop {
             let room = self.conn.input_room();
             if room == 0 {
+                self.input_stalled = !self.conn.is_closed();
                 return;
             }
             match self.socket.read_into(self.conn.input_buffer(), room) {
@@ -618,12 +630,22 @@ impl Driver {
                 }
             }
         }
+        if self.input_stalled && self.conn.input_room() > 0 {
+            self.input_stalled = false;
+            self.read_pending = true;
+        }
         if self.conn.is_closed() && (self.out.is_empty() || !self.writable) {
             // What could be written of a final GOAWAY was written; the peer learns the rest
             // from the close.
             self.drain_events(now);
             self.finished = true;
         }
+    }
+
+    /// Bytes this connection holds for the peer: its transmit queue, control backlog and the
+    /// streams' send queues.
+    pub fn send_queued(&self) -> u64 {
+        self.out.len() as u64 + self.conn.stats().send_queued
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {

@@ -10,7 +10,7 @@
 mod driver;
 pub mod socket;
 
-pub use driver::{Endpoint, OnDone, Transfer, WakeKey};
+pub use driver::{Endpoint, OnDone, Transfer, WakeKey, TRANSMIT_TARGET};
 pub use socket::Address;
 
 use crate::proto::{
@@ -106,12 +106,28 @@ pub struct TransferReport {
     pub result: Result<(), TransferError>,
 }
 
+/// Engine-wide counters: what an operator watches to see that hostile or stuck peers do not
+/// make the engine grow.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    pub connections: usize,
+    /// Bytes held for peers over all connections (see [`EngineStats::max_send_queued`]).
+    pub send_queued: u64,
+    /// The most bytes any one connection holds for its peer: transmit queue, control backlog
+    /// and stream send queues. Bounded by `TRANSMIT_TARGET`, `control_backlog` and each open
+    /// stream's `send_buffer` (plus a frame or chunk of slack each), whatever the peer does.
+    pub max_send_queued: u64,
+    /// Credit-bearing bytes received and not yet consumed by sinks, over all connections.
+    pub recv_buffered: u64,
+}
+
 /// Engine-wide settings.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
     /// Protocol limits for every connection.
     pub connection: Config,
-    /// Connections accepted at once; more are closed on arrival.
+    /// Connections accepted at once; more are closed on arrival, before any Hello. Each costs
+    /// memory bounded by `connection` (see its `Default`), so this bounds the engine's.
     pub max_connections: usize,
 }
 
@@ -146,6 +162,9 @@ enum Command {
     Stats {
         conn: ConnectionId,
         reply: mpsc::Sender<Option<ConnStats>>,
+    },
+    EngineStats {
+        reply: mpsc::Sender<EngineStats>,
     },
     GoAway {
         conn: ConnectionId,
@@ -352,6 +371,21 @@ impl Engine {
         self.driver(conn).map(|d| d.conn.stats())
     }
 
+    /// Counters over all connections.
+    pub fn engine_stats(&self) -> EngineStats {
+        let mut stats = EngineStats {
+            connections: self.conns.len(),
+            ..EngineStats::default()
+        };
+        for (_, d) in self.conns.iter() {
+            let queued = d.send_queued();
+            stats.send_queued += queued;
+            stats.max_send_queued = stats.max_send_queued.max(queued);
+            stats.recv_buffered += d.conn.stats().recv_buffered;
+        }
+        stats
+    }
+
     /// Sends GOAWAY: no new streams; the connection closes when its streams are done.
     pub fn go_away(&mut self, conn: ConnectionId) {
         let now = Instant::now();
@@ -490,6 +524,9 @@ impl Engine {
             Command::Transfer { conn, transfer } => self.submit(conn, transfer),
             Command::Stats { conn, reply } => {
                 let _ = reply.send(self.stats(conn));
+            }
+            Command::EngineStats { reply } => {
+                let _ = reply.send(self.engine_stats());
             }
             Command::GoAway { conn } => self.go_away(conn),
             Command::Shutdown => self.shutdown(),
@@ -676,6 +713,13 @@ impl EngineHandle {
     pub fn stats(&self, conn: ConnectionId) -> io::Result<Option<ConnStats>> {
         let (reply, rx) = mpsc::channel();
         self.shared.command(Command::Stats { conn, reply });
+        rx.recv().map_err(|_| loop_gone())
+    }
+
+    /// Counters over all connections of the engine.
+    pub fn engine_stats(&self) -> io::Result<EngineStats> {
+        let (reply, rx) = mpsc::channel();
+        self.shared.command(Command::EngineStats { reply });
         rx.recv().map_err(|_| loop_gone())
     }
 

@@ -53,17 +53,33 @@ pub struct Config {
     /// Payload bytes a stream may queue locally before its source is paused (our memory cap,
     /// separate from the peer's credit).
     pub send_buffer: u32,
+    /// Close a connection whose peer has not completed its Hello in this time, so silent or
+    /// half-speaking peers cannot hold connection slots.
     pub handshake_timeout: Duration,
-    /// Send PING after this long without hearing from the peer.
+    /// Send PING after this long without a complete frame from the peer.
     pub keepalive_interval: Duration,
-    /// Close the connection after this long without hearing from the peer.
+    /// Close the connection after this long without a complete frame from the peer. Partial
+    /// frames do not count, or a peer dribbling bytes could hold the connection forever.
     pub idle_timeout: Duration,
+    /// Close the connection when a frame stays incomplete this long (slowloris). Must leave
+    /// room for the largest frame (`max_frame`) on the slowest link to be served: 30 s allows
+    /// about 9 KB/s with the default `max_frame`.
+    pub frame_timeout: Duration,
+    /// Bytes of control frames (PONG, WINDOW, REJECT...) waiting for the socket beyond which
+    /// no more input is read or processed. Answers to the peer's frames are generated from its
+    /// input, so a peer that floods PINGs but never reads would otherwise grow this queue
+    /// without bound; with the cap it gets backpressure instead, then the idle timeout.
+    pub control_backlog: u32,
 }
 
 impl Default for Config {
     fn default() -> Self {
+        // What one connection can make us hold is about max_frame + 64 KiB of input,
+        // conn_window of received data, and TRANSMIT_TARGET + control_backlog + send_buffer per
+        // sending stream of output: a few MiB by default, and max_streams bounds the streams.
         Config {
             features: Features::ALL,
+            // A 256 KiB source chunk fits one frame with room for the DATA header.
             max_frame: 256 * 1024 + 64,
             stream_window: 2 * 1024 * 1024,
             conn_window: 64 * 1024 * 1024,
@@ -73,6 +89,9 @@ impl Default for Config {
             handshake_timeout: Duration::from_secs(10),
             keepalive_interval: Duration::from_secs(15),
             idle_timeout: Duration::from_secs(60),
+            frame_timeout: Duration::from_secs(30),
+            // Over 3000 PONGs or WINDOWs: never reached by a peer that reads.
+            control_backlog: 64 * 1024,
         }
     }
 }
@@ -180,6 +199,10 @@ pub struct ConnStats {
     pub streams_aborted: u64,
     /// Last PING round trip.
     pub rtt: Option<Duration>,
+    /// Bytes waiting to be sent that this connection holds: control frames not yet handed to
+    /// the driver, plus DATA queued by the streams' sources. The driver's own transmit queue
+    /// comes on top.
+    pub send_queued: u64,
 }
 
 pub struct Connection {
@@ -212,7 +235,13 @@ pub struct Connection {
     peer_goaway: bool,
     events: VecDeque<Event>,
     handshake_deadline: Instant,
+    /// When the last complete frame (or the Hello) arrived.
     last_heard: Instant,
+    /// Since when the input buffer has held the start of a frame that is not complete yet;
+    /// `None` while it is empty or processing is paused.
+    partial_since: Option<Instant>,
+    /// Processing stopped with input left in the buffer because the control backlog is full.
+    input_paused: bool,
     ping_sent: Option<(u64, Instant)>,
     ping_counter: u64,
     stats: ConnStats,
@@ -258,6 +287,8 @@ impl Connection {
             events: VecDeque::new(),
             handshake_deadline: now + config.handshake_timeout,
             last_heard: now,
+            partial_since: None,
+            input_paused: false,
             ping_sent: None,
             ping_counter: 0,
             stats: ConnStats::default(),
@@ -296,6 +327,15 @@ impl Connection {
     pub fn stats(&self) -> ConnStats {
         let mut stats = self.stats;
         stats.recv_buffered = self.conn_window.buffered();
+        let queued: usize = self
+            .streams
+            .iter()
+            .filter_map(|(_, s)| match &s.half {
+                Half::Send(send) => Some(send.queued_bytes),
+                Half::Recv(_) => None,
+            })
+            .sum();
+        stats.send_queued = (self.control.len() + queued) as u64;
         stats
     }
 
@@ -310,25 +350,37 @@ impl Connection {
         &mut self.input
     }
 
-    /// How many more bytes the driver should read now. Zero while the connection is closed.
+    /// How many more bytes the driver should read now. Zero while the connection is closed,
+    /// and while the control backlog is full: the driver must then try again after it sent
+    /// something, and call `handle_input` even if nothing new was read (see
+    /// [`Connection::is_input_paused`]).
     pub fn input_room(&self) -> usize {
-        if self.phase == Phase::Closed {
+        if self.phase == Phase::Closed || self.backlog_full() {
             return 0;
         }
         let cap = self.config.max_frame as usize + frame::HEADER_LEN + 64 * 1024;
         cap.saturating_sub(self.input.len())
     }
 
-    /// Processes everything in the input buffer.
+    /// Processes everything in the input buffer, or as much as the control backlog allows.
     pub fn handle_input(&mut self, now: Instant) {
         if self.phase == Phase::Closed {
             self.input.clear();
             return;
         }
-        self.last_heard = now;
         if let Err(error) = self.process_input(now) {
             self.fail(error);
         }
+    }
+
+    /// Complete frames may be waiting in the input buffer, unprocessed because the control
+    /// backlog was full: once `input_room` is non-zero again, call `handle_input`.
+    pub fn is_input_paused(&self) -> bool {
+        self.input_paused
+    }
+
+    fn backlog_full(&self) -> bool {
+        self.control.len() >= self.config.control_backlog as usize
     }
 
     /// The peer closed its side of the connection.
@@ -363,13 +415,29 @@ impl Connection {
             let hello_bytes: [u8; HELLO_LEN] = self.input[..HELLO_LEN].try_into().unwrap();
             let _ = self.input.split_to(HELLO_LEN);
             let hello = Hello::decode(&hello_bytes)?;
+            self.last_heard = now;
             self.complete_handshake(hello, now)?;
         }
+        // A pause is ours, not the peer's: the frame clock restarts when processing resumes.
+        let mut progressed = std::mem::take(&mut self.input_paused);
         while self.phase == Phase::Open {
+            if self.backlog_full() {
+                self.input_paused = true;
+                break;
+            }
             match Frame::decode(&mut self.input, self.config.max_frame)? {
-                Some(frame) => self.handle_frame(frame, now)?,
+                Some(frame) => {
+                    self.last_heard = now;
+                    progressed = true;
+                    self.handle_frame(frame, now)?;
+                }
                 None => break,
             }
+        }
+        if self.input.is_empty() || self.input_paused {
+            self.partial_since = None;
+        } else if progressed || self.partial_since.is_none() {
+            self.partial_since = Some(now);
         }
         Ok(())
     }
@@ -1269,11 +1337,15 @@ impl Connection {
             Phase::Open => {
                 let idle = self.last_heard + self.config.idle_timeout;
                 let ping = self.last_heard + self.config.keepalive_interval;
-                Some(if self.ping_sent.is_some() {
+                let mut next = if self.ping_sent.is_some() {
                     idle
                 } else {
                     idle.min(ping)
-                })
+                };
+                if let Some(since) = self.partial_since {
+                    next = next.min(since + self.config.frame_timeout);
+                }
+                Some(next)
             }
             Phase::Closed => None,
         }
@@ -1285,6 +1357,17 @@ impl Connection {
                 self.fail(ConnError::Timeout(format!(
                     "no handshake within {:?}",
                     self.config.handshake_timeout
+                )));
+            }
+            Phase::Open
+                if self.partial_since.is_some_and(|since| {
+                    now.saturating_duration_since(since) >= self.config.frame_timeout
+                }) =>
+            {
+                self.fail(ConnError::Timeout(format!(
+                    "incomplete frame ({} of its bytes buffered) for {:?}",
+                    self.input.len(),
+                    self.config.frame_timeout
                 )));
             }
             Phase::Open
@@ -1414,5 +1497,123 @@ impl Connection {
         self.input.clear();
         self.error = Some(error.clone());
         self.events.push_back(Event::Closed { error: Some(error) });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client_hello() -> BytesMut {
+        let mut b = BytesMut::new();
+        Hello {
+            version_min: VERSION_MIN,
+            version_max: VERSION_MAX,
+            features: Features::ALL,
+            max_frame: 1 << 20,
+            stream_window: 1 << 20,
+            conn_window: 1 << 24,
+            max_streams: 16,
+        }
+        .encode(&mut b);
+        b
+    }
+
+    fn established(config: Config, now: Instant) -> Connection {
+        let mut conn = Connection::new(Side::Server, config, now);
+        let hello = client_hello();
+        conn.input_buffer().extend_from_slice(&hello);
+        conn.handle_input(now);
+        assert!(conn.is_established());
+        // Our own Hello goes out first; the tests look at what follows it.
+        let mut out = Transmit::default();
+        conn.poll_transmit(now, &mut out, usize::MAX);
+        assert_eq!(out.len(), HELLO_LEN);
+        conn
+    }
+
+    #[test]
+    fn partial_frame_times_out_although_bytes_keep_coming() {
+        let t0 = Instant::now();
+        let config = Config {
+            frame_timeout: Duration::from_millis(500),
+            ..Config::default()
+        };
+        let mut conn = established(config, t0);
+        let mut ping = BytesMut::new();
+        Frame::Ping { data: 1 }.encode(&mut ping);
+        for (i, byte) in ping[..10].iter().enumerate() {
+            let now = t0 + Duration::from_millis(100 * i as u64);
+            conn.input_buffer().extend_from_slice(&[*byte]);
+            conn.handle_input(now);
+            conn.handle_timeout(now);
+            if conn.is_closed() {
+                break;
+            }
+            assert!(conn.poll_timeout().unwrap() <= t0 + Duration::from_millis(500));
+        }
+        assert!(conn.is_closed());
+        assert!(matches!(conn.error(), Some(ConnError::Timeout(m)) if m.contains("incomplete")));
+    }
+
+    #[test]
+    fn complete_frames_restart_the_frame_clock() {
+        let t0 = Instant::now();
+        let config = Config {
+            frame_timeout: Duration::from_millis(500),
+            ..Config::default()
+        };
+        let mut conn = established(config, t0);
+        let mut two = BytesMut::new();
+        Frame::Ping { data: 1 }.encode(&mut two);
+        Frame::Ping { data: 2 }.encode(&mut two);
+        // The first PING completes at 400 ms: the second's partial bytes count from then.
+        conn.input_buffer().extend_from_slice(&two[..5]);
+        conn.handle_input(t0);
+        conn.input_buffer().extend_from_slice(&two[5..25]);
+        let t1 = t0 + Duration::from_millis(400);
+        conn.handle_input(t1);
+        assert_eq!(
+            conn.poll_timeout(),
+            Some(t1 + Duration::from_millis(500)),
+            "frame deadline of the second PING"
+        );
+        conn.handle_timeout(t0 + Duration::from_millis(600));
+        assert!(!conn.is_closed());
+    }
+
+    #[test]
+    fn full_control_backlog_pauses_input_until_it_drains() {
+        let now = Instant::now();
+        let config = Config {
+            control_backlog: 1000,
+            ..Config::default()
+        };
+        let mut conn = established(config, now);
+        let mut pings = BytesMut::new();
+        for data in 0..200 {
+            Frame::Ping { data }.encode(&mut pings);
+        }
+        conn.input_buffer().extend_from_slice(&pings);
+        conn.handle_input(now);
+        assert!(conn.is_input_paused());
+        assert_eq!(conn.input_room(), 0);
+        assert!(conn.stats().send_queued < 1000 + 64, "{:?}", conn.stats());
+        let pong_len = frame::HEADER_LEN + 8;
+        let mut sent = 0;
+        let mut out = Transmit::default();
+        loop {
+            let paused = conn.is_input_paused();
+            conn.poll_transmit(now, &mut out, usize::MAX);
+            sent += out.len();
+            out.advance(out.len());
+            if !paused {
+                break;
+            }
+            assert!(conn.input_room() > 0);
+            conn.handle_input(now);
+        }
+        assert_eq!(sent, 200 * pong_len, "every PING answered once");
+        assert!(!conn.is_closed());
     }
 }

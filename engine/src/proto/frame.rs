@@ -564,6 +564,10 @@ fn put_reason(out: &mut BytesMut, kind: u8, stream: StreamId, reason: Reason, me
 
 /// Checks what the header alone can tell, so an impossible frame is refused before its body.
 fn check_shape(kind: u8, flags: u8, len: u32, stream: StreamId) -> Result<(), DecodeError> {
+    // An unknown type has no flag or stream-id rules to break: name the real problem.
+    if !(kind::OPEN..=kind::GOAWAY).contains(&kind) {
+        return Err(DecodeError::UnknownKind(kind));
+    }
     let bad_len = || DecodeError::BadLength { kind, len };
     let fixed = |want: u32| if len == want { Ok(()) } else { Err(bad_len()) };
     let allowed_flags = if kind == kind::FINISH {
