@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::task::Poll;
 
 /// Largest DATA chunk a synthetic reader yields.
-pub const CHUNK: usize = 256 * 1024;
+pub const CHUNK: usize = 128 * 1024;
 
 fn splitmix64(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -134,7 +134,6 @@ impl Synthetic {
             volume: self.clone(),
             report: Arc::new(VerifyReport::default()),
             digest: Digest::new(),
-            scratch: Vec::new(),
             completed: 0,
             outcome: None,
             next_offset: 0,
@@ -207,7 +206,6 @@ pub struct Verifier {
     volume: Synthetic,
     report: Arc<VerifyReport>,
     digest: Digest,
-    scratch: Vec<u8>,
     completed: u64,
     outcome: Option<Result<(), VolumeError>>,
     next_offset: u64,
@@ -239,21 +237,28 @@ impl VolumeWriter for Verifier {
     fn write(&mut self, chunk: Chunk) {
         match chunk {
             Chunk::Data { offset, bytes } => {
-                self.scratch.resize(bytes.len(), 0);
-                self.volume.fill(offset, &mut self.scratch);
-                // Bytes inside hole extents must be zero, not the generator's data.
-                for e in self.volume.extents.iter().filter(|e| e.hole) {
-                    let lo = e.offset.max(offset);
-                    let hi = (e.offset + e.len).min(offset + bytes.len() as u64);
-                    if lo < hi {
-                        self.scratch[(lo - offset) as usize..(hi - offset) as usize].fill(0);
+                // Compared a page at a time against a fixed buffer: hundreds of verifiers in a
+                // stress run must not each hold a chunk-sized copy.
+                let mut bad = 0;
+                let mut expected = [0u8; 4096];
+                for (i, piece) in bytes.chunks(expected.len()).enumerate() {
+                    let at = offset + (i * expected.len()) as u64;
+                    let want = &mut expected[..piece.len()];
+                    self.volume.fill(at, want);
+                    // Bytes inside hole extents must be zero, not the generator's data.
+                    for e in self.volume.extents.iter().filter(|e| e.hole) {
+                        let lo = e.offset.max(at);
+                        let hi = (e.offset + e.len).min(at + piece.len() as u64);
+                        if lo < hi {
+                            want[(lo - at) as usize..(hi - at) as usize].fill(0);
+                        }
                     }
+                    bad += piece
+                        .iter()
+                        .zip(want.iter())
+                        .filter(|(a, b)| a != b)
+                        .count();
                 }
-                let bad = bytes
-                    .iter()
-                    .zip(&self.scratch)
-                    .filter(|(a, b)| a != b)
-                    .count();
                 let bad = bad as u64 + (offset != self.next_offset) as u64;
                 self.report
                     .mismatched_bytes

@@ -257,3 +257,126 @@ fn list_travels_as_stream_content() {
     client_thread.join().unwrap();
     server_thread.join().unwrap();
 }
+
+/// A sink that never consumes anything.
+struct StuckWriter;
+
+impl VolumeWriter for StuckWriter {
+    fn start(&mut self, _size: u64, _notify: Notify) {}
+    fn write(&mut self, _chunk: Chunk) {}
+    fn poll_progress(&mut self) -> WriteProgress {
+        WriteProgress::default()
+    }
+}
+
+#[test]
+fn a_sink_stuck_forever_times_out_alone() {
+    let volumes: Vec<(String, Synthetic)> = (0..20)
+        .map(|i| (format!("v{i}"), Synthetic::new(300 + i, 4 * MIB, 0.3)))
+        .collect();
+    let (server, addr, server_thread) = spawn_server("stuck", &volumes, EngineConfig::default());
+    let mut config = EngineConfig::default();
+    config.connection.stream_timeout = Duration::from_millis(600);
+    let (client, client_thread) = Engine::spawn(config).unwrap();
+    let conn = client.connect(&addr).unwrap();
+    let stuck = client.download(conn, "v0", OpenOptions::default(), Box::new(StuckWriter));
+    let others: Vec<_> = volumes[1..]
+        .iter()
+        .map(|(n, v)| client.download(conn, n, OpenOptions::default(), Box::new(v.verifier())))
+        .collect();
+    for rx in others {
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(30)).unwrap().result,
+            Ok(())
+        );
+    }
+    let err = stuck
+        .recv_timeout(Duration::from_secs(30))
+        .unwrap()
+        .result
+        .expect_err("a stuck sink cannot complete");
+    assert_eq!(err.reason, engine::proto::Reason::Timeout, "{err}");
+    // The connection survives the stream's timeout.
+    let again = client.download(
+        conn,
+        "v1",
+        OpenOptions::default(),
+        Box::new(volumes[1].1.verifier()),
+    );
+    assert_eq!(
+        again.recv_timeout(Duration::from_secs(30)).unwrap().result,
+        Ok(())
+    );
+    client.shutdown();
+    server.shutdown();
+    client_thread.join().unwrap();
+    server_thread.join().unwrap();
+}
+
+#[test]
+fn many_stalled_streams_hold_little_memory_at_the_sender() {
+    let count = 300;
+    let volumes: Vec<(String, Synthetic)> = (0..count)
+        .map(|i| (format!("v{i}"), Synthetic::new(500 + i, 8 * MIB, 0.0)))
+        .collect();
+    let (server, addr, server_thread) = spawn_server("memcap", &volumes, EngineConfig::default());
+    let (client, client_thread) = Engine::spawn(EngineConfig::default()).unwrap();
+    let conn = client.connect(&addr).unwrap();
+    let receivers: Vec<_> = volumes
+        .iter()
+        .map(|(n, _)| client.download(conn, n, OpenOptions::default(), Box::new(StuckWriter)))
+        .collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    let stats = server.engine_stats().unwrap();
+    // The connection cap (16 MiB by default) plus one source chunk per stream, plus the
+    // transmit queue and control backlog; without the cap this was send_buffer (512 KiB) per
+    // stream, 150 MiB here.
+    let bound = 16 * MIB + count * engine::synthetic::CHUNK as u64 + 512 * 1024 + 64 * 1024;
+    assert!(
+        stats.max_send_queued <= bound,
+        "server holds {} bytes for one connection, bound {bound}",
+        stats.max_send_queued
+    );
+    assert!(stats.max_send_queued > 0);
+    client.shutdown();
+    server.shutdown();
+    client_thread.join().unwrap();
+    server_thread.join().unwrap();
+    drop(receivers);
+}
+
+#[test]
+fn an_unsendable_name_fails_only_its_transfer() {
+    let volumes = vec![("ok".to_owned(), Synthetic::new(8, MIB, 0.2))];
+    let (server, addr, server_thread) = spawn_server("names", &volumes, EngineConfig::default());
+    let (client, client_thread) = Engine::spawn(EngineConfig::default()).unwrap();
+    let conn = client.connect(&addr).unwrap();
+    for bad in [String::new(), "x".repeat(300)] {
+        let rx = client.download(
+            conn,
+            &bad,
+            OpenOptions::default(),
+            Box::new(volumes[0].1.verifier()),
+        );
+        let err = rx
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap()
+            .result
+            .unwrap_err();
+        assert_eq!(err.reason, engine::proto::Reason::InvalidName);
+    }
+    let rx = client.download(
+        conn,
+        "ok",
+        OpenOptions::default(),
+        Box::new(volumes[0].1.verifier()),
+    );
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(10)).unwrap().result,
+        Ok(())
+    );
+    client.shutdown();
+    server.shutdown();
+    client_thread.join().unwrap();
+    server_thread.join().unwrap();
+}

@@ -234,6 +234,14 @@ impl Driver {
                     let error = (Reason::GoingAway, "connection is going away".to_owned());
                     self.end_local(key, StreamStats::default(), Err(error), now);
                 }
+                Err(OpenError::InvalidName) => {
+                    self.waiting.pop_front();
+                    let error = (
+                        Reason::InvalidName,
+                        format!("cannot ask for {:?}", local.name),
+                    );
+                    self.end_local(key, StreamStats::default(), Err(error), now);
+                }
             }
         }
     }

@@ -18,7 +18,7 @@ use super::frame::{
     MIN_MAX_FRAME, VERSION_MAX, VERSION_MIN,
 };
 use super::schedule::{Entry, Scheduler};
-use super::stream::{Half, State, Stream, StreamStats};
+use super::stream::{Half, SendHalf, State, Stream, StreamStats};
 use super::transmit::Transmit;
 use crate::volume::Chunk;
 use bytes::{Bytes, BytesMut};
@@ -53,6 +53,14 @@ pub struct Config {
     /// Payload bytes a stream may queue locally before its source is paused (our memory cap,
     /// separate from the peer's credit).
     pub send_buffer: u32,
+    /// Payload bytes all streams of the connection may queue together. Past it only a stream
+    /// with an empty queue may take a chunk, so every stream keeps moving while memory stays
+    /// near this cap plus one source chunk per stream (not `send_buffer` per stream).
+    pub conn_send_buffer: u32,
+    /// Abort a stream that made no progress (no frame sent or received, no credit, nothing
+    /// consumed by its sink) for this long: a sink or source that hangs forever costs its
+    /// stream, with a reason, instead of holding resources until the connection dies.
+    pub stream_timeout: Duration,
     /// Close a connection whose peer has not completed its Hello in this time, so silent or
     /// half-speaking peers cannot hold connection slots.
     pub handshake_timeout: Duration,
@@ -82,10 +90,12 @@ impl Default for Config {
             // A 256 KiB source chunk fits one frame with room for the DATA header.
             max_frame: 256 * 1024 + 64,
             stream_window: 2 * 1024 * 1024,
-            conn_window: 64 * 1024 * 1024,
+            conn_window: 32 * 1024 * 1024,
             max_streams: 1024,
             send_frame: 128 * 1024,
             send_buffer: 512 * 1024,
+            conn_send_buffer: 16 * 1024 * 1024,
+            stream_timeout: Duration::from_secs(300),
             handshake_timeout: Duration::from_secs(10),
             keepalive_interval: Duration::from_secs(15),
             idle_timeout: Duration::from_secs(60),
@@ -149,6 +159,8 @@ pub enum OpenError {
     TooManyStreams,
     /// GOAWAY was sent or received, or the connection is closing.
     GoingAway,
+    /// The name cannot be sent: empty (except for LIST, where it must be) or too long.
+    InvalidName,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -183,6 +195,14 @@ impl Tombstones {
     fn contains(&self, id: StreamId) -> bool {
         self.set.contains(&id)
     }
+}
+
+/// Whether a sending stream may take another chunk from its source.
+fn send_room(send: &SendHalf, queued_total: usize, config: &Config) -> bool {
+    let ends = matches!(send.queue.back(), Some(Chunk::End { .. }));
+    let stream_room = send.queued_bytes < config.send_buffer as usize && send.queue.len() < 64;
+    let conn_room = send.queued_bytes == 0 || queued_total < config.conn_send_buffer as usize;
+    !ends && stream_room && conn_room
 }
 
 /// Zeroes that expanded holes are sent from, so a peer without SPARSE costs no allocation.
@@ -245,6 +265,10 @@ pub struct Connection {
     ping_sent: Option<(u64, Instant)>,
     ping_counter: u64,
     stats: ConnStats,
+    /// Payload bytes queued by all sending streams.
+    queued_total: usize,
+    /// When to look for streams that stopped making progress.
+    stream_check_at: Instant,
     /// Why the connection ended, once it has.
     error: Option<ConnError>,
 }
@@ -292,6 +316,8 @@ impl Connection {
             ping_sent: None,
             ping_counter: 0,
             stats: ConnStats::default(),
+            queued_total: 0,
+            stream_check_at: now,
             error: None,
             config,
         }
@@ -677,6 +703,7 @@ impl Connection {
         }
         stream.size = size;
         stream.state = State::Open;
+        stream.progress += 1;
         self.events.push_back(Event::Accepted { stream: id, size });
         self.schedule(slot);
         Ok(())
@@ -720,6 +747,7 @@ impl Connection {
         })?;
         recv.unconsumed.push_back(cost);
         let buffered = recv.window.buffered();
+        stream.progress += 1;
         let stats = &mut stream.stats;
         stats.peak_buffered = stats.peak_buffered.max(buffered);
         stats.wire_bytes += frame::HEADER_LEN as u64
@@ -777,6 +805,7 @@ impl Connection {
         send.credit
             .grant(increment)
             .map_err(|_| ConnError::FlowControl(format!("WINDOW for {id} overflows")))?;
+        self.streams[slot].progress += 1;
         self.schedule(slot);
         Ok(())
     }
@@ -873,6 +902,9 @@ impl Connection {
         if self.sent_goaway || self.peer_goaway {
             return Err(OpenError::GoingAway);
         }
+        if name.is_empty() != (op == Op::List) || name.len() > frame::MAX_NAME_LEN {
+            return Err(OpenError::InvalidName);
+        }
         let peer_max = self.peer.map_or(0, |p| p.max_streams);
         if self.local_streams >= peer_max {
             return Err(OpenError::TooManyStreams);
@@ -957,17 +989,20 @@ impl Connection {
         self.close_if_drained();
     }
 
-    /// Whether a sending stream has room for another chunk from its source.
-    pub fn can_send(&self, id: StreamId) -> bool {
+    /// Whether a sending stream has room for another chunk from its source. When it has not,
+    /// an `Event::Writable` follows once it has.
+    pub fn can_send(&mut self, id: StreamId) -> bool {
         let Some(&slot) = self.ids.get(&id) else {
             return false;
         };
-        match &self.streams[slot].half {
+        let queued_total = self.queued_total;
+        match &mut self.streams[slot].half {
             Half::Send(send) => {
-                let ends = matches!(send.queue.back(), Some(Chunk::End { .. }));
-                !ends
-                    && send.queued_bytes < self.config.send_buffer as usize
-                    && send.queue.len() < 64
+                let room = send_room(send, queued_total, &self.config);
+                if !room && !matches!(send.queue.back(), Some(Chunk::End { .. })) {
+                    send.stalled_source = true;
+                }
+                room
             }
             Half::Recv(_) => false,
         }
@@ -1008,6 +1043,7 @@ impl Connection {
         send.next_offset += chunk.logical_len();
         if let Chunk::Data { bytes, .. } = &chunk {
             send.queued_bytes += bytes.len();
+            self.queued_total += bytes.len();
         }
         let chunk = match chunk {
             Chunk::End { length, digest } => Chunk::End {
@@ -1017,11 +1053,7 @@ impl Connection {
             other => other,
         };
         send.queue.push_back(chunk);
-        if !self.can_send(id) {
-            if let Some(send) = self.streams[slot].send_half() {
-                send.stalled_source = true;
-            }
-        }
+        self.can_send(id);
         self.schedule(slot);
     }
 
@@ -1030,6 +1062,7 @@ impl Connection {
         let Some(&slot) = self.ids.get(&id) else {
             return;
         };
+        self.streams[slot].progress += 1;
         let Some(recv) = self.streams[slot].recv_half() else {
             return;
         };
@@ -1232,6 +1265,7 @@ impl Connection {
                 out.push(payload);
                 *offset += n as u64;
                 send.queued_bytes -= n;
+                self.queued_total -= n;
                 (n as u64, frame::DATA_OVERHEAD + n, n as u64, false)
             }
             Chunk::Hole { offset, len } if send.expand_holes => {
@@ -1275,6 +1309,7 @@ impl Connection {
         self.conn_credit.spend(cost);
         self.stats.bytes_out += wire as u64;
         stream.stats.wire_bytes += wire as u64;
+        stream.progress += 1;
         if is_hole {
             stream.stats.hole_bytes += logical;
         } else {
@@ -1283,11 +1318,7 @@ impl Connection {
         if finished {
             stream.state = State::AwaitingAck;
         }
-        if send.stalled_source
-            && send.queued_bytes < self.config.send_buffer as usize / 2
-            && send.queue.len() < 32
-            && !finished
-        {
+        if send.stalled_source && !finished && send_room(send, self.queued_total, &self.config) {
             send.stalled_source = false;
             self.events.push_back(Event::Writable { stream: id });
         }
@@ -1345,6 +1376,9 @@ impl Connection {
                 if let Some(since) = self.partial_since {
                     next = next.min(since + self.config.frame_timeout);
                 }
+                if !self.streams.is_empty() {
+                    next = next.min(self.stream_check_at);
+                }
                 Some(next)
             }
             Phase::Closed => None,
@@ -1378,8 +1412,37 @@ impl Connection {
                     self.config.idle_timeout
                 )));
             }
-            Phase::Open => self.poll_keepalive(now),
+            Phase::Open => {
+                self.poll_keepalive(now);
+                if now >= self.stream_check_at {
+                    self.check_stalled_streams(now);
+                }
+            }
             _ => {}
+        }
+    }
+
+    /// Aborts streams whose progress counter has not moved for `stream_timeout`. Checked at a
+    /// coarse interval so the cost is one pass over the streams per interval, not per turn.
+    fn check_stalled_streams(&mut self, now: Instant) {
+        let timeout = self.config.stream_timeout;
+        self.stream_check_at = now + (timeout / 4).min(Duration::from_secs(1));
+        let mut stalled = Vec::new();
+        for (_, stream) in self.streams.iter_mut() {
+            match stream.watch {
+                Some((seen, _)) if seen != stream.progress => {
+                    stream.watch = Some((stream.progress, now))
+                }
+                Some((_, since)) if now.saturating_duration_since(since) >= timeout => {
+                    stalled.push(stream.id)
+                }
+                Some(_) => {}
+                None => stream.watch = Some((stream.progress, now)),
+            }
+        }
+        for id in stalled {
+            log::warn!("{:?} {id} made no progress for {timeout:?}", self.side);
+            self.abort(id, Reason::Timeout, &format!("no progress for {timeout:?}"));
         }
     }
 
@@ -1404,6 +1467,9 @@ impl Connection {
             self.local_streams -= 1;
         } else {
             self.peer_streams -= 1;
+        }
+        if let Half::Send(send) = &stream.half {
+            self.queued_total -= send.queued_bytes;
         }
         if let Half::Recv(recv) = &stream.half {
             // Credit the sink never consumed still belongs to the connection window.

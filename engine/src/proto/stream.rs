@@ -84,6 +84,10 @@ pub struct Stream {
     /// Deficit round robin: bytes this stream may still send in the current round.
     pub deficit: i64,
     pub stats: StreamStats,
+    /// Bumped whenever the stream moves (a frame either way, credit, sink progress).
+    pub progress: u64,
+    /// The progress value last seen by the stall check, and since when it has not moved.
+    pub watch: Option<(u64, std::time::Instant)>,
 }
 
 impl Stream {
@@ -105,6 +109,8 @@ impl Stream {
             scheduled: false,
             deficit: 0,
             stats: StreamStats::default(),
+            progress: 0,
+            watch: None,
         }
     }
 
@@ -130,6 +136,8 @@ impl Stream {
             scheduled: false,
             deficit: 0,
             stats: StreamStats::default(),
+            progress: 0,
+            watch: None,
         }
     }
 
