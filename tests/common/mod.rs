@@ -1,0 +1,167 @@
+//! Helpers shared by the end-to-end tests of the `volstream` binary.
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const MIB: u64 = 1 << 20;
+
+pub fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_volstream"));
+    c.env_remove("VOLSTREAM_ADDR").env("RUST_LOG", "warn");
+    c
+}
+
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!("volstream-cli-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A sparse file: `size` bytes with pseudo-random data at the given (offset, len) extents.
+pub fn sparse_file(path: &Path, size: u64, data: &[(u64, u64)], seed: u64) {
+    let f = File::create(path).unwrap();
+    f.set_len(size).unwrap();
+    let mut state = seed | 1;
+    for &(off, len) in data {
+        let buf: Vec<u8> = (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect();
+        f.write_all_at(&buf, off).unwrap();
+    }
+}
+
+pub fn read_all(path: &Path) -> Vec<u8> {
+    let mut v = Vec::new();
+    File::open(path).unwrap().read_to_end(&mut v).unwrap();
+    v
+}
+
+pub fn allocated(path: &Path) -> u64 {
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+pub struct Server {
+    pub child: Child,
+}
+
+impl Server {
+    pub fn start(pool: &Path, listen: &str) -> Server {
+        Server::start_with(pool, listen, &[])
+    }
+
+    pub fn start_with(pool: &Path, listen: &str, extra: &[&str]) -> Server {
+        let child = bin()
+            .args(["serve", "--pool"])
+            .arg(pool)
+            .args(["--listen", listen])
+            .args(extra)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let up = match listen.strip_prefix("unix:") {
+                Some(p) => std::os::unix::net::UnixStream::connect(p).is_ok(),
+                None => std::net::TcpStream::connect(listen.strip_prefix("tcp:").unwrap()).is_ok(),
+            };
+            if up {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server did not come up on {listen}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Server { child }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // SIGTERM: the server shuts down cleanly.
+        unsafe { libc_kill(self.child.id() as i32, 15) };
+        let _ = self.child.wait();
+    }
+}
+
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+/// Sends `signal` to `pid`.
+pub fn kill(pid: u32, signal: i32) {
+    unsafe { libc_kill(pid as i32, signal) };
+}
+
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.output().unwrap()
+}
+
+pub fn stderr_lines(o: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&o.stderr)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+pub fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Open file descriptors of a process.
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// Names in `dir` that look like volstream temporaries.
+pub fn temporaries(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.contains("volstream-tmp"))
+        .collect()
+}
+
+/// Runs a shell command as a test fixture; `None` (with the reason printed) if it fails.
+pub fn fixture(cmd: &str) -> Option<String> {
+    let out = Command::new("sh").arg("-c").arg(cmd).output().ok()?;
+    if out.status.success() {
+        Some(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    } else {
+        eprintln!(
+            "skipping: `{cmd}` failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        None
+    }
+}
