@@ -276,23 +276,63 @@ fn a_source_returning_eio_fails_its_transfer_only() {
     let pool = dir.join("pool");
     std::fs::create_dir_all(&pool).unwrap();
     sparse_file(&pool.join("good"), 8 * MIB, &[(0, 2 * MIB)], 6);
-    // A device whose second MiB fails every read: device-mapper's error target.
-    let name = format!("volstream-eio-{}", std::process::id());
-    let table = "0 2048 zero\n2048 2048 error\n4096 2048 zero";
-    if fixture(&format!("printf '{table}' | dmsetup create {name}")).is_none() {
-        eprintln!("skipping: needs root and device-mapper for an EIO device");
+    // A volume whose reads past 2 MiB fail with EIO: qemu's blkdebug driver injecting errors
+    // into a raw image, exported as a file through FUSE by qemu-storage-daemon.
+    let image = dir.join("base.img");
+    sparse_file(&image, 8 * MIB, &[(0, 8 * MIB)], 7);
+    let mnt = dir.join("bad.img");
+    std::fs::File::create(&mnt).unwrap();
+    let conf = dir.join("blkdebug.conf");
+    std::fs::write(
+        &conf,
+        "[inject-error]\nevent = \"read_aio\"\nerrno = \"5\"\nsector = \"4096\"\nonce = \"off\"\nimmediately = \"on\"\n",
+    )
+    .unwrap();
+    let daemon = std::process::Command::new("qemu-storage-daemon")
+        .args([
+            "--blockdev",
+            &format!("driver=file,node-name=f0,filename={}", image.display()),
+        ])
+        .args([
+            "--blockdev",
+            &format!(
+                "driver=blkdebug,node-name=d0,config={},image=f0",
+                conf.display()
+            ),
+        ])
+        .args(["--blockdev", "driver=raw,node-name=r0,file=d0"])
+        .args([
+            "--export",
+            &format!(
+                "type=fuse,id=e0,node-name=r0,mountpoint={},writable=off",
+                mnt.display()
+            ),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    let Ok(daemon) = daemon else {
+        eprintln!("skipping: qemu-storage-daemon is not installed");
         return;
-    }
-    struct Remove(String);
-    impl Drop for Remove {
+    };
+    struct Stop(std::process::Child, std::path::PathBuf);
+    impl Drop for Stop {
         fn drop(&mut self) {
-            let _ = std::process::Command::new("dmsetup")
-                .args(["remove", "--retry", &self.0])
-                .status();
+            let _ = std::process::Command::new("umount").arg(&self.1).status();
+            let _ = self.0.kill();
+            let _ = self.0.wait();
         }
     }
-    let _guard = Remove(name.clone());
-    let device = format!("bad=/dev/mapper/{name}");
+    let _guard = Stop(daemon, mnt.clone());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::metadata(&mnt).map_or(0, |m| m.len()) != 8 * MIB {
+        if Instant::now() > deadline {
+            eprintln!("skipping: the FUSE export did not appear (no FUSE here?)");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let device = format!("bad={}", mnt.display());
     let listen = unix_listen(&dir);
     let _server = Server::start_with(&pool, &listen, &["--device", &device]);
     let out = run(bin()
