@@ -231,6 +231,9 @@ pub fn unlinkat(dir: &OwnedFd, name: &CStr) -> io::Result<()> {
 /// Renames inside one directory; with `replace == false` an existing target is an error
 /// (EEXIST) decided atomically by the kernel.
 pub fn renameat(dir: &OwnedFd, from: &CStr, to: &CStr, replace: bool) -> io::Result<()> {
+    if replace {
+        refuse_non_regular(dir, to)?;
+    }
     let flags = if replace { 0 } else { libc::RENAME_NOREPLACE };
     // SAFETY: valid dir fd and NUL-terminated names.
     let r = unsafe {
@@ -264,6 +267,37 @@ pub fn renameat(dir: &OwnedFd, from: &CStr, to: &CStr, replace: bool) -> io::Res
         return unlinkat(dir, from);
     }
     Err(err)
+}
+
+/// Only a regular file may be replaced by an upload: a symlink in the pool (to anywhere) or a
+/// device node stays as the host made it.
+fn refuse_non_regular(dir: &OwnedFd, name: &CStr) -> io::Result<()> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: valid dir fd, NUL-terminated name, and a stat buffer the kernel fills.
+    let r = unsafe {
+        libc::fstatat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            st.as_mut_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if r < 0 {
+        let err = io::Error::last_os_error();
+        return match err.raw_os_error() {
+            Some(libc::ENOENT) => Ok(()),
+            _ => Err(err),
+        };
+    }
+    // SAFETY: fstatat succeeded, so the buffer is initialised.
+    let mode = unsafe { st.assume_init() }.st_mode;
+    if mode & libc::S_IFMT != libc::S_IFREG {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "only a regular file can be replaced",
+        ));
+    }
+    Ok(())
 }
 
 /// Where a volume lives, resolved by whichever worker opens it.
