@@ -418,15 +418,7 @@ impl VolumeWriter for MemoryWriter {
                 self.digest.update_zeroes(len);
                 self.hole_bytes.fetch_add(len, Ordering::Relaxed);
             }
-            Chunk::End { digest, .. } => {
-                self.outcome = Some(match digest {
-                    Some(d) if d != self.digest.value() => Err(VolumeError::new(
-                        Reason::DigestMismatch,
-                        "content digest differs from the sender's",
-                    )),
-                    _ => Ok(()),
-                });
-            }
+            Chunk::End { digest, .. } => self.outcome = Some(verdict(&self.digest, digest)),
         }
         self.completed += 1;
     }
@@ -436,6 +428,20 @@ impl VolumeWriter for MemoryWriter {
             completed: self.completed,
             outcome: self.outcome.clone(),
         }
+    }
+}
+
+/// Whether what a sink saw matches the sender's digest (absent when DIGEST was not negotiated).
+fn verdict(ours: &Digest, theirs: Option<u32>) -> Result<(), VolumeError> {
+    match theirs {
+        Some(d) if d != ours.value() => Err(VolumeError::new(
+            Reason::DigestMismatch,
+            format!(
+                "content digest {:#010x}, sender says {d:#010x}",
+                ours.value()
+            ),
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -454,15 +460,7 @@ impl VolumeWriter for DiscardWriter {
         match chunk {
             Chunk::Data { bytes, .. } => self.digest.update(&bytes),
             Chunk::Hole { len, .. } => self.digest.update_zeroes(len),
-            Chunk::End { digest, .. } => {
-                self.outcome = Some(match digest {
-                    Some(d) if d != self.digest.value() => Err(VolumeError::new(
-                        Reason::DigestMismatch,
-                        "content digest differs from the sender's",
-                    )),
-                    _ => Ok(()),
-                });
-            }
+            Chunk::End { digest, .. } => self.outcome = Some(verdict(&self.digest, digest)),
         }
         self.completed += 1;
     }
