@@ -17,18 +17,66 @@ fn unix_addr(tag: &str) -> Address {
     Address::Unix(path)
 }
 
-fn spawn_server(
-    tag: &str,
-    volumes: &[(String, Synthetic)],
-    config: EngineConfig,
-) -> (EngineHandle, Address, std::thread::JoinHandle<()>) {
-    let mut provider = SyntheticProvider::default();
-    for (name, v) in volumes {
-        provider.insert(name.clone(), v.clone());
+/// A server engine serving synthetic volumes on a Unix socket; shut down when dropped.
+struct Server {
+    handle: EngineHandle,
+    addr: Address,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Server {
+    fn start(tag: &str, volumes: &[(String, Synthetic)]) -> Server {
+        let mut provider = SyntheticProvider::default();
+        for (name, v) in volumes {
+            provider.insert(name.clone(), v.clone());
+        }
+        let (handle, thread) = Engine::spawn(EngineConfig::default()).unwrap();
+        let (_, addr) = handle.listen(&unix_addr(tag), Arc::new(provider)).unwrap();
+        Server {
+            handle,
+            addr,
+            thread: Some(thread),
+        }
     }
-    let (handle, thread) = Engine::spawn(config).unwrap();
-    let (_, bound) = handle.listen(&unix_addr(tag), Arc::new(provider)).unwrap();
-    (handle, bound, thread)
+
+    /// A client engine connected to this server.
+    fn client(&self, config: EngineConfig) -> Client {
+        let (client, thread) = Engine::spawn(config).unwrap();
+        let conn = client.connect(&self.addr).unwrap();
+        Client {
+            client,
+            conn,
+            thread: Some(thread),
+        }
+    }
+}
+
+struct Client {
+    client: EngineHandle,
+    conn: engine::ConnectionId,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Engines are shut down and their threads joined, so a panic on a loop thread fails the test.
+fn stop(handle: &EngineHandle, thread: &mut Option<std::thread::JoinHandle<()>>) {
+    handle.shutdown();
+    if let Some(t) = thread.take() {
+        if t.join().is_err() && !std::thread::panicking() {
+            panic!("an event loop panicked");
+        }
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        stop(&self.client, &mut self.thread);
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        stop(&self.handle, &mut self.thread);
+    }
 }
 
 /// A sink that accepts chunks but completes none of them until its gate opens, like a disk
@@ -78,12 +126,12 @@ fn stalled_sink_holds_only_its_own_window() {
     let volumes: Vec<(String, Synthetic)> = (0..100)
         .map(|i| (format!("v{i}"), Synthetic::new(77 + i, 4 * MIB, 0.1)))
         .collect();
-    let (server, addr, server_thread) = spawn_server("stall", &volumes, EngineConfig::default());
+    let server = Server::start("stall", &volumes);
     let mut config = EngineConfig::default();
     config.connection.stream_window = window;
     config.connection.conn_window = 8 * 1024 * 1024;
-    let (client, client_thread) = Engine::spawn(config).unwrap();
-    let conn = client.connect(&addr).unwrap();
+    let pair = server.client(config);
+    let (client, conn) = (&pair.client, pair.conn);
 
     let open = Arc::new(AtomicBool::new(false));
     let held = Arc::new(AtomicU64::new(0));
@@ -132,11 +180,6 @@ fn stalled_sink_holds_only_its_own_window() {
     assert_eq!(report.result, Ok(()));
     assert!(report.stats.peak_buffered <= window as u64);
     assert!(report.stats.peak_buffered > 0);
-
-    client.shutdown();
-    server.shutdown();
-    client_thread.join().unwrap();
-    server_thread.join().unwrap();
 }
 
 #[test]
@@ -149,7 +192,7 @@ fn peer_without_sparse_gets_holes_as_zeroes_and_digest_verifies() {
             )
         })
         .collect();
-    let (server, addr, server_thread) = spawn_server("nosparse", &volumes, EngineConfig::default());
+    let server = Server::start("nosparse", &volumes);
     let config = EngineConfig {
         connection: Config {
             features: Features::ALL.without(Features::SPARSE),
@@ -157,8 +200,8 @@ fn peer_without_sparse_gets_holes_as_zeroes_and_digest_verifies() {
         },
         ..EngineConfig::default()
     };
-    let (client, client_thread) = Engine::spawn(config).unwrap();
-    let conn = client.connect(&addr).unwrap();
+    let pair = server.client(config);
+    let (client, conn) = (&pair.client, pair.conn);
 
     let mut pending = Vec::new();
     for (i, (name, v)) in volumes.iter().enumerate() {
@@ -177,18 +220,14 @@ fn peer_without_sparse_gets_holes_as_zeroes_and_digest_verifies() {
         assert_eq!(report.stats.data_bytes, v.size, "holes travel as zero DATA");
         assert!(v.size > v.data_bytes(), "the volume has holes");
     }
-    client.shutdown();
-    server.shutdown();
-    client_thread.join().unwrap();
-    server_thread.join().unwrap();
 }
 
 #[test]
 fn missing_volume_is_rejected_without_harming_the_connection() {
     let volumes = vec![("here".to_owned(), Synthetic::new(5, MIB, 0.2))];
-    let (server, addr, server_thread) = spawn_server("reject", &volumes, EngineConfig::default());
-    let (client, client_thread) = Engine::spawn(EngineConfig::default()).unwrap();
-    let conn = client.connect(&addr).unwrap();
+    let server = Server::start("reject", &volumes);
+    let pair = server.client(EngineConfig::default());
+    let (client, conn) = (&pair.client, pair.conn);
     let missing = client.download(
         conn,
         "nothere",
@@ -208,10 +247,6 @@ fn missing_volume_is_rejected_without_harming_the_connection() {
         ok.recv_timeout(Duration::from_secs(10)).unwrap().result,
         Ok(())
     );
-    client.shutdown();
-    server.shutdown();
-    client_thread.join().unwrap();
-    server_thread.join().unwrap();
 }
 
 #[test]
@@ -220,9 +255,9 @@ fn list_travels_as_stream_content() {
         ("b".to_owned(), Synthetic::new(5, MIB, 0.2)),
         ("a".to_owned(), Synthetic::new(6, 3 * MIB, 0.5)),
     ];
-    let (server, addr, server_thread) = spawn_server("list", &volumes, EngineConfig::default());
-    let (client, client_thread) = Engine::spawn(EngineConfig::default()).unwrap();
-    let conn = client.connect(&addr).unwrap();
+    let server = Server::start("list", &volumes);
+    let pair = server.client(EngineConfig::default());
+    let (client, conn) = (&pair.client, pair.conn);
     let sink = engine::synthetic::MemoryWriter::default();
     let content = sink.content();
     let rx = client.fetch(conn, engine::proto::Op::List, "", Box::new(sink));
@@ -252,10 +287,6 @@ fn list_travels_as_stream_content() {
         .result
         .unwrap_err();
     assert_eq!(err.reason, engine::proto::Reason::Unsupported);
-    client.shutdown();
-    server.shutdown();
-    client_thread.join().unwrap();
-    server_thread.join().unwrap();
 }
 
 /// A sink that never consumes anything.
@@ -274,11 +305,11 @@ fn a_sink_stuck_forever_times_out_alone() {
     let volumes: Vec<(String, Synthetic)> = (0..20)
         .map(|i| (format!("v{i}"), Synthetic::new(300 + i, 4 * MIB, 0.3)))
         .collect();
-    let (server, addr, server_thread) = spawn_server("stuck", &volumes, EngineConfig::default());
+    let server = Server::start("stuck", &volumes);
     let mut config = EngineConfig::default();
     config.connection.stream_timeout = Duration::from_millis(600);
-    let (client, client_thread) = Engine::spawn(config).unwrap();
-    let conn = client.connect(&addr).unwrap();
+    let pair = server.client(config);
+    let (client, conn) = (&pair.client, pair.conn);
     let stuck = client.download(conn, "v0", OpenOptions::default(), Box::new(StuckWriter));
     let others: Vec<_> = volumes[1..]
         .iter()
@@ -307,10 +338,6 @@ fn a_sink_stuck_forever_times_out_alone() {
         again.recv_timeout(Duration::from_secs(30)).unwrap().result,
         Ok(())
     );
-    client.shutdown();
-    server.shutdown();
-    client_thread.join().unwrap();
-    server_thread.join().unwrap();
 }
 
 #[test]
@@ -319,15 +346,15 @@ fn many_stalled_streams_hold_little_memory_at_the_sender() {
     let volumes: Vec<(String, Synthetic)> = (0..count)
         .map(|i| (format!("v{i}"), Synthetic::new(500 + i, 8 * MIB, 0.0)))
         .collect();
-    let (server, addr, server_thread) = spawn_server("memcap", &volumes, EngineConfig::default());
-    let (client, client_thread) = Engine::spawn(EngineConfig::default()).unwrap();
-    let conn = client.connect(&addr).unwrap();
+    let server = Server::start("memcap", &volumes);
+    let pair = server.client(EngineConfig::default());
+    let (client, conn) = (&pair.client, pair.conn);
     let receivers: Vec<_> = volumes
         .iter()
         .map(|(n, _)| client.download(conn, n, OpenOptions::default(), Box::new(StuckWriter)))
         .collect();
     std::thread::sleep(Duration::from_millis(1500));
-    let stats = server.engine_stats().unwrap();
+    let stats = server.handle.engine_stats().unwrap();
     // The connection cap (16 MiB by default) plus one source chunk per stream, plus the
     // transmit queue and control backlog; without the cap this was send_buffer (512 KiB) per
     // stream, 150 MiB here.
@@ -338,19 +365,15 @@ fn many_stalled_streams_hold_little_memory_at_the_sender() {
         stats.max_send_queued
     );
     assert!(stats.max_send_queued > 0);
-    client.shutdown();
-    server.shutdown();
-    client_thread.join().unwrap();
-    server_thread.join().unwrap();
     drop(receivers);
 }
 
 #[test]
 fn an_unsendable_name_fails_only_its_transfer() {
     let volumes = vec![("ok".to_owned(), Synthetic::new(8, MIB, 0.2))];
-    let (server, addr, server_thread) = spawn_server("names", &volumes, EngineConfig::default());
-    let (client, client_thread) = Engine::spawn(EngineConfig::default()).unwrap();
-    let conn = client.connect(&addr).unwrap();
+    let server = Server::start("names", &volumes);
+    let pair = server.client(EngineConfig::default());
+    let (client, conn) = (&pair.client, pair.conn);
     for bad in [String::new(), "x".repeat(300)] {
         let rx = client.download(
             conn,
@@ -375,8 +398,4 @@ fn an_unsendable_name_fails_only_its_transfer() {
         rx.recv_timeout(Duration::from_secs(10)).unwrap().result,
         Ok(())
     );
-    client.shutdown();
-    server.shutdown();
-    client_thread.join().unwrap();
-    server_thread.join().unwrap();
 }
