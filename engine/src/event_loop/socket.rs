@@ -11,7 +11,7 @@ use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::str::FromStr;
 
-/// Where to listen or connect: `unix:PATH` or `tcp:HOST:PORT`.
+/// Where to listen or connect: `unix:PATH`, `tcp:HOST:PORT`, or `tcp:PORT` for 127.0.0.1.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Address {
     Unix(PathBuf),
@@ -30,6 +30,10 @@ impl FromStr for Address {
         }
         if let Some(hostport) = s.strip_prefix("tcp:") {
             use std::net::ToSocketAddrs;
+            // A bare port means loopback: exposing a pool to the network must be asked for.
+            if let Ok(port) = hostport.parse::<u16>() {
+                return Ok(Address::Tcp(SocketAddr::from(([127, 0, 0, 1], port))));
+            }
             // Name resolution may block; it happens on the caller's thread, never the loop's.
             return hostport
                 .to_socket_addrs()
@@ -223,6 +227,33 @@ fn set_buffer(fd: i32, option: libc::c_int, size: libc::c_int) {
         )
     };
     if r != 0 {
-        log::debug!("setsockopt({option}) failed: {}", io::Error::last_os_error());
+        log::debug!(
+            "setsockopt({option}) failed: {}",
+            io::Error::last_os_error()
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_parse_and_a_bare_port_is_loopback() {
+        assert_eq!(
+            "tcp:7700".parse::<Address>(),
+            Ok(Address::Tcp("127.0.0.1:7700".parse().unwrap()))
+        );
+        assert_eq!(
+            "tcp:[::1]:9".parse::<Address>(),
+            Ok(Address::Tcp("[::1]:9".parse().unwrap()))
+        );
+        assert_eq!(
+            "unix:/run/x.sock".parse::<Address>(),
+            Ok(Address::Unix("/run/x.sock".into()))
+        );
+        assert!("unix:".parse::<Address>().is_err());
+        assert!("pigeon:1".parse::<Address>().is_err());
+        assert!("tcp:no-such-host.invalid:1".parse::<Address>().is_err());
     }
 }
