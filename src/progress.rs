@@ -8,8 +8,14 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
-/// Logical bytes (data and holes) a transfer has moved.
-pub type Counter = Arc<AtomicU64>;
+/// Logical bytes (data and holes) a transfer has moved, and its size once known.
+#[derive(Default)]
+pub struct Progress {
+    done: AtomicU64,
+    size: AtomicU64,
+}
+
+pub type Counter = Arc<Progress>;
 
 fn logical(chunk: &Chunk) -> u64 {
     chunk.logical_len()
@@ -26,12 +32,16 @@ impl<R: VolumeReader> VolumeReader for CountingReader<R> {
         self.inner.start(notify)
     }
     fn poll_size(&mut self) -> Poll<Result<u64, VolumeError>> {
-        self.inner.poll_size()
+        let polled = self.inner.poll_size();
+        if let Poll::Ready(Ok(size)) = &polled {
+            self.count.size.store(*size, Ordering::Relaxed);
+        }
+        polled
     }
     fn poll_chunk(&mut self) -> Poll<Result<Chunk, VolumeError>> {
         let polled = self.inner.poll_chunk();
         if let Poll::Ready(Ok(chunk)) = &polled {
-            self.count.fetch_add(logical(chunk), Ordering::Relaxed);
+            self.count.done.fetch_add(logical(chunk), Ordering::Relaxed);
         }
         polled
     }
@@ -48,13 +58,14 @@ pub struct CountingWriter<W> {
 
 impl<W: VolumeWriter> VolumeWriter for CountingWriter<W> {
     fn start(&mut self, size: u64, notify: Notify) {
+        self.count.size.store(size, Ordering::Relaxed);
         self.inner.start(size, notify)
     }
     fn poll_ready(&mut self) -> Poll<Result<(), VolumeError>> {
         self.inner.poll_ready()
     }
     fn write(&mut self, chunk: Chunk) {
-        self.count.fetch_add(logical(&chunk), Ordering::Relaxed);
+        self.count.done.fetch_add(logical(&chunk), Ordering::Relaxed);
         self.inner.write(chunk)
     }
     fn poll_progress(&mut self) -> WriteProgress {
@@ -99,8 +110,8 @@ impl Bars {
                 let mut sum = 0;
                 let mut sum_len = 0;
                 for ((_, count, known), bar) in transfers.iter().zip(&bars) {
-                    let len = known.unwrap_or(0);
-                    let done = count.load(Ordering::Relaxed);
+                    let len = known.unwrap_or_else(|| count.size.load(Ordering::Relaxed));
+                    let done = count.done.load(Ordering::Relaxed);
                     bar.set_length(len.max(done));
                     bar.set_position(done);
                     sum += done;
