@@ -42,7 +42,13 @@ fn client_killed_mid_upload_leaves_nothing_and_the_server_goes_on() {
     sparse_file(&pool.join("small"), 4 * MIB, &[(0, MIB)], 3);
     let listen = unix_listen(&dir);
     let server = Server::start(&pool, &listen);
+    // One transfer first, so the worker pool (started on first use) is part of the baseline.
+    let out = run(bin()
+        .args(["download", "--connect", &listen, "small"])
+        .arg(dir.join("warm")));
+    assert!(out.status.success(), "{:?}", stderr_lines(&out));
     let baseline = fd_count(server.child.id());
+    let threads = thread_count(server.child.id());
 
     let mut upload = bin()
         .args(["upload", "--connect", &listen])
