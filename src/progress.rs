@@ -65,7 +65,9 @@ impl<W: VolumeWriter> VolumeWriter for CountingWriter<W> {
         self.inner.poll_ready()
     }
     fn write(&mut self, chunk: Chunk) {
-        self.count.done.fetch_add(logical(&chunk), Ordering::Relaxed);
+        self.count
+            .done
+            .fetch_add(logical(&chunk), Ordering::Relaxed);
         self.inner.write(chunk)
     }
     fn poll_progress(&mut self) -> WriteProgress {

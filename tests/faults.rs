@@ -71,6 +71,11 @@ fn client_killed_mid_upload_leaves_nothing_and_the_server_goes_on() {
         baseline,
         "server fds back to baseline"
     );
+    assert_eq!(
+        thread_count(server.child.id()),
+        threads,
+        "server threads back to baseline"
+    );
     assert!(
         !pool.join("big").exists(),
         "nothing under the volume's name"
