@@ -3,7 +3,7 @@
 use crate::error::CliError;
 use clap::Args;
 use engine::{Address, Engine, EngineConfig};
-use fdstream::DirProvider;
+use fdstream::{Backend, DirProvider, HelperOptions};
 use nix::sys::signal::{SigSet, Signal};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -22,6 +22,12 @@ pub struct ServeArgs {
     /// Skip fdatasync of uploads before confirming them (benchmarks only).
     #[arg(long)]
     no_sync: bool,
+    /// Run each volume's reads and writes in a volstream-iohelper process.
+    #[arg(long)]
+    iohelper: bool,
+    /// Read and write volumes with O_DIRECT (bypassing the page cache).
+    #[arg(long)]
+    direct: bool,
 }
 
 pub fn run(args: ServeArgs) -> Result<(), CliError> {
@@ -39,6 +45,13 @@ pub fn run(args: ServeArgs) -> Result<(), CliError> {
     }
     if args.no_sync {
         provider = provider.without_sync();
+    }
+    provider = provider.with_direct_io(args.direct);
+    if args.iohelper {
+        provider = provider.with_backend(Backend::Helper(HelperOptions {
+            direct: args.direct,
+            ..HelperOptions::default()
+        }));
     }
     if let Address::Tcp(sock) = &addr {
         if !sock.ip().is_loopback() {

@@ -7,7 +7,7 @@ use crate::ConnectArg;
 use clap::Args;
 use engine::proto::OpenOptions;
 use engine::{Engine, EngineConfig, TransferReport};
-use fdstream::{FileReader, FileWriter, ReaderOptions, WriterOptions};
+use fdstream::{AnyWriter, Backend, HelperOptions, ReaderOptions, WriterOptions};
 use std::io::IsTerminal;
 use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
@@ -56,6 +56,12 @@ pub struct TransferArgs {
     /// Skip fdatasync at the destination (faster; a crash may lose the data).
     #[arg(long)]
     no_sync: bool,
+    /// Run each volume's reads and writes in a volstream-iohelper process.
+    #[arg(long)]
+    iohelper: bool,
+    /// Read and write local volumes with O_DIRECT (bypassing the page cache).
+    #[arg(long)]
+    direct: bool,
     /// Draw progress bars (default when stdout is a terminal).
     #[arg(long)]
     progress: bool,
@@ -68,6 +74,17 @@ pub struct TransferArgs {
 }
 
 impl TransferArgs {
+    fn backend(&self) -> Backend {
+        if self.iohelper {
+            Backend::Helper(HelperOptions {
+                direct: self.direct,
+                ..HelperOptions::default()
+            })
+        } else {
+            Backend::InProcess
+        }
+    }
+
     fn open_options(&self, direction: Direction) -> OpenOptions {
         let mut flags = 0;
         if self.no_sparse {
@@ -131,11 +148,12 @@ pub fn run(args: TransferArgs, direction: Direction) -> Result<(), CliError> {
                 engine.download(conn, &volume, options, Box::new(writer))
             }
             Direction::Upload => {
-                let reader = FileReader::open(
+                let reader = args.backend().reader(
                     &file,
                     ReaderOptions {
                         zero_granularity: args.sparse_size,
                         no_extents: args.no_extents,
+                        direct: args.direct,
                         ..ReaderOptions::default()
                     },
                 );
@@ -179,6 +197,8 @@ pub fn run(args: TransferArgs, direction: Direction) -> Result<(), CliError> {
     let elapsed = started.elapsed();
     engine.shutdown();
     let _ = thread.join();
+    // Failed transfers remove their temporaries on the workers; let them before exiting.
+    fdstream::Pool::shared().wait_idle(Duration::from_secs(10));
 
     let mut failed = 0;
     for (p, r) in pending.iter().zip(&reports) {
@@ -223,20 +243,22 @@ pub fn run(args: TransferArgs, direction: Direction) -> Result<(), CliError> {
     Ok(())
 }
 
-fn download_sink(args: &TransferArgs, file: &PathBuf) -> Result<FileWriter, CliError> {
+fn download_sink(args: &TransferArgs, file: &PathBuf) -> Result<AnyWriter, CliError> {
     let options = WriterOptions {
         allocated: args.allocated,
         destination_is_zero: args.destination_is_zero,
         overwrite: args.overwrite,
         no_sync: args.no_sync,
+        direct: args.direct,
         ..WriterOptions::default()
     };
+    let backend = args.backend();
     let meta = std::fs::metadata(file).ok();
     let is_special = meta
         .as_ref()
         .is_some_and(|m| m.file_type().is_block_device() || m.file_type().is_fifo());
     if is_special || (args.in_place && meta.is_some()) {
-        return Ok(FileWriter::in_place(file, options));
+        return Ok(backend.in_place(file, options));
     }
     if args.in_place {
         return Err(CliError::Usage(format!(
@@ -244,7 +266,7 @@ fn download_sink(args: &TransferArgs, file: &PathBuf) -> Result<FileWriter, CliE
             file.display()
         )));
     }
-    Ok(FileWriter::create(file, options))
+    Ok(backend.create(file, options))
 }
 
 fn report_json(verb: &str, p: &Pending, r: &TransferReport) -> String {

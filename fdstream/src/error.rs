@@ -42,6 +42,8 @@ pub enum Error {
         cause: Box<Error>,
     },
     Cancelled,
+    /// An iohelper process failed: it died, hung, or broke the helper protocol.
+    Helper(String),
 }
 
 impl Error {
@@ -64,6 +66,7 @@ impl Error {
             Error::Length { .. } => Reason::Protocol,
             Error::Partial { cause, .. } => cause.reason(),
             Error::Cancelled => Reason::Cancelled,
+            Error::Helper(_) => Reason::Io,
         }
     }
 }
@@ -106,6 +109,7 @@ impl fmt::Display for Error {
                 "{cause}; bytes {from}..{to} were not written (everything before {from} was)"
             ),
             Error::Cancelled => f.write_str("cancelled"),
+            Error::Helper(m) => f.write_str(m),
         }
     }
 }

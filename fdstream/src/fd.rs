@@ -322,6 +322,148 @@ impl Location {
     }
 }
 
+/// Smallest O_DIRECT alignment used for buffers, offsets and lengths: page size covers every
+/// logical block size below it, and larger ones are asked of the device.
+pub const DIRECT_ALIGN: u64 = 4096;
+
+nix::ioctl_read_bad!(blksszget, 0x1268, libc::c_int);
+
+/// The O_DIRECT alignment for `file`: max(logical block size, 4096).
+pub fn direct_align(file: &File, kind: Kind) -> u64 {
+    if kind != Kind::Block {
+        return DIRECT_ALIGN;
+    }
+    let mut size: libc::c_int = 0;
+    // SAFETY: BLKSSZGET writes one int through the pointer, which is valid.
+    match unsafe { blksszget(file.as_raw_fd(), &mut size) } {
+        Ok(_) if size > 0 => DIRECT_ALIGN.max(size as u64),
+        _ => DIRECT_ALIGN,
+    }
+}
+
+/// Turns O_DIRECT on or off for the open file description. Used both to enable direct I/O on
+/// an fd received from elsewhere and to drop it briefly for unaligned pieces (a partial final
+/// block, zeroes from a static buffer), which O_DIRECT would refuse with EINVAL.
+pub fn set_direct(file: &File, on: bool) -> io::Result<()> {
+    // SAFETY: fcntl on a valid fd with integer arguments has no memory effects.
+    let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let want = if on {
+        flags | libc::O_DIRECT
+    } else {
+        flags & !libc::O_DIRECT
+    };
+    if want == flags {
+        return Ok(());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, want) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Runs `f` with O_DIRECT off when `direct` is set, restoring it afterwards.
+pub fn buffered<T>(file: &File, direct: bool, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+    if !direct {
+        return f();
+    }
+    set_direct(file, false)?;
+    let r = f();
+    set_direct(file, true)?;
+    r
+}
+
+/// Heap memory aligned for O_DIRECT, owned by a `Bytes` through `Bytes::from_owner`.
+pub struct AlignedBuf {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+    layout: std::alloc::Layout,
+}
+
+// SAFETY: the buffer is plain owned memory with no interior references to other threads.
+unsafe impl Send for AlignedBuf {}
+// SAFETY: shared access is read-only (`as_ref`); mutation needs `&mut`.
+unsafe impl Sync for AlignedBuf {}
+
+impl AlignedBuf {
+    /// Uninitialised-then-zeroed memory of `cap` bytes (rounded up to `align`), length 0.
+    pub fn new(cap: usize, align: usize) -> AlignedBuf {
+        let cap = cap.div_ceil(align).max(1) * align;
+        let layout = std::alloc::Layout::from_size_align(cap, align).expect("bad alignment");
+        // SAFETY: the layout has a non-zero size. Zeroed so that `as_mut_full` never exposes
+        // uninitialised bytes; the cost is small next to the disk I/O it serves.
+        let raw = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr =
+            std::ptr::NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        AlignedBuf {
+            ptr,
+            len: 0,
+            layout,
+        }
+    }
+
+    /// The whole capacity, to be filled by the caller before `set_len`.
+    pub fn as_mut_full(&mut self) -> &mut [u8] {
+        // SAFETY: the allocation is `layout.size()` initialised bytes owned by self.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) }
+    }
+
+    pub fn set_len(&mut self, len: usize) {
+        assert!(len <= self.layout.size());
+        self.len = len;
+    }
+
+    pub fn into_bytes(self) -> bytes::Bytes {
+        bytes::Bytes::from_owner(self)
+    }
+}
+
+impl AsRef<[u8]> for AlignedBuf {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: the first `len` bytes are initialised and owned by self.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}
+
+/// Reads `len` bytes at an aligned `offset` into aligned memory (the fd may have O_DIRECT).
+pub fn read_aligned(file: &File, offset: u64, len: usize, align: u64) -> io::Result<bytes::Bytes> {
+    let mut buf = AlignedBuf::new(len, align as usize);
+    let mut done = 0;
+    while done < len {
+        let at = offset + done as u64;
+        match file.read_at(&mut buf.as_mut_full()[done..len], at) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("volume ended early at {at}"),
+                ))
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf.set_len(len);
+    Ok(buf.into_bytes())
+}
+
+/// Whether a write of `buf` at `offset` meets O_DIRECT's rules.
+pub fn is_aligned(offset: u64, buf: &[u8], align: u64) -> bool {
+    offset.is_multiple_of(align)
+        && (buf.len() as u64).is_multiple_of(align)
+        && (buf.as_ptr() as usize).is_multiple_of(align as usize)
+}
+
 pub fn errno(e: &io::Error) -> i32 {
     e.raw_os_error().unwrap_or(0)
 }

@@ -7,11 +7,14 @@
 //!   files and devices in place with the zeroing cascade ([`punch`]); pipes sequentially.
 //! - [`DirProvider`]: serves a directory (and named devices) to an engine listener.
 //! - [`extents`]: the allocation map of a file or device.
+//! - [`helper`]: the same readers and writers run in a `volstream-iohelper` process per volume
+//!   (crash isolation, O_DIRECT).
 
 pub mod document;
 pub mod error;
 pub mod extents;
 mod fd;
+pub mod helper;
 pub mod pool;
 pub mod provider;
 pub mod punch;
@@ -21,7 +24,9 @@ pub mod zero;
 
 pub use error::Error;
 pub use extents::{extents, extents_of, Extent, ExtentKind};
+pub use fd::AlignedBuf;
+pub use helper::{AnyReader, AnyWriter, Backend, HelperOptions, HelperReader, HelperWriter};
 pub use pool::Pool;
 pub use provider::{DirProvider, VolumeInfo};
-pub use reader::{FileReader, ReaderOptions};
-pub use writer::{FileWriter, WriterOptions};
+pub use reader::{FileReader, ReadCore, ReaderOptions};
+pub use writer::{FileWriter, WriteCore, WriteTarget, WriterOptions};

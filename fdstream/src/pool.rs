@@ -48,11 +48,14 @@ struct Slot {
 struct Inner {
     queue: Mutex<Queue>,
     wake: Condvar,
+    /// Signalled when the queue is empty and no job runs.
+    idle: Condvar,
 }
 
 #[derive(Default)]
 struct Queue {
     jobs: VecDeque<Arc<Slot>>,
+    running: usize,
     shutdown: bool,
 }
 
@@ -76,6 +79,7 @@ impl Pool {
         let inner = Arc::new(Inner {
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
+            idle: Condvar::new(),
         });
         for i in 0..workers {
             let inner = Arc::clone(&inner);
@@ -102,6 +106,18 @@ impl Pool {
 
     pub fn workers(&self) -> usize {
         self.workers
+    }
+
+    /// Waits (at most `timeout`) until no job is queued or running, e.g. so a process that is
+    /// about to exit lets cancelled writers remove their temporaries. True if it got there.
+    pub fn wait_idle(&self, timeout: std::time::Duration) -> bool {
+        let q = self.inner.queue.lock().unwrap();
+        let (_q, result) = self
+            .inner
+            .idle
+            .wait_timeout_while(q, timeout, |q| !q.jobs.is_empty() || q.running > 0)
+            .unwrap();
+        !result.timed_out()
     }
 
     /// Adds a job, idle until its handle schedules it.
@@ -155,6 +171,7 @@ fn work(inner: &Inner) {
                     return;
                 }
                 if let Some(slot) = q.jobs.pop_front() {
+                    q.running += 1;
                     break slot;
                 }
                 q = inner.wake.wait(q).unwrap();
@@ -167,6 +184,11 @@ fn work(inner: &Inner) {
                 // A bug in one job must not take a worker away from every other stream.
                 log::error!("an fdstream job panicked; it will not run again");
                 *slot.state.lock().unwrap() = State::Queued;
+                let mut q = inner.queue.lock().unwrap();
+                q.running -= 1;
+                if q.jobs.is_empty() && q.running == 0 {
+                    inner.idle.notify_all();
+                }
                 continue;
             }
         };
@@ -180,8 +202,14 @@ fn work(inner: &Inner) {
                 false
             }
         };
+        let mut q = inner.queue.lock().unwrap();
         if again {
-            inner.push(slot);
+            q.jobs.push_back(slot);
+            inner.wake.notify_one();
+        }
+        q.running -= 1;
+        if q.jobs.is_empty() && q.running == 0 {
+            inner.idle.notify_all();
         }
     }
 }

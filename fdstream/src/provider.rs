@@ -8,6 +8,7 @@
 use crate::document::DocumentReader;
 use crate::error::Error;
 use crate::fd;
+use crate::helper::{Backend, HelperReader, HelperWriter};
 use crate::pool::Pool;
 use crate::reader::{FileReader, ReaderOptions};
 use crate::writer::{FileWriter, WriterOptions};
@@ -38,6 +39,8 @@ pub struct DirProvider {
     devices: HashMap<String, PathBuf>,
     pool: Option<Arc<Pool>>,
     no_sync: bool,
+    direct: bool,
+    backend: Backend,
 }
 
 impl DirProvider {
@@ -50,6 +53,8 @@ impl DirProvider {
             devices: HashMap::new(),
             pool: None,
             no_sync: false,
+            direct: false,
+            backend: Backend::InProcess,
         })
     }
 
@@ -62,6 +67,19 @@ impl DirProvider {
     /// Runs readers and writers on `pool` instead of the process-wide one.
     pub fn with_pool(mut self, pool: Arc<Pool>) -> Self {
         self.pool = Some(pool);
+        self
+    }
+
+    /// Runs each volume's reads and writes in process (the default) or in an iohelper.
+    /// Listings and allocation maps are always built in process.
+    pub fn with_backend(mut self, backend: Backend) -> Self {
+        self.backend = backend;
+        self
+    }
+
+    /// Reads and writes volumes with O_DIRECT (either backend).
+    pub fn with_direct_io(mut self, direct: bool) -> Self {
+        self.direct = direct;
         self
     }
 
@@ -137,10 +155,25 @@ impl Provider for DirProvider {
     fn open_read(&self, request: &OpenRequest) -> Result<Box<dyn VolumeReader>, VolumeError> {
         let mut options = ReaderOptions::from_open(&request.options);
         options.pool = self.pool.clone();
+        options.direct = self.direct;
         if let Some(path) = self.devices.get(&request.name) {
-            return Ok(Box::new(FileReader::open(path.clone(), options)));
+            return Ok(match &self.backend {
+                Backend::InProcess => Box::new(FileReader::open(path.clone(), options)),
+                Backend::Helper(h) => {
+                    Box::new(HelperReader::open(path.clone(), options, h.clone()))
+                }
+            });
         }
         let name = self.name(&request.name)?;
+        if let Backend::Helper(h) = &self.backend {
+            return Ok(Box::new(HelperReader::at(
+                Arc::clone(&self.dir),
+                name,
+                self.shown(&request.name),
+                options,
+                h.clone(),
+            )));
+        }
         log::debug!(
             "{} reads {} (fd {})",
             request.peer,
@@ -159,10 +192,25 @@ impl Provider for DirProvider {
         let mut options = WriterOptions::from_open(&request.options);
         options.pool = self.pool.clone();
         options.no_sync = self.no_sync;
+        options.direct = self.direct;
         if let Some(path) = self.devices.get(&request.name) {
-            return Ok(Box::new(FileWriter::in_place(path.clone(), options)));
+            return Ok(match &self.backend {
+                Backend::InProcess => Box::new(FileWriter::in_place(path.clone(), options)),
+                Backend::Helper(h) => {
+                    Box::new(HelperWriter::in_place(path.clone(), options, h.clone()))
+                }
+            });
         }
         let name = self.name(&request.name)?;
+        if let Backend::Helper(h) = &self.backend {
+            return Ok(Box::new(HelperWriter::create_at(
+                Arc::clone(&self.dir),
+                name,
+                self.shown(&request.name),
+                options,
+                h.clone(),
+            )));
+        }
         Ok(Box::new(FileWriter::create_at(
             Arc::clone(&self.dir),
             name,

@@ -37,6 +37,9 @@ pub struct ReaderOptions {
     pub no_extents: bool,
     /// The length of a pipe or FIFO, which cannot be asked.
     pub stream_size: Option<u64>,
+    /// Read with O_DIRECT (aligned buffers, page cache untouched). Where the file system
+    /// refuses it, reading falls back to buffered I/O with a logged warning.
+    pub direct: bool,
     /// Workers to use; the process-wide pool when `None`.
     pub pool: Option<Arc<Pool>>,
 }
@@ -47,6 +50,7 @@ impl Default for ReaderOptions {
             zero_granularity: 4096,
             no_extents: false,
             stream_size: None,
+            direct: false,
             pool: None,
         }
     }
@@ -132,24 +136,14 @@ impl VolumeReader for FileReader {
             return;
         };
         let pool = self.options.pool.clone().unwrap_or_else(Pool::shared);
-        let g = self.options.zero_granularity.min(READ_BUF as u32) as u64;
         let job = pool.register(ReadJob {
             out: Arc::clone(&self.out),
             notify,
-            work: Mutex::new(Work {
-                location: Some(location),
-                file: None,
-                kind: Kind::Regular,
-                size: 0,
-                pos: 0,
-                segment: None,
-                use_extents: !self.options.no_extents,
-                granularity: g,
-                stream_size: self.options.stream_size,
-                digest: Digest::new(),
-                pending_hole: None,
-                bytes_read: Arc::clone(&self.bytes_read),
-            }),
+            work: Mutex::new(Work::new(
+                location,
+                &self.options,
+                Arc::clone(&self.bytes_read),
+            )),
         });
         job.schedule();
         self.job = Some(job);
@@ -225,14 +219,62 @@ struct Work {
     /// A hole not yet queued, so that it can grow by the next zero run.
     pending_hole: Option<(u64, u64)>,
     bytes_read: Arc<AtomicU64>,
+    direct: bool,
+    /// O_DIRECT is set on `file` (asked for, and accepted by the file system).
+    direct_on: bool,
+    align: u64,
 }
 
-/// What one run produced.
-#[derive(Default)]
-struct Produced {
-    size: Option<u64>,
-    chunks: Vec<Chunk>,
-    end: bool,
+/// What one step produced.
+#[derive(Debug, Default)]
+pub struct Produced {
+    /// Set by the first step, which opens the volume.
+    pub size: Option<u64>,
+    pub chunks: Vec<Chunk>,
+    /// `Chunk::End` is the last of `chunks`: nothing more will come.
+    pub end: bool,
+}
+
+/// The synchronous core of [`FileReader`], without worker or queue: each `step` opens the
+/// volume or reads one buffer. The iohelper process drives it to run a reader out of process
+/// with exactly the in-process semantics.
+pub struct ReadCore {
+    work: Work,
+}
+
+impl ReadCore {
+    pub fn open(path: impl Into<PathBuf>, options: &ReaderOptions) -> Self {
+        Self::new(Location::Path(path.into()), options)
+    }
+
+    pub fn from_file(file: File, options: &ReaderOptions) -> Self {
+        Self::new(Location::Open(file), options)
+    }
+
+    /// The regular file `name` inside `dir`, resolved as the provider does.
+    pub fn at(
+        dir: Arc<OwnedFd>,
+        name: std::ffi::CString,
+        shown: String,
+        options: &ReaderOptions,
+    ) -> Self {
+        Self::new(Location::At { dir, name, shown }, options)
+    }
+
+    fn new(location: Location, options: &ReaderOptions) -> Self {
+        ReadCore {
+            work: Work::new(location, options, Arc::default()),
+        }
+    }
+
+    /// Opens the volume (first call) or reads the next buffer.
+    pub fn step(&mut self) -> Result<Produced, Error> {
+        self.work.step()
+    }
+
+    pub fn bytes_read(&self) -> u64 {
+        self.work.bytes_read.load(Ordering::Relaxed)
+    }
 }
 
 impl Job for ReadJob {
@@ -297,6 +339,26 @@ fn no_size(shown: &str) -> Error {
 }
 
 impl Work {
+    fn new(location: Location, options: &ReaderOptions, bytes_read: Arc<AtomicU64>) -> Work {
+        Work {
+            location: Some(location),
+            file: None,
+            kind: Kind::Regular,
+            size: 0,
+            pos: 0,
+            segment: None,
+            use_extents: !options.no_extents,
+            granularity: options.zero_granularity.min(READ_BUF as u32) as u64,
+            stream_size: options.stream_size,
+            digest: Digest::new(),
+            pending_hole: None,
+            bytes_read,
+            direct: options.direct,
+            direct_on: false,
+            align: fd::DIRECT_ALIGN,
+        }
+    }
+
     fn open(&mut self) -> Result<u64, Error> {
         let location = self.location.take().ok_or(Error::Cancelled)?;
         let shown = location.describe();
@@ -334,6 +396,15 @@ impl Work {
             (None, None) => return Err(no_size(&shown)),
         };
         self.use_extents &= self.kind == Kind::Regular;
+        if self.direct && self.kind != Kind::Stream {
+            self.align = fd::direct_align(&file, self.kind);
+            match fd::set_direct(&file, true) {
+                Ok(()) => self.direct_on = true,
+                Err(e) => {
+                    log::warn!("{shown}: O_DIRECT refused ({e}); reading through the page cache")
+                }
+            }
+        }
         self.file = Some(file);
         log::debug!("reading {shown}: {:?}, {} bytes", self.kind, self.size);
         Ok(self.size)
@@ -405,10 +476,19 @@ impl Work {
             }
             let n = (end - self.pos).min(READ_BUF - self.pos % READ_BUF);
             let file = self.file.as_ref().ok_or(Error::Cancelled)?;
-            let buf = fd::read_new(file, self.kind, self.pos, n as usize)
+            let (pos, kind) = (self.pos, self.kind);
+            let buf =
+                if self.direct_on && pos.is_multiple_of(self.align) && n.is_multiple_of(self.align)
+                {
+                    fd::read_aligned(file, pos, n as usize, self.align)
+                } else {
+                    // Unaligned (the partial last block): read it through the page cache.
+                    fd::buffered(file, self.direct_on, || {
+                        fd::read_new(file, kind, pos, n as usize).map(|b| b.freeze())
+                    })
+                }
                 .map_err(|e| Error::io(format!("reading at {}", self.pos), e))?;
             self.bytes_read.fetch_add(n, Ordering::Relaxed);
-            let buf = buf.freeze();
             self.digest.update(&buf);
             for run in zero::split(self.pos, buf, self.granularity) {
                 match run {

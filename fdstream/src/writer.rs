@@ -40,6 +40,10 @@ pub struct WriterOptions {
     pub overwrite: bool,
     /// Skip fdatasync before reporting success (benchmarks only: a crash may lose the data).
     pub no_sync: bool,
+    /// Write with O_DIRECT where buffer, offset and length are aligned (other pieces go
+    /// through the page cache). Where the file system refuses it, writing falls back to
+    /// buffered I/O with a logged warning.
+    pub direct: bool,
     /// Workers to use; the process-wide pool when `None`.
     pub pool: Option<Arc<Pool>>,
 }
@@ -55,7 +59,8 @@ impl WriterOptions {
     }
 }
 
-enum Target {
+/// Where a writer puts the volume.
+pub enum WriteTarget {
     /// A new file: written as a temporary in `dir`, renamed to `name` at the end.
     Create {
         dir: Option<Arc<OwnedFd>>,
@@ -77,7 +82,7 @@ struct Out {
 
 /// A volume sink written off the loop thread. See the module docs.
 pub struct FileWriter {
-    target: Option<Target>,
+    target: Option<WriteTarget>,
     options: WriterOptions,
     out: Arc<Mutex<Out>>,
     job: Option<JobHandle>,
@@ -103,7 +108,7 @@ impl FileWriter {
     pub fn create(path: impl Into<PathBuf>, options: WriterOptions) -> Self {
         let (dir_path, name, shown) = split_path(path.into());
         Self::new(
-            Target::Create {
+            WriteTarget::Create {
                 dir: None,
                 dir_path,
                 name,
@@ -115,12 +120,12 @@ impl FileWriter {
 
     /// Writes into an existing regular file, block device or FIFO, in place.
     pub fn in_place(path: impl Into<PathBuf>, options: WriterOptions) -> Self {
-        Self::new(Target::InPlace(Location::Path(path.into())), options)
+        Self::new(WriteTarget::InPlace(Location::Path(path.into())), options)
     }
 
     /// Writes into an already open file, device or pipe, in place.
     pub fn from_file(file: File, options: WriterOptions) -> Self {
-        Self::new(Target::InPlace(Location::Open(file)), options)
+        Self::new(WriteTarget::InPlace(Location::Open(file)), options)
     }
 
     pub(crate) fn create_at(
@@ -130,7 +135,7 @@ impl FileWriter {
         options: WriterOptions,
     ) -> Self {
         Self::new(
-            Target::Create {
+            WriteTarget::Create {
                 dir: Some(dir),
                 dir_path: None,
                 name,
@@ -140,7 +145,7 @@ impl FileWriter {
         )
     }
 
-    fn new(target: Target, options: WriterOptions) -> Self {
+    fn new(target: WriteTarget, options: WriterOptions) -> Self {
         FileWriter {
             target: Some(target),
             options,
@@ -171,24 +176,12 @@ impl VolumeWriter for FileWriter {
         let job = pool.register(WriteJob {
             out: Arc::clone(&self.out),
             notify,
-            work: Mutex::new(Work {
-                target: Some(target),
-                options: self.options.clone(),
+            work: Mutex::new(Work::new(
+                target,
+                self.options.clone(),
                 size,
-                file: None,
-                kind: Kind::Regular,
-                dir: None,
-                temp: None,
-                final_name: CString::default(),
-                shown: String::new(),
-                old_size: 0,
-                zeroer: Zeroer::new(Kind::Regular, false),
-                preallocated: false,
-                next: 0,
-                hole_done: None,
-                digest: Digest::new(),
-                bytes_written: Arc::clone(&self.bytes_written),
-            }),
+                Arc::clone(&self.bytes_written),
+            )),
         });
         job.schedule();
         self.job = Some(job);
@@ -239,8 +232,106 @@ struct WriteJob {
     work: Mutex<Work>,
 }
 
+/// The chunks at the front of `queue` to handle in one run: a few, so there are fewer
+/// wake-ups and runs of DATA become one pwritev, but bounded so other streams get a turn.
+pub fn take_batch(queue: &VecDeque<Chunk>) -> Vec<Chunk> {
+    let mut bytes = 0;
+    let batch: Vec<Chunk> = queue
+        .iter()
+        .take_while(|c| {
+            bytes += c.logical_len().min(BATCH_BYTES);
+            bytes <= BATCH_BYTES
+        })
+        .take(BATCH_CHUNKS)
+        .cloned()
+        .collect();
+    if batch.is_empty() {
+        queue.front().cloned().into_iter().collect()
+    } else {
+        batch
+    }
+}
+
+/// The synchronous core of [`FileWriter`], without worker or queue. The iohelper process
+/// drives it to run a writer out of process with exactly the in-process semantics.
+pub struct WriteCore {
+    work: Work,
+}
+
+impl WriteCore {
+    pub fn new(target: WriteTarget, size: u64, options: WriterOptions) -> Self {
+        WriteCore {
+            work: Work::new(target, options, size, Arc::default()),
+        }
+    }
+
+    /// Creates (temporary) or opens the sink; call once before `handle_batch`.
+    pub fn open(&mut self) -> Result<(), Error> {
+        self.work.open()
+    }
+
+    /// Handles chunks from the front of `batch` in order: how many were completed, and
+    /// whether the volume was committed. On error the caller should `discard`.
+    pub fn handle_batch(&mut self, batch: &[Chunk]) -> (usize, Result<bool, Error>) {
+        self.work.handle_batch(batch)
+    }
+
+    /// Closes the sink and removes a temporary file.
+    pub fn discard(&mut self) {
+        self.work.discard()
+    }
+
+    /// The temporary file's name inside the target directory, while there is one.
+    pub fn temp_name(&self) -> Option<&CString> {
+        self.work.temp.as_ref()
+    }
+
+    /// Whether data blocks written with O_DIRECT should be in aligned memory.
+    pub fn direct_align(&self) -> Option<u64> {
+        self.work.direct_on.then_some(self.work.align)
+    }
+}
+
+impl WriteTarget {
+    /// A new file at `path`, renamed into place at the end.
+    pub fn create(path: impl Into<PathBuf>) -> Self {
+        let (dir_path, name, shown) = split_path(path.into());
+        WriteTarget::Create {
+            dir: None,
+            dir_path,
+            name,
+            shown,
+        }
+    }
+
+    /// A new file `name` inside the open directory `dir`.
+    pub fn create_at(dir: Arc<OwnedFd>, name: CString, shown: String) -> Self {
+        WriteTarget::Create {
+            dir: Some(dir),
+            dir_path: None,
+            name,
+            shown,
+        }
+    }
+
+    pub fn in_place(path: impl Into<PathBuf>) -> Self {
+        WriteTarget::InPlace(Location::Path(path.into()))
+    }
+
+    pub fn from_file(file: File) -> Self {
+        WriteTarget::InPlace(Location::Open(file))
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            WriteTarget::Create { shown, .. } => shown.clone(),
+            WriteTarget::InPlace(l) => l.describe(),
+        }
+    }
+}
+
 struct Work {
-    target: Option<Target>,
+    target: Option<WriteTarget>,
     options: WriterOptions,
     /// The announced volume length.
     size: u64,
@@ -262,6 +353,9 @@ struct Work {
     hole_done: Option<u64>,
     digest: Digest,
     bytes_written: Arc<AtomicU64>,
+    /// O_DIRECT is set on `file` (asked for, and accepted by the file system).
+    direct_on: bool,
+    align: u64,
 }
 
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -278,24 +372,7 @@ impl Job for WriteJob {
             if out.outcome.is_some() {
                 return Step::Idle;
             }
-            // A few chunks per run: fewer wake-ups, and runs of DATA become one pwritev.
-            let mut bytes = 0;
-            let batch: Vec<Chunk> = out
-                .queue
-                .iter()
-                .take_while(|c| {
-                    bytes += c.logical_len().min(BATCH_BYTES);
-                    bytes <= BATCH_BYTES
-                })
-                .take(BATCH_CHUNKS)
-                .cloned()
-                .collect();
-            let batch = if batch.is_empty() {
-                out.queue.front().cloned().into_iter().collect()
-            } else {
-                batch
-            };
-            (batch, out.ready.is_some())
+            (take_batch(&out.queue), out.ready.is_some())
         };
         let mut w = self.work.lock().unwrap();
         if !opened {
@@ -345,9 +422,37 @@ impl Job for WriteJob {
 }
 
 impl Work {
+    fn new(
+        target: WriteTarget,
+        options: WriterOptions,
+        size: u64,
+        bytes_written: Arc<AtomicU64>,
+    ) -> Work {
+        Work {
+            target: Some(target),
+            options,
+            size,
+            file: None,
+            kind: Kind::Regular,
+            dir: None,
+            temp: None,
+            final_name: CString::default(),
+            shown: String::new(),
+            old_size: 0,
+            zeroer: Zeroer::new(Kind::Regular, false),
+            preallocated: false,
+            next: 0,
+            hole_done: None,
+            digest: Digest::new(),
+            bytes_written,
+            direct_on: false,
+            align: fd::DIRECT_ALIGN,
+        }
+    }
+
     fn open(&mut self) -> Result<(), Error> {
         match self.target.take().ok_or(Error::Cancelled)? {
-            Target::Create {
+            WriteTarget::Create {
                 dir,
                 dir_path,
                 name,
@@ -401,7 +506,7 @@ impl Work {
                 }
                 self.file = Some(file);
             }
-            Target::InPlace(location) => {
+            WriteTarget::InPlace(location) => {
                 self.shown = location.describe();
                 let file = match location {
                     Location::Open(f) => f,
@@ -431,6 +536,16 @@ impl Work {
                 self.file = Some(file);
             }
         }
+        if let (true, Some(file)) = (self.options.direct && self.kind != Kind::Stream, &self.file) {
+            self.align = fd::direct_align(file, self.kind);
+            match fd::set_direct(file, true) {
+                Ok(()) => self.direct_on = true,
+                Err(e) => log::warn!(
+                    "{}: O_DIRECT refused ({e}); writing through the page cache",
+                    self.shown
+                ),
+            }
+        }
         log::debug!(
             "writing {} ({:?}, {} bytes)",
             self.shown,
@@ -449,7 +564,13 @@ impl Work {
                 .iter()
                 .take_while(|c| matches!(c, Chunk::Data { .. }))
                 .count();
-            if run > 1 && self.kind != Kind::Stream {
+            // Under O_DIRECT one pwritev needs every iovec aligned in memory and length.
+            let aligned = !self.direct_on
+                || batch[done..done + run].iter().all(|c| match c {
+                    Chunk::Data { offset, bytes } => fd::is_aligned(*offset, bytes, self.align),
+                    _ => false,
+                });
+            if run > 1 && self.kind != Kind::Stream && aligned {
                 if let Err(e) = self.write_data_run(&batch[done..done + run]) {
                     return (done, Err(self.partial(e)));
                 }
@@ -505,8 +626,12 @@ impl Work {
                 let len = bytes.len() as u64;
                 if at + len > start + written {
                     let skip = (start + written).saturating_sub(at) as usize;
-                    fd::write_full(file, self.kind, at + skip as u64, &bytes[skip..])
-                        .map_err(|e| Error::io(format!("writing {} at {at}", self.shown), e))?;
+                    let (kind, rest) = (self.kind, &bytes[skip..]);
+                    // The rest may start unaligned: finish it through the page cache.
+                    fd::buffered(file, self.direct_on, || {
+                        fd::write_full(file, kind, at + skip as u64, rest)
+                    })
+                    .map_err(|e| Error::io(format!("writing {} at {at}", self.shown), e))?;
                 }
                 self.digest.update(bytes);
                 at += len;
@@ -539,8 +664,11 @@ impl Work {
         match chunk {
             Chunk::Data { offset, bytes } => {
                 self.check_offset(*offset, bytes.len() as u64)?;
-                fd::write_full(file, self.kind, *offset, bytes)
-                    .map_err(|e| Error::io(format!("writing {} at {offset}", self.shown), e))?;
+                let unaligned = self.direct_on && !fd::is_aligned(*offset, bytes, self.align);
+                fd::buffered(file, unaligned, || {
+                    fd::write_full(file, self.kind, *offset, bytes)
+                })
+                .map_err(|e| Error::io(format!("writing {} at {offset}", self.shown), e))?;
                 self.bytes_written
                     .fetch_add(bytes.len() as u64, Ordering::Relaxed);
                 self.digest.update(bytes);
@@ -563,13 +691,17 @@ impl Work {
                     let n = (work_end - from).min(ZERO_SLICE);
                     let new_file = self.temp.is_some();
                     let file = self.file.as_ref().ok_or(Error::Cancelled)?;
-                    let r = if self.kind == Kind::Stream {
-                        punch::write_zeroes(file, self.kind, from, n).map(|_| punch::Method::Write)
-                    } else if new_file {
-                        self.zeroer.allocate(file, from, n)
-                    } else {
-                        self.zeroer.zero(file, from, n)
-                    };
+                    let (kind, zeroer) = (self.kind, &mut self.zeroer);
+                    // Zeroes may be written from a static, unaligned buffer.
+                    let r = fd::buffered(file, self.direct_on, || {
+                        if kind == Kind::Stream {
+                            punch::write_zeroes(file, kind, from, n).map(|_| punch::Method::Write)
+                        } else if new_file {
+                            zeroer.allocate(file, from, n)
+                        } else {
+                            zeroer.zero(file, from, n)
+                        }
+                    });
                     r.map_err(|e| {
                         Error::io(
                             format!("zeroing {}..{} of {}", from, from + n, self.shown),

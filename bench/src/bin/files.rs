@@ -1,7 +1,12 @@
 //! Real files through two engines over a unix socket (one process), against `cp
 //! --sparse=always`, `qemu-img convert -O raw` and `nbdcopy` on the same files. Prints JSON.
 //!
-//! `files [--dir /var/tmp/volstream-bench] [--runs 3]`
+//! `files [--dir /var/tmp/volstream-bench] [--runs 3] [--backend inproc|helper|helper-direct|all]
+//!  [--peers 0|1]`
+//! `--backend` chooses where each volume's I/O runs: fdstream's worker pool (inproc, the
+//! default), a volstream-iohelper process per volume on both sides (helper), or the same with
+//! O_DIRECT (helper-direct; the source is then read from disk, not the warm cache). With
+//! `all`, each runs and the JSON gives each one's throughput relative to inproc.
 //! Workloads (as in shared/peers): W1 = 2 GiB dense; W2 = 64 GiB apparent, 256 x 4 MiB extents
 //! every 256 MiB (1 GiB of data). Created under --dir once and reused. Every source's data is
 //! read once before timing (warm cache), an untimed `sync` precedes each run, and no side
@@ -10,7 +15,7 @@
 use bench::{random_bytes, socket_path, Args};
 use engine::proto::OpenOptions;
 use engine::{Engine, EngineConfig};
-use fdstream::{extents, DirProvider, ExtentKind, FileWriter, WriterOptions};
+use fdstream::{extents, Backend, DirProvider, ExtentKind, HelperOptions, WriterOptions};
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -172,23 +177,54 @@ fn same(src: &Path, dst: &Path) -> bool {
 }
 
 fn main() {
-    let args = Args::parse(&["dir", "runs", "only", "window"]);
+    let args = Args::parse(&["dir", "runs", "only", "window", "backend", "peers"]);
     let only: String = args.get("only", String::new());
     let mut config = EngineConfig::default();
     config.connection.stream_window = args.get("window", config.connection.stream_window);
     let dir = PathBuf::from(args.get("dir", "/var/tmp/volstream-bench".to_owned()));
     let runs: usize = args.get("runs", 3);
+    let with_peers: u32 = args.get("peers", 1);
+    let backend_arg: String = args.get("backend", "inproc".to_owned());
+    let helper = |direct| {
+        Backend::Helper(HelperOptions {
+            direct,
+            ..HelperOptions::default()
+        })
+    };
+    let all = [
+        ("inproc", Backend::InProcess),
+        ("helper", helper(false)),
+        ("helper-direct", helper(true)),
+    ];
+    let backends: Vec<(&str, Backend)> = all
+        .into_iter()
+        .filter(|(label, _)| backend_arg == "all" || backend_arg == *label)
+        .collect();
+    if backends.is_empty() {
+        eprintln!("--backend must be inproc, helper, helper-direct or all");
+        std::process::exit(2);
+    }
     std::fs::create_dir_all(&dir).expect("create --dir");
     let out_dir = dir.join("out");
     std::fs::create_dir_all(&out_dir).unwrap();
 
-    let (server, server_thread) = Engine::spawn(config.clone()).unwrap();
-    let provider = DirProvider::new(&dir).unwrap().without_sync();
-    let (_, addr) = server
-        .listen(&socket_path("files"), Arc::new(provider))
-        .unwrap();
-    let (client, client_thread) = Engine::spawn(config.clone()).unwrap();
-    let conn = client.connect(&addr).unwrap();
+    // One server and one client connection per backend.
+    let mut ends = Vec::new();
+    let mut threads = Vec::new();
+    for (label, backend) in &backends {
+        let (server, server_thread) = Engine::spawn(config.clone()).unwrap();
+        let provider = DirProvider::new(&dir)
+            .unwrap()
+            .without_sync()
+            .with_backend(backend.clone());
+        let (_, addr) = server
+            .listen(&socket_path(&format!("files-{label}")), Arc::new(provider))
+            .unwrap();
+        let (client, client_thread) = Engine::spawn(config.clone()).unwrap();
+        let conn = client.connect(&addr).unwrap();
+        ends.push((server, client, conn));
+        threads.extend([server_thread, client_thread]);
+    }
     let options = OpenOptions {
         flags: 0,
         zero_granularity: 4096,
@@ -205,32 +241,40 @@ fn main() {
         let src_s = src.to_str().unwrap().to_owned();
         let dst_s = dst.to_str().unwrap().to_owned();
 
-        let mut ours_ok = true;
-        let ours = time_runs(runs, &dst, || {
-            let writer = FileWriter::create(
-                &dst,
-                WriterOptions {
-                    no_sync: true,
-                    ..WriterOptions::default()
-                },
-            );
-            let report = client
-                .download(conn, w.name, options, Box::new(writer))
-                .recv_timeout(Duration::from_secs(600))
-                .map_err(|_| "volstream timed out".to_owned())?;
-            report.result.map_err(|e| e.to_string())
-        });
-        let ours = match ours {
-            Ok(s) => {
-                ours_ok &= same(&src, &dst);
-                s
-            }
-            Err(e) => {
-                eprintln!("volstream failed on {}: {e}", w.name);
-                f64::NAN
-            }
-        };
-        let ours_alloc = dst.metadata().map(|m| m.blocks() * 512).unwrap_or(0);
+        let mut ours_rows = Vec::new();
+        let mut times = Vec::new();
+        for ((label, backend), (_, client, conn)) in backends.iter().zip(&ends) {
+            let result = time_runs(runs, &dst, || {
+                let writer = backend.create(
+                    &dst,
+                    WriterOptions {
+                        no_sync: true,
+                        ..WriterOptions::default()
+                    },
+                );
+                let report = client
+                    .download(*conn, w.name, options, Box::new(writer))
+                    .recv_timeout(Duration::from_secs(600))
+                    .map_err(|_| "volstream timed out".to_owned())?;
+                report.result.map_err(|e| e.to_string())
+            });
+            let (secs, ok) = match result {
+                Ok(s) => (s, same(&src, &dst)),
+                Err(e) => {
+                    eprintln!("volstream ({label}) failed on {}: {e}", w.name);
+                    (f64::NAN, false)
+                }
+            };
+            let alloc = dst.metadata().map(|m| m.blocks() * 512).unwrap_or(0);
+            times.push(secs);
+            ours_rows.push(format!(
+                "{{\"backend\":\"{label}\",\"seconds\":{secs:.3},\"apparent_gb_s\":{:.2},\"data_gb_s\":{:.3},\"dst_allocated\":{alloc},\"content_ok\":{ok},\"throughput_vs_inproc\":{:.2}}}",
+                w.size as f64 / secs / 1e9,
+                w.data() as f64 / secs / 1e9,
+                if backends[0].0 == "inproc" { times[0] / secs } else { f64::NAN },
+            ));
+        }
+        let ours = times[0];
         let mut peers = Vec::new();
         let tools: [(&str, Vec<&str>); 3] = [
             (
@@ -246,6 +290,9 @@ fn main() {
             ("nbdcopy", vec!["nbdcopy", &src_s, &dst_s]),
         ];
         for (label, argv) in tools {
+            if with_peers == 0 {
+                break;
+            }
             if !installed(argv[0]) {
                 peers.push(format!(
                     "{{\"tool\":\"{label}\",\"skipped\":\"{} is not installed\"}}",
@@ -278,19 +325,22 @@ fn main() {
         }
         let _ = std::fs::remove_file(&dst);
         rows.push(format!(
-            "{{\"workload\":\"{}\",\"apparent_bytes\":{},\"data_bytes\":{},\"volstream\":{{\"seconds\":{ours:.3},\"apparent_gb_s\":{:.2},\"data_gb_s\":{:.3},\"dst_allocated\":{ours_alloc},\"content_ok\":{ours_ok}}},\"peers\":[{}]}}",
+            "{{\"workload\":\"{}\",\"apparent_bytes\":{},\"data_bytes\":{},\"volstream\":{},\"backends\":[{}],\"peers\":[{}]}}",
             w.name,
             w.size,
             w.data(),
-            w.size as f64 / ours / 1e9,
-            w.data() as f64 / ours / 1e9,
+            ours_rows[0],
+            ours_rows.join(","),
             peers.join(",")
         ));
     }
-    client.shutdown();
-    server.shutdown();
-    let _ = client_thread.join();
-    let _ = server_thread.join();
+    for (server, client, _) in &ends {
+        client.shutdown();
+        server.shutdown();
+    }
+    for t in threads {
+        let _ = t.join();
+    }
     let mut cpuinfo = String::new();
     let _ = File::open("/proc/cpuinfo").and_then(|mut f| f.read_to_string(&mut cpuinfo));
     let cpus = cpuinfo.matches("processor").count();
