@@ -16,7 +16,7 @@ pub struct ServeArgs {
     /// Also serve a block device under a name (repeatable).
     #[arg(long = "device", value_name = "NAME=/dev/PATH")]
     devices: Vec<String>,
-    /// Where to listen: unix:PATH or tcp:HOST:PORT.
+    /// Where to listen: unix:PATH, tcp:HOST:PORT, or tcp:PORT (loopback).
     #[arg(long, value_name = "ADDR")]
     listen: String,
     /// Skip fdatasync of uploads before confirming them (benchmarks only).
@@ -28,6 +28,38 @@ pub struct ServeArgs {
     /// Read and write volumes with O_DIRECT (bypassing the page cache).
     #[arg(long)]
     direct: bool,
+    /// Streams one client may have open at once.
+    #[arg(long, default_value_t = 1024)]
+    max_streams: u32,
+    /// Clients connected at once; more are closed on arrival.
+    #[arg(long, default_value_t = 256)]
+    max_connections: usize,
+    /// Seconds without a complete frame from a client before it is dropped.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    idle_timeout: u64,
+    /// Seconds a stream may make no progress before it is aborted.
+    #[arg(long, value_name = "SECS", default_value_t = 300)]
+    stream_timeout: u64,
+}
+
+impl ServeArgs {
+    fn engine_config(&self) -> Result<EngineConfig, CliError> {
+        if self.max_streams == 0 || self.max_connections == 0 || self.idle_timeout == 0 {
+            return Err(CliError::Usage(
+                "--max-streams, --max-connections and --idle-timeout must be at least 1".into(),
+            ));
+        }
+        let mut config = EngineConfig {
+            max_connections: self.max_connections,
+            ..EngineConfig::default()
+        };
+        let c = &mut config.connection;
+        c.max_streams = self.max_streams;
+        c.idle_timeout = std::time::Duration::from_secs(self.idle_timeout);
+        c.keepalive_interval = c.keepalive_interval.min(c.idle_timeout / 2);
+        c.stream_timeout = std::time::Duration::from_secs(self.stream_timeout.max(1));
+        Ok(config)
+    }
 }
 
 pub fn run(args: ServeArgs) -> Result<(), CliError> {
@@ -73,7 +105,7 @@ pub fn run(args: ServeArgs) -> Result<(), CliError> {
         .thread_block()
         .map_err(|e| CliError::Other(format!("cannot block signals: {e}")))?;
 
-    let mut engine = Engine::new(EngineConfig::default())
+    let mut engine = Engine::new(args.engine_config()?)
         .map_err(|e| CliError::Other(format!("cannot start the event loop: {e}")))?;
     let (_, bound) = engine
         .listen(&addr, Arc::new(provider))

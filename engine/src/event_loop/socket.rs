@@ -158,13 +158,6 @@ impl Socket {
     }
 
     pub fn register(&mut self, registry: &Registry, token: Token) -> io::Result<()> {
-        if let Socket::Unix(s) = self {
-            // The default Unix socket buffer (about 200 KiB) is less than one read-ahead of a
-            // single stream: larger buffers mean fewer wake-ups per byte on both ends. TCP is
-            // left to the kernel's autotuning, which a fixed size would switch off.
-            set_buffer(s.as_raw_fd(), libc::SO_SNDBUF, UNIX_BUFFER);
-            set_buffer(s.as_raw_fd(), libc::SO_RCVBUF, UNIX_BUFFER);
-        }
         self.source()
             .register(registry, token, Interest::READABLE | Interest::WRITABLE)
     }
@@ -209,28 +202,6 @@ impl Socket {
             Socket::Unix(s) => s.take_error(),
             Socket::Tcp(s) => s.take_error(),
         }
-    }
-}
-
-/// Socket buffer size asked for Unix connections (the kernel caps it at wmem_max/rmem_max).
-const UNIX_BUFFER: libc::c_int = 2 * 1024 * 1024;
-
-fn set_buffer(fd: i32, option: libc::c_int, size: libc::c_int) {
-    // SAFETY: a valid socket fd and a pointer to an int of the size given.
-    let r = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            option,
-            (&size as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r != 0 {
-        log::debug!(
-            "setsockopt({option}) failed: {}",
-            io::Error::last_os_error()
-        );
     }
 }
 

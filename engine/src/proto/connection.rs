@@ -241,7 +241,9 @@ pub struct Connection {
     ids: HashMap<StreamId, usize>,
     scheduler: Scheduler,
     /// Streams ready to send but waiting for connection credit.
-    conn_blocked: Vec<Entry>,
+    /// Streams ready to send but waiting for connection credit, and whether each was a new
+    /// flow (it keeps its place ahead of the backlog when credit returns).
+    conn_blocked: Vec<(Entry, bool)>,
     conn_credit: SendCredit,
     conn_window: RecvWindow,
     tombstones: Tombstones,
@@ -782,13 +784,19 @@ impl Connection {
             self.conn_credit.grant(increment).map_err(|_| {
                 ConnError::FlowControl("connection WINDOW overflows the credit limit".into())
             })?;
-            // These streams were backlogged, not idle: they rejoin the old flows.
-            for entry in std::mem::take(&mut self.conn_blocked) {
+            // Each goes back to the list it was taken from: a stream that had just woken up
+            // (an interactive one) must not queue behind every bulk stream for the wait.
+            for (entry, was_new) in std::mem::take(&mut self.conn_blocked) {
                 if self
                     .streams
                     .get(entry.slot)
-                    .is_some_and(|s| s.id == entry.id)
+                    .is_none_or(|s| s.id != entry.id)
                 {
+                    continue;
+                }
+                if was_new {
+                    self.scheduler.activate(entry);
+                } else {
                     self.scheduler.requeue(entry);
                 }
             }
@@ -1176,7 +1184,7 @@ impl Connection {
         // frame per round, a stream of small messages as many as add up to one frame.
         let quantum = (max_payload + frame::DATA_OVERHEAD) as i64;
         while out.len() < limit {
-            let Some(entry) = self.scheduler.pop() else {
+            let Some((entry, was_new)) = self.scheduler.pop() else {
                 break;
             };
             let Some(stream) = self.streams.get_mut(entry.slot) else {
@@ -1215,7 +1223,7 @@ impl Connection {
             };
             if blocked {
                 stream.scheduled = true;
-                self.conn_blocked.push(entry);
+                self.conn_blocked.push((entry, was_new));
             } else if stream.credit_needed().is_some() {
                 stream.scheduled = true;
                 self.scheduler.requeue(entry);

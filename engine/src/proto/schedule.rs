@@ -41,10 +41,12 @@ impl Scheduler {
     }
 
     /// The next stream to serve one frame.
-    pub fn pop(&mut self) -> Option<Entry> {
-        self.new_flows
-            .pop_front()
-            .or_else(|| self.old_flows.pop_front())
+    /// The next stream to serve, and whether it came from the new flows.
+    pub fn pop(&mut self) -> Option<(Entry, bool)> {
+        match self.new_flows.pop_front() {
+            Some(e) => Some((e, true)),
+            None => self.old_flows.pop_front().map(|e| (e, false)),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -70,12 +72,12 @@ mod tests {
             s.requeue(e(n));
         }
         s.activate(e(9));
-        assert_eq!(s.pop(), Some(e(9)));
-        assert_eq!(s.pop(), Some(e(1)));
+        assert_eq!(s.pop(), Some((e(9), true)));
+        assert_eq!(s.pop(), Some((e(1), false)));
         s.requeue(e(1));
-        assert_eq!(s.pop(), Some(e(2)));
-        assert_eq!(s.pop(), Some(e(3)));
-        assert_eq!(s.pop(), Some(e(1)));
+        assert_eq!(s.pop(), Some((e(2), false)));
+        assert_eq!(s.pop(), Some((e(3), false)));
+        assert_eq!(s.pop(), Some((e(1), false)));
         assert_eq!(s.pop(), None);
     }
 }
