@@ -177,3 +177,23 @@ pub fn provider(block: Bytes, size: u64) -> Arc<MemoryProvider> {
         sinks: Default::default(),
     })
 }
+
+/// Starts `count` uploads that repeat `block` for 1 TiB each: bulk load that outlasts any
+/// measurement and is cut off when the engines shut down.
+pub fn start_bulk_uploads(
+    client: &engine::EngineHandle,
+    conn: engine::ConnectionId,
+    count: u64,
+    block: &Bytes,
+) -> Vec<std::sync::mpsc::Receiver<engine::TransferReport>> {
+    (0..count)
+        .map(|i| {
+            client.upload(
+                conn,
+                &format!("bulk{i}"),
+                engine::proto::OpenOptions::default(),
+                Box::new(RepeatReader::new(block.clone(), 1 << 40)),
+            )
+        })
+        .collect()
+}

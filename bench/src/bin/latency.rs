@@ -4,7 +4,7 @@
 //!
 //! `latency [--bulk 0,100,499] [--messages 2000] [--interval-us 1000] [--repeat 3]`
 
-use bench::{provider, random_bytes, socket_path, Args, RepeatReader};
+use bench::{provider, random_bytes, socket_path, start_bulk_uploads, Args};
 use bytes::Bytes;
 use engine::proto::OpenOptions;
 use engine::{
@@ -150,16 +150,7 @@ fn run(bulk: u64, messages: u64, interval: Duration) -> String {
     let (client, client_thread) = Engine::spawn(EngineConfig::default()).unwrap();
     let conn = client.connect(&addr).unwrap();
 
-    let bulk_rx: Vec<_> = (0..bulk)
-        .map(|i| {
-            client.upload(
-                conn,
-                &format!("bulk{i}"),
-                OpenOptions::default(),
-                Box::new(RepeatReader::new(block.clone(), 1 << 40)),
-            )
-        })
-        .collect();
+    let bulk_rx = start_bulk_uploads(&client, conn, bulk, &block);
     std::thread::sleep(Duration::from_millis(300));
     let bytes_before = client.stats(conn).unwrap().map_or(0, |s| s.bytes_out);
     let bulk_start = Instant::now();

@@ -3,7 +3,9 @@
 //!
 //! `streams [--idle 1000] [--bulk 499] [--probes 200]`
 
-use bench::{provider, random_bytes, socket_path, Args, MemoryProvider, RepeatReader};
+use bench::{
+    provider, random_bytes, socket_path, start_bulk_uploads, Args, MemoryProvider, RepeatReader,
+};
 use engine::proto::{OpenOptions, Reason};
 use engine::synthetic::DiscardWriter;
 use engine::{
@@ -161,16 +163,7 @@ fn time_to_first_byte(bulk: u64, probes: u64) -> String {
         .unwrap();
     let (client, ct) = Engine::spawn(EngineConfig::default()).unwrap();
     let conn = client.connect(&addr).unwrap();
-    let _bulk: Vec<_> = (0..bulk)
-        .map(|i| {
-            client.upload(
-                conn,
-                &format!("bulk{i}"),
-                OpenOptions::default(),
-                Box::new(RepeatReader::new(block.clone(), 1 << 40)),
-            )
-        })
-        .collect();
+    let _bulk = start_bulk_uploads(&client, conn, bulk, &block);
     std::thread::sleep(Duration::from_millis(500));
     for i in 0..probes {
         let name = format!("probe{i}");
