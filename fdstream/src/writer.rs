@@ -801,8 +801,12 @@ impl Work {
         self.file = None;
         self.target = None;
         if let (Some(dir), Some(temp)) = (&self.dir, self.temp.take()) {
-            if let Err(e) = fd::unlinkat(dir, &temp) {
-                log::warn!("cannot remove temporary file {temp:?}: {e}");
+            // Already gone (the helper's parent or a cleanup removed it) is the goal.
+            match fd::unlinkat(dir, &temp) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    log::warn!("cannot remove temporary file {temp:?}: {e}");
+                }
+                _ => {}
             }
         }
     }

@@ -180,9 +180,12 @@ fn killed_helpers_abort_only_their_streams() {
     // A helper holds stdio, its socket, the pool directory and its volume: nothing of ours.
     let src_dir = src.path().canonicalize().unwrap().display().to_string();
     for (name, pid) in &victims {
+        // Stdio is inherited on purpose (the helper logs to stderr), wherever it points: a
+        // terminal, a pipe, or CI's log file. Everything above it is judged.
         let fds: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
             .unwrap()
             .flatten()
+            .filter(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) > Some(2))
             .map(|e| {
                 std::fs::read_link(e.path())
                     .unwrap_or_default()
@@ -190,11 +193,10 @@ fn killed_helpers_abort_only_their_streams() {
                     .to_string()
             })
             .collect();
-        assert!(fds.len() <= 6, "{name}: {fds:?}");
+        assert!(fds.len() <= 3, "{name}: {fds:?}");
         for f in &fds {
-            let stdio = f.starts_with("/dev/") || f.starts_with("pipe:");
             assert!(
-                stdio || f.starts_with("socket:") || f.starts_with(&src_dir),
+                f.starts_with("socket:") || f.starts_with(&src_dir),
                 "{name} holds {f}: {fds:?}"
             );
         }
