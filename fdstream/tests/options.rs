@@ -8,28 +8,13 @@ use engine::proto::OpenOptions;
 use fdstream::{DirProvider, FileReader, FileWriter, ReaderOptions, WriterOptions};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
 use std::sync::atomic::Ordering;
-
-const SIZE: u64 = 24 * MIB + 512;
-const DATA: [(u64, u64); 3] = [(MIB, MIB), (6 * MIB, 4 * MIB), (20 * MIB, 4 * MIB + 512)];
-
-fn source(dir: &Path) -> std::path::PathBuf {
-    let p = dir.join("vol");
-    sparse_file(&p, SIZE, &DATA);
-    p
-}
-
-fn filled(path: &Path, len: u64) {
-    let f = File::create(path).unwrap();
-    f.write_all_at(&vec![0xAA; len as usize], 0).unwrap();
-}
 
 #[test]
 fn overwrite_allocated_file_in_place_punches_holes() {
     let src = tempfile::tempdir().unwrap();
     let dst = tempfile::tempdir().unwrap();
-    let vol = source(src.path());
+    let vol = options_source(src.path());
     let out = dst.path().join("old");
     filled(&out, 32 * MIB);
     let pair = Pair::new(DirProvider::new(src.path()).unwrap());
@@ -48,7 +33,7 @@ fn overwrite_allocated_file_in_place_punches_holes() {
 fn allocated_gives_a_fully_allocated_copy() {
     let src = tempfile::tempdir().unwrap();
     let dst = tempfile::tempdir().unwrap();
-    let vol = source(src.path());
+    let vol = options_source(src.path());
     let pair = Pair::new(DirProvider::new(src.path()).unwrap());
     let o = opts(OpenOptions::ALLOCATED);
     // A new file...
@@ -60,7 +45,7 @@ fn allocated_gives_a_fully_allocated_copy() {
     );
     assert_eq!(r.result, Ok(()));
     assert_eq!(read_all(&out), read_all(&vol));
-    assert!(allocated(&out) >= SIZE, "{}", allocated(&out));
+    assert!(allocated(&out) >= OPTIONS_SIZE, "{}", allocated(&out));
     // ...and an old one written in place: holes zeroed, not punched.
     let old = dst.path().join("old");
     filled(&old, 16 * MIB);
@@ -71,18 +56,18 @@ fn allocated_gives_a_fully_allocated_copy() {
     );
     assert_eq!(r.result, Ok(()));
     assert_eq!(read_all(&old), read_all(&vol));
-    assert!(allocated(&old) >= SIZE, "{}", allocated(&old));
+    assert!(allocated(&old) >= OPTIONS_SIZE, "{}", allocated(&old));
 }
 
 #[test]
 fn destination_is_zero_skips_hole_work() {
     let src = tempfile::tempdir().unwrap();
     let dst = tempfile::tempdir().unwrap();
-    let vol = source(src.path());
+    let vol = options_source(src.path());
     let pair = Pair::new(DirProvider::new(src.path()).unwrap());
     let o = opts(OpenOptions::DESTINATION_IS_ZERO);
     let out = dst.path().join("zeroed");
-    File::create(&out).unwrap().set_len(SIZE).unwrap();
+    File::create(&out).unwrap().set_len(OPTIONS_SIZE).unwrap();
     let r = pair.download(
         "vol",
         o,
@@ -94,7 +79,7 @@ fn destination_is_zero_skips_hole_work() {
     assert_sparse_like(data, n, &out);
     // The flag is a promise: over old data, holes are left alone (nothing punched).
     let lied = dst.path().join("lied");
-    filled(&lied, SIZE);
+    filled(&lied, OPTIONS_SIZE);
     let r = pair.download(
         "vol",
         o,
@@ -103,14 +88,14 @@ fn destination_is_zero_skips_hole_work() {
     assert_eq!(r.result, Ok(()));
     let got = read_all(&lied);
     assert_eq!(got[0], 0xAA, "hole at 0 was not touched");
-    assert!(allocated(&lied) >= SIZE);
+    assert!(allocated(&lied) >= OPTIONS_SIZE);
 }
 
 #[test]
 fn no_extents_reads_everything_and_still_detects_zeroes() {
     let src = tempfile::tempdir().unwrap();
     let dst = tempfile::tempdir().unwrap();
-    let vol = source(src.path());
+    let vol = options_source(src.path());
     let pair = Pair::new(DirProvider::new(dst.path()).unwrap());
     let reader = FileReader::open(
         &vol,
@@ -122,7 +107,11 @@ fn no_extents_reads_everything_and_still_detects_zeroes() {
     let counter = reader.bytes_read();
     let r = pair.upload("vol", opts(OpenOptions::NO_EXTENTS), reader);
     assert_eq!(r.result, Ok(()));
-    assert_eq!(counter.load(Ordering::Relaxed), SIZE, "read every byte");
+    assert_eq!(
+        counter.load(Ordering::Relaxed),
+        OPTIONS_SIZE,
+        "read every byte"
+    );
     let (data, n) = data_bytes(&vol);
     assert_eq!(r.stats.data_bytes, data);
     let out = dst.path().join("vol");

@@ -205,23 +205,9 @@ fn loop_device_sink_with_old_data_reads_back_zero_in_holes(direct: bool) {
     assert_sparse_like(data, DEV_DATA.len(), &backing);
 }
 
-const SIZE: u64 = 24 * MIB + 512;
-const DATA: [(u64, u64); 3] = [(MIB, MIB), (6 * MIB, 4 * MIB), (20 * MIB, 4 * MIB + 512)];
-
-fn source(dir: &Path) -> std::path::PathBuf {
-    let p = dir.join("vol");
-    sparse_file(&p, SIZE, &DATA);
-    p
-}
-
-fn filled(path: &Path, len: u64) {
-    let f = File::create(path).unwrap();
-    f.write_all_at(&vec![0xAA; len as usize], 0).unwrap();
-}
-
 fn overwrite_allocated_file_in_place_punches_holes(direct: bool) {
     let (src, dst) = (scratch(direct), scratch(direct));
-    let vol = source(src.path());
+    let vol = options_source(src.path());
     let out = dst.path().join("old");
     filled(&out, 32 * MIB);
     let pair = server(src.path(), direct);
@@ -238,7 +224,7 @@ fn overwrite_allocated_file_in_place_punches_holes(direct: bool) {
 
 fn allocated_gives_a_fully_allocated_copy(direct: bool) {
     let (src, dst) = (scratch(direct), scratch(direct));
-    let vol = source(src.path());
+    let vol = options_source(src.path());
     let pair = server(src.path(), direct);
     let o = opts(OpenOptions::ALLOCATED);
     let out = dst.path().join("new");
@@ -249,7 +235,7 @@ fn allocated_gives_a_fully_allocated_copy(direct: bool) {
     );
     assert_eq!(r.result, Ok(()));
     assert_eq!(read_all(&out), read_all(&vol));
-    assert!(allocated(&out) >= SIZE, "{}", allocated(&out));
+    assert!(allocated(&out) >= OPTIONS_SIZE, "{}", allocated(&out));
     let old = dst.path().join("old");
     filled(&old, 16 * MIB);
     let r = pair.download(
@@ -259,16 +245,16 @@ fn allocated_gives_a_fully_allocated_copy(direct: bool) {
     );
     assert_eq!(r.result, Ok(()));
     assert_eq!(read_all(&old), read_all(&vol));
-    assert!(allocated(&old) >= SIZE, "{}", allocated(&old));
+    assert!(allocated(&old) >= OPTIONS_SIZE, "{}", allocated(&old));
 }
 
 fn destination_is_zero_skips_hole_work(direct: bool) {
     let (src, dst) = (scratch(direct), scratch(direct));
-    let vol = source(src.path());
+    let vol = options_source(src.path());
     let pair = server(src.path(), direct);
     let o = opts(OpenOptions::DESTINATION_IS_ZERO);
     let out = dst.path().join("zeroed");
-    File::create(&out).unwrap().set_len(SIZE).unwrap();
+    File::create(&out).unwrap().set_len(OPTIONS_SIZE).unwrap();
     let r = pair.download(
         "vol",
         o,
@@ -279,7 +265,7 @@ fn destination_is_zero_skips_hole_work(direct: bool) {
     let (data, n) = data_bytes(&vol);
     assert_sparse_like(data, n, &out);
     let lied = dst.path().join("lied");
-    filled(&lied, SIZE);
+    filled(&lied, OPTIONS_SIZE);
     let r = pair.download(
         "vol",
         o,
@@ -287,12 +273,12 @@ fn destination_is_zero_skips_hole_work(direct: bool) {
     );
     assert_eq!(r.result, Ok(()));
     assert_eq!(read_all(&lied)[0], 0xAA, "hole at 0 was not touched");
-    assert!(allocated(&lied) >= SIZE);
+    assert!(allocated(&lied) >= OPTIONS_SIZE);
 }
 
 fn no_extents_reads_everything_and_still_detects_zeroes(direct: bool) {
     let (src, dst) = (scratch(direct), scratch(direct));
-    let vol = source(src.path());
+    let vol = options_source(src.path());
     let pair = server(dst.path(), direct);
     let reader = helper(direct).reader(
         &vol,

@@ -254,3 +254,21 @@ pub fn temp_files(dir: &Path) -> Vec<String> {
         .filter(|n| n.contains("volstream-tmp"))
         .collect()
 }
+
+/// The volume the option tests copy: data, holes, and a partial last block.
+pub const OPTIONS_SIZE: u64 = 24 * MIB + 512;
+pub const OPTIONS_DATA: [(u64, u64); 3] =
+    [(MIB, MIB), (6 * MIB, 4 * MIB), (20 * MIB, 4 * MIB + 512)];
+
+/// Writes the option tests' volume as `vol` in `dir`.
+pub fn options_source(dir: &Path) -> PathBuf {
+    let p = dir.join("vol");
+    sparse_file(&p, OPTIONS_SIZE, &OPTIONS_DATA);
+    p
+}
+
+/// A file of `len` bytes of 0xAA: old data that holes must replace.
+pub fn filled(path: &Path, len: u64) {
+    let f = File::create(path).unwrap();
+    f.write_all_at(&vec![0xAA; len as usize], 0).unwrap();
+}
