@@ -28,5 +28,5 @@ pub use fd::AlignedBuf;
 pub use helper::{AnyReader, AnyWriter, Backend, HelperOptions, HelperReader, HelperWriter};
 pub use pool::Pool;
 pub use provider::{DirProvider, VolumeInfo};
-pub use reader::{FileReader, ReadCore, ReaderOptions};
+pub use reader::{read_ahead_bytes, FileReader, ReadCore, ReaderOptions};
 pub use writer::{FileWriter, WriteCore, WriteTarget, WriterOptions};

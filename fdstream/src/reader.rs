@@ -27,6 +27,28 @@ const READ_BUF: u64 = 1 << 20;
 const AHEAD_BYTES: u64 = 4 << 20;
 /// ...or this many chunks (holes are small in memory but not free).
 const AHEAD_CHUNKS: usize = 64;
+/// Read-ahead of all readers of the process together. Past it a reader that still has
+/// something queued waits, and reads shrink to `SMALL_READ`: hundreds of streams then cost
+/// about this much plus one small read each, instead of `AHEAD_BYTES` each.
+const GLOBAL_AHEAD: u64 = 64 << 20;
+const SMALL_READ: u64 = 128 << 10;
+
+/// Data bytes queued by every reader of the process.
+static AHEAD_TOTAL: AtomicU64 = AtomicU64::new(0);
+
+/// Data bytes read ahead and not yet taken by the loop, over every reader of the process.
+pub fn read_ahead_bytes() -> u64 {
+    AHEAD_TOTAL.load(Ordering::Relaxed)
+}
+
+/// Bytes to read in one run: smaller while the process holds a lot of read-ahead.
+fn read_unit() -> u64 {
+    if AHEAD_TOTAL.load(Ordering::Relaxed) > GLOBAL_AHEAD / 2 {
+        SMALL_READ
+    } else {
+        READ_BUF
+    }
+}
 
 /// How to read a volume.
 #[derive(Clone)]
@@ -80,7 +102,19 @@ struct Out {
 
 impl Out {
     fn full(&self) -> bool {
-        self.queued_bytes >= AHEAD_BYTES || self.queue.len() >= AHEAD_CHUNKS
+        self.queued_bytes >= AHEAD_BYTES
+            || self.queue.len() >= AHEAD_CHUNKS
+            || (self.queued_bytes > 0 && AHEAD_TOTAL.load(Ordering::Relaxed) >= GLOBAL_AHEAD)
+    }
+
+    fn queued(&mut self, bytes: u64) {
+        self.queued_bytes += bytes;
+        AHEAD_TOTAL.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    fn taken(&mut self, bytes: u64) {
+        self.queued_bytes -= bytes;
+        AHEAD_TOTAL.fetch_sub(bytes, Ordering::Relaxed);
     }
 }
 
@@ -167,7 +201,7 @@ impl VolumeReader for FileReader {
             };
         };
         if let Chunk::Data { bytes, .. } = &chunk {
-            out.queued_bytes -= bytes.len() as u64;
+            out.taken(bytes.len() as u64);
         }
         let resume = !out.ended && !out.full() && out.error.is_none();
         drop(out);
@@ -183,7 +217,8 @@ impl VolumeReader for FileReader {
         let mut out = self.out.lock().unwrap();
         out.cancelled = true;
         out.queue.clear();
-        out.queued_bytes = 0;
+        let held = out.queued_bytes;
+        out.taken(held);
         drop(out);
         // The job closes the fd on its next run.
         if let Some(job) = &self.job {
@@ -304,7 +339,7 @@ impl Job for ReadJob {
                 }
                 for chunk in p.chunks {
                     if let Chunk::Data { bytes, .. } = &chunk {
-                        out.queued_bytes += bytes.len() as u64;
+                        out.queued(bytes.len() as u64);
                     }
                     out.queue.push_back(chunk);
                 }
@@ -474,7 +509,8 @@ impl Work {
                 self.pos = end;
                 continue;
             }
-            let n = (end - self.pos).min(READ_BUF - self.pos % READ_BUF);
+            let unit = read_unit();
+            let n = (end - self.pos).min(unit - self.pos % unit);
             let file = self.file.as_ref().ok_or(Error::Cancelled)?;
             let (pos, kind) = (self.pos, self.kind);
             let buf =
