@@ -45,6 +45,9 @@ impl<R: VolumeReader> VolumeReader for CountingReader<R> {
         }
         polled
     }
+    fn poll_failure(&mut self) -> Option<VolumeError> {
+        self.inner.poll_failure()
+    }
     fn cancel(&mut self) {
         self.inner.cancel()
     }

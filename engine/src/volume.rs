@@ -111,6 +111,12 @@ pub trait VolumeReader: Send {
     fn poll_size(&mut self) -> Poll<Result<u64, VolumeError>>;
     /// The next chunk in offset order. `Chunk::End` carries the digest of everything yielded.
     fn poll_chunk(&mut self) -> Poll<Result<Chunk, VolumeError>>;
+    /// A failure already known, even though chunks before it are still queued. The engine asks
+    /// when the stream cannot take chunks (no credit): a source that died need not wait for
+    /// the peer's sink before its stream is aborted.
+    fn poll_failure(&mut self) -> Option<VolumeError> {
+        None
+    }
     /// The stream ended early: stop reading and free buffers.
     fn cancel(&mut self) {}
 }

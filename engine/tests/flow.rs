@@ -399,3 +399,51 @@ fn an_unsendable_name_fails_only_its_transfer() {
         Ok(())
     );
 }
+
+/// A source whose later failure is known while earlier chunks still wait to be sent.
+struct FailingLater {
+    inner: engine::synthetic::SyntheticReader,
+    produced: u64,
+}
+
+impl engine::VolumeReader for FailingLater {
+    fn start(&mut self, notify: Notify) {
+        self.inner.start(notify)
+    }
+    fn poll_size(&mut self) -> std::task::Poll<Result<u64, engine::VolumeError>> {
+        self.inner.poll_size()
+    }
+    fn poll_chunk(&mut self) -> std::task::Poll<Result<Chunk, engine::VolumeError>> {
+        self.produced += 1;
+        self.inner.poll_chunk()
+    }
+    fn poll_failure(&mut self) -> Option<engine::VolumeError> {
+        (self.produced > 8).then(|| {
+            engine::VolumeError::new(engine::proto::Reason::Io, "disk gone after the read-ahead")
+        })
+    }
+}
+
+#[test]
+fn a_failure_behind_queued_chunks_aborts_the_stream_without_waiting_for_them() {
+    let volume = Synthetic::new(77, 64 * MIB, 0.0);
+    let volumes = vec![("v".to_owned(), volume.clone())];
+    let server = Server::start("failure", &volumes);
+    let pair = server.client(EngineConfig::default());
+    let reader = FailingLater {
+        inner: volume.reader(),
+        produced: 0,
+    };
+    let rx = pair
+        .client
+        .upload(pair.conn, "v", OpenOptions::default(), Box::new(reader));
+    let report = rx.recv_timeout(Duration::from_secs(30)).unwrap();
+    let err = report
+        .result
+        .expect_err("the known failure aborts the upload");
+    assert_eq!(err.reason, engine::proto::Reason::Io, "{err}");
+    assert!(
+        report.stats.data_bytes < volume.size,
+        "aborted before the end"
+    );
+}

@@ -213,6 +213,10 @@ impl VolumeReader for FileReader {
         Poll::Ready(Ok(chunk))
     }
 
+    fn poll_failure(&mut self) -> Option<VolumeError> {
+        self.out.lock().unwrap().error.clone()
+    }
+
     fn cancel(&mut self) {
         let mut out = self.out.lock().unwrap();
         out.cancelled = true;

@@ -317,14 +317,23 @@ impl Driver {
         let (Some(stream), Endpoint::Reader(reader)) = (local.stream, &mut local.endpoint) else {
             return;
         };
-        while self.conn.can_send(stream) {
+        loop {
+            if !self.conn.can_send(stream) {
+                // The stream is full; a failure the source already knows need not wait until
+                // the peer has taken everything queued before it.
+                if let Some(e) = reader.poll_failure() {
+                    log::warn!("{}: {stream} source failed: {e}", self.peer);
+                    self.conn.abort(stream, e.reason, &e.message);
+                }
+                return;
+            }
             match reader.poll_chunk() {
-                Poll::Pending => break,
+                Poll::Pending => return,
                 Poll::Ready(Ok(chunk)) => self.conn.send_chunk(stream, chunk),
                 Poll::Ready(Err(e)) => {
                     log::warn!("{}: {stream} source failed: {e}", self.peer);
                     self.conn.abort(stream, e.reason, &e.message);
-                    break;
+                    return;
                 }
             }
         }

@@ -184,6 +184,12 @@ impl VolumeReader for AnyReader {
             AnyReader::Helper(r) => r.poll_chunk(),
         }
     }
+    fn poll_failure(&mut self) -> Option<VolumeError> {
+        match self {
+            AnyReader::File(r) => r.poll_failure(),
+            AnyReader::Helper(r) => r.poll_failure(),
+        }
+    }
     fn cancel(&mut self) {
         match self {
             AnyReader::File(r) => r.cancel(),
@@ -1047,6 +1053,10 @@ impl VolumeReader for HelperReader {
             (None, Some(e)) => Poll::Ready(Err(e.clone())),
             (None, None) => Poll::Pending,
         }
+    }
+
+    fn poll_failure(&mut self) -> Option<VolumeError> {
+        self.entry.as_ref()?.st.lock().unwrap().error.clone()
     }
 
     fn poll_chunk(&mut self) -> Poll<Result<Chunk, VolumeError>> {
