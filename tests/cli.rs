@@ -226,3 +226,45 @@ fn demo_runs_and_verifies_every_volume() {
     let left: Vec<_> = std::fs::read_dir(&dir.0).unwrap().collect();
     assert!(left.is_empty(), "the demo cleans up after itself");
 }
+
+#[test]
+fn stress_verifies_every_stream_and_reports_json() {
+    let out = run(bin().args([
+        "stress",
+        "--streams",
+        "40",
+        "--size",
+        "1048576",
+        "--hole-ratio",
+        "0.5",
+        "--json",
+    ]));
+    assert!(out.status.success(), "{:?}", stderr_lines(&out));
+    let json = String::from_utf8(out.stdout).unwrap();
+    assert!(json.contains("\"completed\":40,"), "{json}");
+    assert!(json.contains("\"errors\":0,"), "{json}");
+    assert!(
+        !json.contains("\"hole_bytes\":0,"),
+        "holes travel as holes: {json}"
+    );
+
+    let out = run(bin().args([
+        "stress",
+        "--churn",
+        "--duration",
+        "2",
+        "--streams",
+        "10",
+        "--size",
+        "262144",
+        "--json",
+    ]));
+    assert!(out.status.success(), "{:?}", stderr_lines(&out));
+    let json = String::from_utf8(out.stdout).unwrap();
+    assert!(json.contains("\"churn\":true"), "{json}");
+    assert!(json.contains("\"errors\":0,"), "{json}");
+    assert!(
+        !json.contains("\"completed\":10,"),
+        "churn keeps opening streams: {json}"
+    );
+}
