@@ -78,9 +78,19 @@ pub fn read_full(file: &File, kind: Kind, mut offset: u64, mut buf: &mut [u8]) -
     Ok(())
 }
 
+/// Reads exactly `len` bytes from a pipe or socket into a new buffer, without zero-filling it.
+pub fn read_stream(stream: &impl AsRawFd, len: usize) -> io::Result<bytes::BytesMut> {
+    read_new(stream, Kind::Stream, 0, len)
+}
+
 /// Reads `len` bytes at `offset` into a new buffer without zero-filling it first (the kernel
 /// fills it; a memset of every buffer costs as much as the zero scan).
-pub fn read_new(file: &File, kind: Kind, offset: u64, len: usize) -> io::Result<bytes::BytesMut> {
+pub fn read_new(
+    file: &impl AsRawFd,
+    kind: Kind,
+    offset: u64,
+    len: usize,
+) -> io::Result<bytes::BytesMut> {
     let mut buf = bytes::BytesMut::with_capacity(len);
     while buf.len() < len {
         let want = len - buf.len();

@@ -24,7 +24,7 @@ pub mod zero;
 
 pub use error::Error;
 pub use extents::{extents, extents_of, Extent, ExtentKind};
-pub use fd::AlignedBuf;
+pub use fd::{read_stream, AlignedBuf};
 pub use helper::{AnyReader, AnyWriter, Backend, HelperOptions, HelperReader, HelperWriter};
 pub use pool::Pool;
 pub use provider::{DirProvider, VolumeInfo};

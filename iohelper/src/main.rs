@@ -208,33 +208,7 @@ impl Conn {
 impl Conn {
     /// `len` bytes into a new buffer, without zero-filling it first (the kernel fills it).
     fn read_new(&mut self, len: usize) -> io::Result<Bytes> {
-        let mut buf = BytesMut::with_capacity(len);
-        while buf.len() < len {
-            let want = len - buf.len();
-            let spare = &mut buf.spare_capacity_mut()[..want];
-            // SAFETY: the kernel writes at most `spare.len()` bytes into the spare capacity;
-            // only what it reports written is marked initialised.
-            let n = unsafe {
-                libc::read(
-                    self.sock.as_raw_fd(),
-                    spare.as_mut_ptr() as *mut libc::c_void,
-                    spare.len(),
-                )
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            if n == 0 {
-                return Err(io::ErrorKind::UnexpectedEof.into());
-            }
-            // SAFETY: n bytes past the current length were just written by the kernel.
-            unsafe { buf.set_len(buf.len() + n as usize) };
-        }
-        Ok(buf.freeze())
+        fdstream::read_stream(&self.sock, len).map(BytesMut::freeze)
     }
 }
 
