@@ -68,6 +68,7 @@ impl ConnectArg {
 }
 
 fn main() -> ExitCode {
+    engine::memory::keep_freed_buffers();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

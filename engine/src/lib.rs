@@ -5,6 +5,7 @@
 //! work happens elsewhere (the fdstream crate's workers, a helper process, memory).
 
 pub mod digest;
+pub mod memory;
 pub mod proto;
 pub mod synthetic;
 pub mod volume;

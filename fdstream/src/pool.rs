@@ -204,8 +204,9 @@ fn work(inner: &Inner) {
         };
         let mut q = inner.queue.lock().unwrap();
         if again {
+            // No wake-up: this worker pops the queue's front next. Waking another one here
+            // bounced a single busy stream between all workers, a context switch per run.
             q.jobs.push_back(slot);
-            inner.wake.notify_one();
         }
         q.running -= 1;
         if q.jobs.is_empty() && q.running == 0 {

@@ -91,6 +91,7 @@ fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Args, String> {
 }
 
 fn main() {
+    engine::memory::keep_freed_buffers();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let args = match parse(std::env::args_os().skip(1)) {
         Ok(a) => a,

@@ -11,6 +11,8 @@
 //! every 256 MiB (1 GiB of data). Created under --dir once and reused. Every source's data is
 //! read once before timing (warm cache), an untimed `sync` precedes each run, and no side
 //! fsyncs (volstream runs with its no-fdatasync option), as in the peers' method.
+//! `--runs N` rounds: each round runs every case once, in turn, so that slow phases of the
+//! machine hit every tool alike. The JSON gives every run, the median and the best.
 
 use bench::{random_bytes, socket_path, Args};
 use engine::proto::OpenOptions;
@@ -104,21 +106,73 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Times one copy `runs` times into a fresh `dst`; returns the median wall time.
-fn time_runs(
-    runs: usize,
-    dst: &Path,
-    mut copy: impl FnMut() -> Result<(), String>,
-) -> Result<f64, String> {
-    let mut times = Vec::new();
-    for _ in 0..runs {
-        let _ = std::fs::remove_file(dst);
-        sync();
-        let t = Instant::now();
-        copy()?;
-        times.push(t.elapsed().as_secs_f64());
+/// One timed copy into a fresh `dst` (removed and synced first, untimed).
+fn time_once(dst: &Path, copy: &mut dyn FnMut() -> Result<(), String>) -> Result<f64, String> {
+    let _ = std::fs::remove_file(dst);
+    sync();
+    let t = Instant::now();
+    copy()?;
+    Ok(t.elapsed().as_secs_f64())
+}
+
+/// A JSON number, or null where a failed case left none.
+fn num(x: f64, decimals: usize) -> String {
+    if x.is_finite() {
+        format!("{x:.decimals$}")
+    } else {
+        "null".to_owned()
     }
-    Ok(median(times))
+}
+
+/// One tool (or volstream backend) on one workload, with every run's time.
+struct Case<'a> {
+    label: String,
+    copy: Box<dyn FnMut() -> Result<(), String> + 'a>,
+    seconds: Vec<f64>,
+    error: Option<String>,
+    content_ok: bool,
+    dst_allocated: u64,
+}
+
+impl<'a> Case<'a> {
+    fn new(label: &str, copy: impl FnMut() -> Result<(), String> + 'a) -> Self {
+        Case {
+            label: label.to_owned(),
+            copy: Box::new(copy),
+            seconds: Vec::new(),
+            error: None,
+            content_ok: false,
+            dst_allocated: 0,
+        }
+    }
+
+    fn median(&self) -> f64 {
+        if self.seconds.is_empty() {
+            f64::NAN
+        } else {
+            median(self.seconds.clone())
+        }
+    }
+
+    fn best(&self) -> f64 {
+        self.seconds.iter().copied().fold(f64::NAN, f64::min)
+    }
+
+    /// The JSON fields every case shares.
+    fn fields(&self, w: &Workload) -> String {
+        let (secs, best) = (self.median(), self.best());
+        let runs: Vec<String> = self.seconds.iter().map(|s| format!("{s:.3}")).collect();
+        format!(
+            "\"seconds\":{},\"best_seconds\":{},\"runs\":[{}],\"apparent_gb_s\":{},\"data_gb_s\":{},\"dst_allocated\":{},\"content_ok\":{}",
+            num(secs, 3),
+            num(best, 3),
+            runs.join(","),
+            num(w.size as f64 / secs / 1e9, 2),
+            num(w.data() as f64 / secs / 1e9, 3),
+            self.dst_allocated,
+            self.content_ok,
+        )
+    }
 }
 
 fn command(program: &str, args: &[&str]) -> Result<(), String> {
@@ -177,6 +231,7 @@ fn same(src: &Path, dst: &Path) -> bool {
 }
 
 fn main() {
+    engine::memory::keep_freed_buffers();
     let args = Args::parse(&["dir", "runs", "only", "window", "backend", "peers"]);
     let only: String = args.get("only", String::new());
     let mut config = EngineConfig::default();
@@ -238,15 +293,14 @@ fn main() {
         let src = ensure(&dir, &w);
         warm(&src);
         let dst = out_dir.join(w.name);
-        let src_s = src.to_str().unwrap().to_owned();
-        let dst_s = dst.to_str().unwrap().to_owned();
+        let (src_s, dst_s) = (src.to_str().unwrap(), dst.to_str().unwrap());
 
-        let mut ours_rows = Vec::new();
-        let mut times = Vec::new();
+        let mut cases = Vec::new();
         for ((label, backend), (_, client, conn)) in backends.iter().zip(&ends) {
-            let result = time_runs(runs, &dst, || {
+            let dst = &dst;
+            cases.push(Case::new(label, move || {
                 let writer = backend.create(
-                    &dst,
+                    dst,
                     WriterOptions {
                         no_sync: true,
                         ..WriterOptions::default()
@@ -257,80 +311,106 @@ fn main() {
                     .recv_timeout(Duration::from_secs(600))
                     .map_err(|_| "volstream timed out".to_owned())?;
                 report.result.map_err(|e| e.to_string())
-            });
-            let (secs, ok) = match result {
-                Ok(s) => (s, same(&src, &dst)),
-                Err(e) => {
-                    eprintln!("volstream ({label}) failed on {}: {e}", w.name);
-                    (f64::NAN, false)
-                }
-            };
-            let alloc = dst.metadata().map(|m| m.blocks() * 512).unwrap_or(0);
-            times.push(secs);
-            ours_rows.push(format!(
-                "{{\"backend\":\"{label}\",\"seconds\":{secs:.3},\"apparent_gb_s\":{:.2},\"data_gb_s\":{:.3},\"dst_allocated\":{alloc},\"content_ok\":{ok},\"throughput_vs_inproc\":{:.2}}}",
-                w.size as f64 / secs / 1e9,
-                w.data() as f64 / secs / 1e9,
-                if backends[0].0 == "inproc" { times[0] / secs } else { f64::NAN },
-            ));
+            }));
         }
-        let ours = times[0];
-        let mut peers = Vec::new();
+        let ours = backends.len();
+        let mut skipped = Vec::new();
         let tools: [(&str, Vec<&str>); 3] = [
             (
                 "cp --sparse=always",
-                vec!["cp", "--sparse=always", &src_s, &dst_s],
+                vec!["cp", "--sparse=always", src_s, dst_s],
             ),
             (
                 "qemu-img convert -O raw",
                 vec![
-                    "qemu-img", "convert", "-f", "raw", "-O", "raw", &src_s, &dst_s,
+                    "qemu-img", "convert", "-f", "raw", "-O", "raw", src_s, dst_s,
                 ],
             ),
-            ("nbdcopy", vec!["nbdcopy", &src_s, &dst_s]),
+            ("nbdcopy", vec!["nbdcopy", src_s, dst_s]),
         ];
         for (label, argv) in tools {
             if with_peers == 0 {
                 break;
             }
             if !installed(argv[0]) {
-                peers.push(format!(
+                skipped.push(format!(
                     "{{\"tool\":\"{label}\",\"skipped\":\"{} is not installed\"}}",
                     argv[0]
                 ));
                 continue;
             }
-            let result = time_runs(runs, &dst, || {
+            let (dst, size) = (&dst, w.size);
+            cases.push(Case::new(label, move || {
                 if argv[0] == "nbdcopy" {
                     // nbdcopy writes into an existing destination.
-                    File::create(&dst)
-                        .and_then(|f| f.set_len(w.size))
+                    File::create(dst)
+                        .and_then(|f| f.set_len(size))
                         .map_err(|e| e.to_string())?;
                 }
                 command(argv[0], &argv[1..])
-            });
-            match result {
-                Ok(s) => {
-                    let ok = same(&src, &dst);
-                    let alloc = dst.metadata().map(|m| m.blocks() * 512).unwrap_or(0);
-                    peers.push(format!(
-                        "{{\"tool\":\"{label}\",\"seconds\":{s:.3},\"apparent_gb_s\":{:.2},\"data_gb_s\":{:.3},\"dst_allocated\":{alloc},\"content_ok\":{ok},\"time_ratio_volstream_over_peer\":{:.2}}}",
-                        w.size as f64 / s / 1e9,
-                        w.data() as f64 / s / 1e9,
-                        ours / s
-                    ));
+            }));
+        }
+
+        // Rounds of every case in turn, so that each tool meets the same machine state; on a
+        // VM whose freed memory goes back to the host, a run right after a pause pays for
+        // faulting memory in again, whichever tool it is.
+        for round in 0..runs {
+            for case in cases.iter_mut().filter(|c| c.error.is_none()) {
+                match time_once(&dst, &mut case.copy) {
+                    Ok(s) => {
+                        case.seconds.push(s);
+                        if round == 0 {
+                            case.content_ok = same(&src, &dst);
+                            case.dst_allocated =
+                                dst.metadata().map(|m| m.blocks() * 512).unwrap_or(0);
+                        }
+                    }
+                    Err(e) => {
+                        eprintln!("{} failed on {}: {e}", case.label, w.name);
+                        case.error = Some(e);
+                    }
                 }
-                Err(e) => peers.push(format!("{{\"tool\":\"{label}\",\"error\":{e:?}}}")),
             }
         }
         let _ = std::fs::remove_file(&dst);
+
+        let inproc = &cases[0];
+        let volstream_rows: Vec<String> = cases[..ours]
+            .iter()
+            .map(|c| {
+                format!(
+                    "{{\"backend\":\"{}\",{},\"throughput_vs_inproc\":{:.2}}}",
+                    c.label,
+                    c.fields(&w),
+                    if backends[0].0 == "inproc" {
+                        inproc.median() / c.median()
+                    } else {
+                        f64::NAN
+                    },
+                )
+            })
+            .collect();
+        let mut peers: Vec<String> = cases[ours..]
+            .iter()
+            .map(|c| match &c.error {
+                Some(e) => format!("{{\"tool\":\"{}\",\"error\":{e:?}}}", c.label),
+                None => format!(
+                    "{{\"tool\":\"{}\",{},\"time_ratio_volstream_over_peer\":{},\"best_time_ratio_volstream_over_peer\":{}}}",
+                    c.label,
+                    c.fields(&w),
+                    num(inproc.median() / c.median(), 2),
+                    num(inproc.best() / c.best(), 2),
+                ),
+            })
+            .collect();
+        peers.extend(skipped);
         rows.push(format!(
             "{{\"workload\":\"{}\",\"apparent_bytes\":{},\"data_bytes\":{},\"volstream\":{},\"backends\":[{}],\"peers\":[{}]}}",
             w.name,
             w.size,
             w.data(),
-            ours_rows[0],
-            ours_rows.join(","),
+            volstream_rows[0],
+            volstream_rows.join(","),
             peers.join(",")
         ));
     }

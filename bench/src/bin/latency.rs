@@ -108,6 +108,7 @@ impl VolumeWriter for ProbeWriter {
 }
 
 fn main() {
+    engine::memory::keep_freed_buffers();
     let args = Args::parse(&["bulk", "messages", "interval-us", "repeat"]);
     let bulks = args.list("bulk", &[0, 100, 499]);
     let messages: u64 = args.get("messages", 2000);

@@ -11,6 +11,7 @@ use engine::{Engine, EngineConfig};
 use std::time::{Duration, Instant};
 
 fn main() {
+    engine::memory::keep_freed_buffers();
     let args = Args::parse(&["streams", "size", "total"]);
     let counts = args.list("streams", &[1, 100, 500]);
     let total: u64 = args.get("total", 8 << 30);

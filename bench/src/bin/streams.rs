@@ -205,6 +205,7 @@ fn time_to_first_byte(bulk: u64, probes: u64) -> String {
 }
 
 fn main() {
+    engine::memory::keep_freed_buffers();
     let args = Args::parse(&["idle", "bulk", "probes"]);
     let idle = idle_streams(args.get("idle", 1000));
     let ttfb = time_to_first_byte(args.get("bulk", 499), args.get("probes", 200));
