@@ -11,8 +11,8 @@
 //! every 256 MiB (1 GiB of data). Created under --dir once and reused. Every source's data is
 //! read once before timing (warm cache), an untimed `sync` precedes each run, and no side
 //! fsyncs (volstream runs with its no-fdatasync option), as in the peers' method.
-//! `--runs N` rounds: each round runs every case once, in turn, so that slow phases of the
-//! machine hit every tool alike. The JSON gives every run, the median and the best.
+//! Each case (a tool, or volstream with one backend) runs once untimed (warm-up, content
+//! check), then `--runs N` times; the JSON gives every timed run, the median and the best.
 
 use bench::{random_bytes, socket_path, Args};
 use engine::proto::OpenOptions;
@@ -351,23 +351,22 @@ fn main() {
             }));
         }
 
-        // Rounds of every case in turn, so that each tool meets the same machine state; on a
-        // VM whose freed memory goes back to the host, a run right after a pause pays for
-        // faulting memory in again, whichever tool it is.
-        for round in 0..runs {
-            for case in cases.iter_mut().filter(|c| c.error.is_none()) {
+        // Each case runs once untimed, then `runs` times back to back. On this kind of VM
+        // (free-page reporting returns freed memory to the host) the first run after another
+        // program's pays for faulting memory in again, 2-6x slower for every tool; the
+        // warm-up run takes that, so the timed runs compare the tools and not the order.
+        for case in cases.iter_mut() {
+            for run in 0..=runs {
                 match time_once(&dst, &mut case.copy) {
-                    Ok(s) => {
-                        case.seconds.push(s);
-                        if round == 0 {
-                            case.content_ok = same(&src, &dst);
-                            case.dst_allocated =
-                                dst.metadata().map(|m| m.blocks() * 512).unwrap_or(0);
-                        }
+                    Ok(_) if run == 0 => {
+                        case.content_ok = same(&src, &dst);
+                        case.dst_allocated = dst.metadata().map(|m| m.blocks() * 512).unwrap_or(0);
                     }
+                    Ok(s) => case.seconds.push(s),
                     Err(e) => {
                         eprintln!("{} failed on {}: {e}", case.label, w.name);
                         case.error = Some(e);
+                        break;
                     }
                 }
             }

@@ -321,6 +321,7 @@ impl Engine {
             slot: entry.key() as u32,
             generation: self.generation,
         };
+        socket.tune();
         socket.register(self.poll.registry(), conn_token(id))?;
         let conn = Connection::new(side, self.config.connection.clone(), Instant::now());
         entry.insert(Driver::new(
