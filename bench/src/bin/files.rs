@@ -424,7 +424,7 @@ fn main() {
     let _ = File::open("/proc/cpuinfo").and_then(|mut f| f.read_to_string(&mut cpuinfo));
     let cpus = cpuinfo.matches("processor").count();
     println!(
-        "{{\"bench\":\"files\",\"transport\":\"unix\",\"stream_window\":{},\"runs_per_case\":{runs},\"median\":true,\"cache\":\"warm\",\"fsync\":false,\"cpus\":{cpus},\"workers\":{},\"results\":[{}]}}",
+        "{{\"bench\":\"files\",\"transport\":\"unix\",\"stream_window\":{},\"runs_per_case\":{runs},\"warmup_runs\":1,\"cache\":\"warm\",\"fsync\":false,\"cpus\":{cpus},\"workers\":{},\"results\":[{}]}}",
         config.connection.stream_window,
         fdstream::Pool::shared().workers(),
         rows.join(",")
