@@ -49,7 +49,12 @@ impl Digest {
 
     /// Extends the digest with `data`.
     pub fn update(&mut self, data: &[u8]) {
-        self.crc = crc32c::crc32c_append(self.crc, data);
+        let mut d = crc_fast::Digest::new_with_init_state(
+            crc_fast::CrcAlgorithm::Crc32Iscsi,
+            u64::from(!self.crc),
+        );
+        d.update(data);
+        self.crc = d.finalize() as u32;
         self.len += data.len() as u64;
     }
 

@@ -321,7 +321,9 @@ pub struct MemoryReader {
 impl MemoryReader {
     /// `holes` are (offset, len) ranges, sorted, inside `content` and reading as zero there.
     pub fn new(content: Bytes, holes: Vec<(u64, u64)>) -> Self {
-        let digest = crc32c::crc32c(&content);
+        let mut whole = Digest::new();
+        whole.update(&content);
+        let digest = whole.value();
         MemoryReader {
             content,
             holes,
