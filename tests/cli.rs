@@ -268,3 +268,46 @@ fn stress_verifies_every_stream_and_reports_json() {
         "churn keeps opening streams: {json}"
     );
 }
+
+/// Receiving reuses its buffers. glibc hands every freed buffer of 128 KiB or more back to
+/// the kernel unless told otherwise (engine::memory::keep_freed_buffers); the next buffer then
+/// faults in fresh pages. Measured on a 256 MiB download: 14,200-16,900 page faults without the
+/// policy, about 1,600 with it (most of them loading the program).
+#[test]
+fn a_download_reuses_its_buffers_instead_of_faulting_in_new_ones() {
+    let dir = TempDir::new("faults");
+    let pool = dir.join("pool");
+    std::fs::create_dir_all(&pool).unwrap();
+    sparse_file(&pool.join("dense.raw"), 256 * MIB, &[(0, 256 * MIB)], 11);
+    let listen = format!("unix:{}", dir.join("s.sock").display());
+    let _server = Server::start(&pool, &listen);
+    let copy = dir.join("copy.raw");
+    let child = bin()
+        .args(["download", "--no-sync", "--connect", &listen, "dense.raw"])
+        .arg(&copy)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut status = 0;
+    // SAFETY: plain wait4 on our own child; both out-pointers are valid for the call.
+    let (pid, usage) = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        let pid = libc::wait4(child.id() as i32, &mut status, 0, &mut usage);
+        (pid, usage)
+    };
+    assert_eq!(pid, child.id() as i32);
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "download failed: {status:#x}"
+    );
+    assert!(
+        read_all(&pool.join("dense.raw")) == read_all(&copy),
+        "content differs"
+    );
+    assert!(
+        usage.ru_minflt < 4_000,
+        "{} page faults receiving 256 MiB",
+        usage.ru_minflt
+    );
+}
