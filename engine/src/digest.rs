@@ -1,8 +1,8 @@
 //! The end-to-end content digest: CRC-32C of the logical volume content, holes counted as zeroes.
 //!
 //! CRC-32C was chosen because a run of N zero bytes can be folded in with O(log N) work, so a
-//! 1 TiB hole costs about a microsecond to hash, and because the `crc32c` crate uses the CPU's
-//! CRC instructions for data.
+//! 1 TiB hole costs about a microsecond to hash, and because CPUs compute it fast for data
+//! (`crc-fast` folds with carry-less multiplication: 57 GB/s on this project's VM).
 
 use std::sync::OnceLock;
 

@@ -204,9 +204,14 @@ fn work(inner: &Inner) {
         };
         let mut q = inner.queue.lock().unwrap();
         if again {
-            // No wake-up: this worker pops the queue's front next. Waking another one here
-            // bounced a single busy stream between all workers, a context switch per run.
+            // This worker pops the queue's front next. When that is this same job, waking
+            // another worker only bounced a busy stream between workers (a context switch
+            // per run); when other jobs wait in front, someone else must take this one.
+            let others_waiting = !q.jobs.is_empty();
             q.jobs.push_back(slot);
+            if others_waiting {
+                inner.wake.notify_one();
+            }
         }
         q.running -= 1;
         if q.jobs.is_empty() && q.running == 0 {

@@ -152,7 +152,7 @@ impl Socket {
 
     /// Lets a Unix socket hold more in flight than the kernel's default (208 KiB): with the
     /// default the receiving loop woke for about every frame, 7,000 context switches per GiB;
-    /// with this, 4,000 and 10-20 % less CPU on each side. Kept small because a frame of an
+    /// with this, about 4,500 and 10-20 % less CPU on each side. Kept small because a frame of an
     /// interactive stream waits behind whatever the socket holds (512 KiB is ~0.15 ms at
     /// 3.5 GB/s). TCP keeps the kernel's autotuning. Best effort: the kernel caps the size at
     /// net.core.wmem_max.
