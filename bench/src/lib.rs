@@ -2,7 +2,9 @@
 
 use bytes::Bytes;
 use engine::proto::Reason;
-use engine::{Chunk, Notify, OpenRequest, Provider, VolumeError, VolumeReader, VolumeWriter};
+use engine::{
+    Chunk, Digest, Notify, OpenRequest, Provider, VolumeError, VolumeReader, VolumeWriter,
+};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::task::Poll;
@@ -89,21 +91,18 @@ pub fn random_bytes(len: usize, seed: u64) -> Bytes {
 /// copies, so a benchmark measures the engine, not the source.
 pub struct RepeatReader {
     block: Bytes,
-    block_crc: u32,
     size: u64,
     offset: u64,
-    crc: u32,
+    digest: Digest,
 }
 
 impl RepeatReader {
     pub fn new(block: Bytes, size: u64) -> Self {
-        let block_crc = crc32c::crc32c(&block);
         RepeatReader {
             block,
-            block_crc,
             size,
             offset: 0,
-            crc: 0,
+            digest: Digest::new(),
         }
     }
 }
@@ -119,16 +118,12 @@ impl VolumeReader for RepeatReader {
         if self.offset == self.size {
             return Poll::Ready(Ok(Chunk::End {
                 length: self.size,
-                digest: Some(self.crc),
+                digest: Some(self.digest.value()),
             }));
         }
         let n = (self.size - self.offset).min(self.block.len() as u64) as usize;
         let bytes = self.block.slice(..n);
-        self.crc = if n == self.block.len() {
-            crc32c::crc32c_combine(self.crc, self.block_crc, n)
-        } else {
-            crc32c::crc32c_append(self.crc, &bytes)
-        };
+        self.digest.update(&bytes);
         let chunk = Chunk::Data {
             offset: self.offset,
             bytes,

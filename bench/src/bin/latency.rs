@@ -8,7 +8,8 @@ use bench::{provider, random_bytes, socket_path, start_bulk_uploads, Args};
 use bytes::Bytes;
 use engine::proto::OpenOptions;
 use engine::{
-    Chunk, Engine, EngineConfig, Notify, VolumeError, VolumeReader, VolumeWriter, WriteProgress,
+    Chunk, Digest, Engine, EngineConfig, Notify, VolumeError, VolumeReader, VolumeWriter,
+    WriteProgress,
 };
 use hdrhistogram::Histogram;
 use std::collections::VecDeque;
@@ -22,7 +23,7 @@ const MESSAGE: usize = 4096;
 struct ProbeReader {
     shared: Arc<Mutex<ProbeQueue>>,
     size: u64,
-    crc: u32,
+    digest: Digest,
     offset: u64,
 }
 
@@ -43,13 +44,13 @@ impl VolumeReader for ProbeReader {
         if self.offset == self.size {
             return Poll::Ready(Ok(Chunk::End {
                 length: self.size,
-                digest: Some(self.crc),
+                digest: Some(self.digest.value()),
             }));
         }
         let Some(bytes) = self.shared.lock().unwrap().chunks.pop_front() else {
             return Poll::Pending;
         };
-        self.crc = crc32c::crc32c_append(self.crc, &bytes);
+        self.digest.update(&bytes);
         let chunk = Chunk::Data {
             offset: self.offset,
             bytes,
@@ -64,7 +65,7 @@ struct ProbeWriter {
     epoch: Instant,
     histogram: Arc<Mutex<Histogram<u64>>>,
     completed: u64,
-    crc: u32,
+    digest: Digest,
     outcome: Option<Result<(), VolumeError>>,
 }
 
@@ -83,11 +84,11 @@ impl VolumeWriter for ProbeWriter {
                         .unwrap()
                         .record(now.saturating_sub(born) / 1000);
                 }
-                self.crc = crc32c::crc32c_append(self.crc, &bytes);
+                self.digest.update(&bytes);
             }
             Chunk::Hole { .. } => {}
             Chunk::End { digest, .. } => {
-                self.outcome = Some(if digest.is_none_or(|d| d == self.crc) {
+                self.outcome = Some(if digest.is_none_or(|d| d == self.digest.value()) {
                     Ok(())
                 } else {
                     Err(VolumeError::new(
@@ -140,7 +141,7 @@ fn run(bulk: u64, messages: u64, interval: Duration) -> String {
             epoch,
             histogram: Arc::clone(&histogram),
             completed: 0,
-            crc: 0,
+            digest: Digest::new(),
             outcome: None,
         }),
     );
@@ -164,7 +165,7 @@ fn run(bulk: u64, messages: u64, interval: Duration) -> String {
         Box::new(ProbeReader {
             shared: Arc::clone(&queue),
             size: messages * MESSAGE as u64,
-            crc: 0,
+            digest: Digest::new(),
             offset: 0,
         }),
     );
