@@ -494,6 +494,7 @@ impl Work {
                 self.final_name = name;
                 self.kind = Kind::Regular;
                 self.zeroer = Zeroer::new(Kind::Regular, self.options.allocated);
+                size_before_writing(&file, self.size, &self.shown)?;
                 if self.options.allocated && self.size > 0 {
                     // One fallocate for the whole volume; holes then need nothing.
                     let r = self.zeroer.allocate_only(&file, 0, self.size);
@@ -529,7 +530,12 @@ impl Work {
                             need: self.size,
                         })
                     }
-                    Kind::Regular => self.old_size = have.unwrap_or(0),
+                    Kind::Regular => {
+                        self.old_size = have.unwrap_or(0);
+                        if self.old_size < self.size {
+                            size_before_writing(&file, self.size, &self.shown)?;
+                        }
+                    }
                     _ => {}
                 }
                 self.zeroer = Zeroer::new(self.kind, self.options.allocated);
@@ -773,7 +779,9 @@ impl Work {
     fn commit(&mut self) -> Result<(), Error> {
         let file = self.file.take().ok_or(Error::Cancelled)?;
         let shown = self.shown.clone();
-        if self.kind == Kind::Regular {
+        if self.kind == Kind::Regular && self.old_size > self.size {
+            // An existing file written in place that was longer than the volume: cut only
+            // now, so a failed transfer leaves its tail as it was.
             file.set_len(self.size)
                 .map_err(|e| Error::io(format!("setting the size of {shown}"), e))?;
         }
@@ -810,6 +818,14 @@ impl Work {
             }
         }
     }
+}
+
+/// Gives a new or shorter regular file its final length before the first write, so no write
+/// extends it: a write past EOF is what makes XFS preallocate speculatively beyond it, and in
+/// a sparse copy those preallocations end up inside the file, allocated, between the data.
+fn size_before_writing(file: &File, size: u64, shown: &str) -> Result<(), Error> {
+    file.set_len(size)
+        .map_err(|e| Error::io(format!("setting the size of {shown} to {size}"), e))
 }
 
 fn exists_at(dir: &OwnedFd, name: &CString) -> bool {

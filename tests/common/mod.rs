@@ -175,3 +175,114 @@ pub fn fixture(cmd: &str) -> Option<String> {
         None
     }
 }
+
+/// The data extents of a file as (offset, len), from SEEK_DATA/SEEK_HOLE.
+pub fn data_extents(path: &Path) -> Vec<(u64, u64)> {
+    use std::os::fd::AsRawFd;
+    let f = File::open(path).unwrap();
+    let size = f.metadata().unwrap().len() as i64;
+    let fd = f.as_raw_fd();
+    let mut out = Vec::new();
+    let mut pos = 0i64;
+    while pos < size {
+        // SAFETY: lseek on an fd we own.
+        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+        if data < 0 {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        out.push((data as u64, (hole - data) as u64));
+        pos = hole;
+    }
+    out
+}
+
+/// Asserts two sparse files have the same length and content, reading only their data
+/// extents (outside both, each reads as zero).
+pub fn assert_same_sparse(a: &Path, b: &Path) {
+    let (fa, fb) = (File::open(a).unwrap(), File::open(b).unwrap());
+    let len = fa.metadata().unwrap().len();
+    assert_eq!(len, fb.metadata().unwrap().len(), "{} length", b.display());
+    let mut ranges: Vec<(u64, u64)> = data_extents(a);
+    ranges.extend(data_extents(b));
+    ranges.sort();
+    let (mut ba, mut bb) = (vec![0u8; MIB as usize], vec![0u8; MIB as usize]);
+    let mut covered = 0;
+    for (start, len) in ranges {
+        let end = start + len;
+        let mut pos = start.max(covered);
+        while pos < end {
+            let n = (end - pos).min(MIB) as usize;
+            fa.read_exact_at(&mut ba[..n], pos).unwrap();
+            fb.read_exact_at(&mut bb[..n], pos).unwrap();
+            if let Some(i) = ba[..n].iter().zip(&bb[..n]).position(|(x, y)| x != y) {
+                panic!(
+                    "{} and {} differ at {}",
+                    a.display(),
+                    b.display(),
+                    pos + i as u64
+                );
+            }
+            pos += n as u64;
+        }
+        covered = covered.max(end);
+    }
+}
+
+/// A file system made by the test on a loop device over a sparse image, mounted; unmounted
+/// and detached on drop.
+pub struct Mounted {
+    pub dir: PathBuf,
+    pub fs: String,
+    dev: String,
+}
+
+impl Mounted {
+    /// `None`, with the reason printed, where root, the mkfs tool or the kernel module is
+    /// missing.
+    pub fn new(fs: &str, work: &Path, size: u64) -> Option<Mounted> {
+        let image = work.join(format!("{fs}.img"));
+        File::create(&image).unwrap().set_len(size).unwrap();
+        let dev = fixture(&format!("losetup -f --show {}", image.display()))?;
+        let force = if fs == "ext4" { "-F" } else { "-f" };
+        let dir = work.join(format!("{fs}.mnt"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let made = fixture(&format!("mkfs.{fs} -q {force} {dev}"))
+            .and_then(|_| fixture(&format!("mount {dev} {}", dir.display())));
+        if made.is_none() {
+            let _ = Command::new("losetup").args(["-d", &dev]).status();
+            return None;
+        }
+        Some(Mounted {
+            dir,
+            fs: fs.to_owned(),
+            dev,
+        })
+    }
+
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// The file system's block size.
+    pub fn block(&self) -> u64 {
+        std::fs::metadata(&self.dir).unwrap().blksize()
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.dir).status();
+        let _ = Command::new("losetup").args(["-d", &self.dev]).status();
+    }
+}
+
+/// The volstream-iohelper next to the binary under test, if it was built.
+pub fn iohelper_built() -> bool {
+    let helper = Path::new(env!("CARGO_BIN_EXE_volstream")).with_file_name("volstream-iohelper");
+    if !helper.exists() {
+        eprintln!("SKIP (iohelper part): {} is not built", helper.display());
+    }
+    helper.exists()
+}
