@@ -1,5 +1,7 @@
 //! Helpers shared by the benchmark binaries: argument parsing, percentiles, memory volumes.
 
+pub mod delay;
+
 use bytes::Bytes;
 use engine::proto::Reason;
 use engine::{
