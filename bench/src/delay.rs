@@ -5,10 +5,13 @@
 //!
 //! Each accepted connection gets a connection to the target and two lines, one per direction.
 //! A line is a reader thread that stamps each chunk with the time it may leave and a writer
-//! thread that sleeps until then. The reader stops reading once the line holds its byte limit,
-//! so memory stays at `rate x delay + queue` per direction (plus the kernel's socket buffers)
-//! and TCP's own flow control pushes back on the sender, as a full router queue would without
-//! dropping anything.
+//! thread that sleeps until then. The rate cap is one link per direction shared by every
+//! connection through the proxy (a multi-connection tool gets no more of the path than a
+//! single connection would): a chunk leaves once the link has carried every byte read before
+//! it, then the delay later. A reader stops reading while the link's backlog exceeds the
+//! queue, and while its line holds `rate x delay + queue` (a receiver that does not read), so
+//! memory stays bounded (plus the kernel's socket buffers) and TCP's own flow control pushes
+//! back on the sender, as a full router queue would without dropping anything.
 //!
 //! The proxy's own TCP legs run on loopback, so what limits a transfer is the line, not the
 //! kernel's windows: a plain TCP stream moves the rate cap as long as the line's limit covers
@@ -34,9 +37,10 @@ pub const DEFAULT_QUEUE: u64 = 1 << 20;
 pub struct DelayConfig {
     /// Added to every byte in each direction; the round trip is twice this.
     pub delay: Duration,
-    /// Bytes per second per direction; `None` moves as fast as the threads can.
+    /// Bytes per second per direction, shared by every connection through the proxy; `None`
+    /// moves as fast as the threads can.
     pub rate: Option<u64>,
-    /// With a rate cap, bytes held beyond `rate x delay` (waiting for the link).
+    /// With a rate cap, bytes that may wait for the link beyond those in flight on it.
     pub queue: u64,
 }
 
@@ -81,6 +85,12 @@ pub struct DelayProxy {
     listener: Option<JoinHandle<()>>,
 }
 
+/// One direction's rate-capped link: when it has carried every byte read so far.
+#[derive(Debug)]
+struct Link {
+    free_at: Mutex<Instant>,
+}
+
 /// The connections being carried (so that dropping the proxy can close them) and their threads.
 #[derive(Default)]
 struct Carried {
@@ -112,8 +122,13 @@ impl DelayProxy {
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(DelayStats::default());
         let carried = Arc::new(Carried::default());
+        let now = Instant::now();
+        let links = Arc::new([now, now].map(|t| Link {
+            free_at: Mutex::new(t),
+        }));
         let accept = {
             let (stop, stats, carried) = (stop.clone(), stats.clone(), carried.clone());
+            let links = links.clone();
             std::thread::Builder::new()
                 .name("delay-accept".into())
                 .spawn(move || {
@@ -132,7 +147,7 @@ impl DelayProxy {
                             id,
                             carried: carried.clone(),
                         };
-                        match carry(client, target, config, &stats, registration) {
+                        match carry(client, target, config, &stats, &links, registration) {
                             Ok(handles) => {
                                 let mut threads = carried.threads.lock().unwrap();
                                 threads.retain(|t| !t.is_finished());
@@ -188,6 +203,7 @@ fn carry(
     target: SocketAddr,
     config: DelayConfig,
     stats: &Arc<DelayStats>,
+    links: &Arc<[Link; 2]>,
     registration: Registration,
 ) -> io::Result<Vec<JoinHandle<()>>> {
     let server = TcpStream::connect(target)?;
@@ -207,16 +223,16 @@ fn carry(
         server.try_clone()?,
         config,
         stats,
+        (links, 0),
         &registration,
-        true,
     )?;
     handles.extend(spawn_line(
         server,
         client,
         config,
         stats,
+        (links, 1),
         &registration,
-        false,
     )?);
     Ok(handles)
 }
@@ -247,9 +263,10 @@ fn spawn_line(
     to: TcpStream,
     config: DelayConfig,
     stats: &Arc<DelayStats>,
+    (links, direction): (&Arc<[Link; 2]>, usize),
     registration: &Arc<Registration>,
-    outward: bool,
 ) -> io::Result<Vec<JoinHandle<()>>> {
+    let outward = direction == 0;
     let line = Arc::new(Line {
         state: Mutex::new(LineState::default()),
         changed: Condvar::new(),
@@ -258,11 +275,11 @@ fn spawn_line(
     let name = if outward { "out" } else { "back" };
     let reader = {
         let (line, stats, from) = (line.clone(), stats.clone(), from.try_clone()?);
-        let registration = registration.clone();
+        let (registration, links) = (registration.clone(), links.clone());
         std::thread::Builder::new()
             .name(format!("delay-read-{name}"))
             .spawn(move || {
-                read_side(&line, from, config, &stats);
+                read_side(&line, &links[direction], from, config, &stats);
                 drop(registration);
             })?
     };
@@ -279,9 +296,16 @@ fn spawn_line(
     Ok(vec![reader, writer])
 }
 
-fn read_side(line: &Line, mut from: TcpStream, config: DelayConfig, stats: &DelayStats) {
-    // When the last byte of everything read so far leaves the rate-capped link.
-    let mut link_free = Instant::now();
+fn read_side(
+    line: &Line,
+    link: &Link,
+    mut from: TcpStream,
+    config: DelayConfig,
+    stats: &DelayStats,
+) {
+    let queue_time = config
+        .rate
+        .map(|rate| Duration::from_secs_f64(config.queue as f64 / rate as f64));
     loop {
         let room = {
             let mut s = line.state.lock().unwrap();
@@ -293,6 +317,21 @@ fn read_side(line: &Line, mut from: TcpStream, config: DelayConfig, stats: &Dela
             }
             (line.limit - s.held).min(CHUNK as u64) as usize
         };
+        if let Some(queue_time) = queue_time {
+            // The link's queue is full: wait for it rather than let every connection's reader
+            // pile more onto it.
+            loop {
+                let backlog = link
+                    .free_at
+                    .lock()
+                    .unwrap()
+                    .saturating_duration_since(Instant::now());
+                if backlog <= queue_time {
+                    break;
+                }
+                std::thread::sleep(backlog - queue_time);
+            }
+        }
         let mut bytes = vec![0u8; room];
         let n = match from.read(&mut bytes) {
             Ok(0) => break,
@@ -308,8 +347,9 @@ fn read_side(line: &Line, mut from: TcpStream, config: DelayConfig, stats: &Dela
         let now = Instant::now();
         let leaves_link = match config.rate {
             Some(rate) => {
-                link_free = link_free.max(now) + Duration::from_secs_f64(n as f64 / rate as f64);
-                link_free
+                let mut free_at = link.free_at.lock().unwrap();
+                *free_at = (*free_at).max(now) + Duration::from_secs_f64(n as f64 / rate as f64);
+                *free_at
             }
             None => now,
         };

@@ -97,6 +97,46 @@ fn bytes_cross_both_ways_intact_in_order_and_no_faster_than_the_cap() {
 }
 
 #[test]
+fn connections_share_the_rate_cap() {
+    const EACH: usize = 8 << 20;
+    let rate = 100_000_000;
+    let config = DelayConfig::new(Duration::from_millis(5), Some(rate));
+    let server = TcpListener::bind(any_port()).unwrap();
+    let target = server.local_addr().unwrap();
+    let proxy = DelayProxy::start(any_port(), target, config).unwrap();
+    let far = thread::spawn(move || {
+        let mut senders = Vec::new();
+        for seed in 1..=4 {
+            let (mut s, _) = server.accept().unwrap();
+            senders.push(thread::spawn(move || send_pattern(&mut s, seed, EACH)));
+        }
+        senders.into_iter().for_each(|t| t.join().unwrap());
+    });
+    let start = Instant::now();
+    // Connected in order so that the server's seeds match.
+    let conns: Vec<TcpStream> = (0..4)
+        .map(|_| {
+            let c = TcpStream::connect(proxy.local_addr()).unwrap();
+            thread::sleep(Duration::from_millis(20));
+            c
+        })
+        .collect();
+    let readers: Vec<_> = conns
+        .into_iter()
+        .zip(1..)
+        .map(|(mut c, seed)| thread::spawn(move || check_pattern(&mut c, seed)))
+        .collect();
+    for r in readers {
+        assert_eq!(r.join().unwrap(), EACH);
+    }
+    let elapsed = start.elapsed();
+    far.join().unwrap();
+    // Four connections through one proxy share one link: together no faster than the cap.
+    let floor = Duration::from_secs_f64(4.0 * EACH as f64 / rate as f64);
+    assert!(elapsed >= floor, "{elapsed:?} < {floor:?}");
+}
+
+#[test]
 fn no_byte_arrives_before_the_delay() {
     let config = DelayConfig::new(Duration::from_millis(10), None);
     let server = TcpListener::bind(any_port()).unwrap();
