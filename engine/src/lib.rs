@@ -7,10 +7,12 @@
 pub mod digest;
 pub mod memory;
 pub mod proto;
+pub mod reason;
 pub mod synthetic;
 pub mod volume;
 
 pub use digest::Digest;
+pub use reason::Reason;
 pub use volume::{Chunk, Notify, VolumeError, VolumeReader, VolumeWriter, WriteProgress};
 pub mod event_loop;
 

@@ -4,7 +4,7 @@
 //! The loop thread calls these methods and they must never block: work happens elsewhere (a
 //! worker thread, a helper process) and is announced through [`Notify`].
 
-use crate::proto::frame::Reason;
+use crate::reason::Reason;
 use bytes::Bytes;
 use std::fmt;
 use std::sync::Arc;

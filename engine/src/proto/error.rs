@@ -1,8 +1,58 @@
-//! Errors scoped to a connection. Stream-scoped failures are not errors of the connection: they
-//! end one stream with ABORT and a [`Reason`](super::frame::Reason), and everything else goes on.
+//! Errors scoped to a connection: bytes that do not decode, and everything else that ends one.
+//! Stream-scoped failures are not errors of the connection: they end one stream with ABORT and a
+//! [`Reason`], and everything else goes on.
 
-use super::frame::{DecodeError, Reason};
+use crate::reason::Reason;
 use std::fmt;
+
+/// Why bytes from a peer could not be decoded. Every variant ends the connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DecodeError {
+    BadMagic,
+    FrameTooLarge { len: u32, max: u32 },
+    UnknownKind(u8),
+    BadLength { kind: u8, len: u32 },
+    NonZeroReserved,
+    UnknownFlags { kind: u8, flags: u8 },
+    BadOp(u8),
+    BadName,
+    BadMessage,
+    StreamIdZero { kind: u8 },
+    StreamIdNonZero { kind: u8 },
+}
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DecodeError::BadMagic => write!(f, "not a volstream peer (bad magic)"),
+            DecodeError::FrameTooLarge { len, max } => {
+                write!(f, "frame body of {len} bytes exceeds the limit of {max}")
+            }
+            DecodeError::UnknownKind(k) => write!(f, "unknown frame type {k}"),
+            DecodeError::BadLength { kind, len } => {
+                write!(f, "frame type {kind} cannot have a {len}-byte body")
+            }
+            DecodeError::NonZeroReserved => write!(f, "reserved header bits are not zero"),
+            DecodeError::UnknownFlags { kind, flags } => {
+                write!(f, "frame type {kind} has unknown flags {flags:#x}")
+            }
+            DecodeError::BadOp(op) => write!(f, "unknown OPEN operation {op}"),
+            DecodeError::BadName => write!(f, "volume name is empty, too long or not UTF-8"),
+            DecodeError::BadMessage => write!(f, "message is too long or not UTF-8"),
+            DecodeError::StreamIdZero { kind } => {
+                write!(f, "frame type {kind} needs a stream id, got 0")
+            }
+            DecodeError::StreamIdNonZero { kind } => {
+                write!(
+                    f,
+                    "frame type {kind} is connection-level but names a stream"
+                )
+            }
+        }
+    }
+}
+
+impl std::error::Error for DecodeError {}
 
 /// Why a connection ended. Every variant aborts all of the connection's open streams.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -4,6 +4,8 @@
 //! its only implementation. Decoding never allocates more than the frame it was given, and a
 //! frame header announcing a body larger than the local limit is refused before its body is read.
 
+use super::error::DecodeError;
+use crate::reason::Reason;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use std::fmt;
 
@@ -22,6 +24,36 @@ pub const MAX_NAME_LEN: usize = 255;
 pub const MAX_MESSAGE_LEN: usize = 1024;
 /// Smallest `max_frame` a peer may announce: an OPEN with the longest name must fit.
 pub const MIN_MAX_FRAME: u32 = 4096;
+
+/// Body sizes (the bytes after the header) of each frame type's fixed part; `_MIN` ones are
+/// followed by a variable part (a name, a message, a payload).
+pub mod body {
+    /// OPEN: op, flags, name length, zero granularity, size; the name follows.
+    pub const OPEN_MIN: usize = 16;
+    /// ACCEPT: size.
+    pub const ACCEPT: usize = 8;
+    /// REJECT and ABORT: reason code; the message follows.
+    pub const REASON_MIN: usize = 4;
+    /// DATA: offset; the payload follows.
+    pub const DATA_MIN: usize = 8;
+    /// HOLE: offset, length.
+    pub const HOLE: usize = 16;
+    /// WINDOW: increment.
+    pub const WINDOW: usize = 4;
+    /// FINISH: length, digest.
+    pub const FINISH: usize = 12;
+    /// PING and PONG: opaque data.
+    pub const PING: usize = 8;
+    /// GOAWAY: last stream, reason code; the message follows.
+    pub const GOAWAY_MIN: usize = 8;
+}
+
+/// Bytes of a DATA frame besides its payload.
+pub const DATA_OVERHEAD: usize = HEADER_LEN + body::DATA_MIN;
+/// Bytes of a HOLE frame on the wire, whatever the hole's length.
+pub const HOLE_LEN: usize = HEADER_LEN + body::HOLE;
+/// Bytes of a FINISH frame on the wire.
+pub const FINISH_LEN: usize = HEADER_LEN + body::FINISH;
 
 /// Feature bits exchanged in the handshake; both sides use the intersection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -158,99 +190,6 @@ impl OpenOptions {
     }
 }
 
-/// Why a stream or connection ended. Unknown codes from newer peers are kept, not refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reason {
-    Protocol,
-    Internal,
-    NotFound,
-    AlreadyExists,
-    PermissionDenied,
-    InvalidName,
-    Io,
-    NoSpace,
-    DigestMismatch,
-    Cancelled,
-    TooManyStreams,
-    FlowControl,
-    Timeout,
-    ConnectionLost,
-    Unsupported,
-    GoingAway,
-    Other(u32),
-}
-
-impl Reason {
-    pub fn code(self) -> u32 {
-        match self {
-            Reason::Protocol => 1,
-            Reason::Internal => 2,
-            Reason::NotFound => 3,
-            Reason::AlreadyExists => 4,
-            Reason::PermissionDenied => 5,
-            Reason::InvalidName => 6,
-            Reason::Io => 7,
-            Reason::NoSpace => 8,
-            Reason::DigestMismatch => 9,
-            Reason::Cancelled => 10,
-            Reason::TooManyStreams => 11,
-            Reason::FlowControl => 12,
-            Reason::Timeout => 13,
-            Reason::ConnectionLost => 14,
-            Reason::Unsupported => 15,
-            Reason::GoingAway => 16,
-            Reason::Other(code) => code,
-        }
-    }
-
-    pub fn from_code(code: u32) -> Reason {
-        match code {
-            1 => Reason::Protocol,
-            2 => Reason::Internal,
-            3 => Reason::NotFound,
-            4 => Reason::AlreadyExists,
-            5 => Reason::PermissionDenied,
-            6 => Reason::InvalidName,
-            7 => Reason::Io,
-            8 => Reason::NoSpace,
-            9 => Reason::DigestMismatch,
-            10 => Reason::Cancelled,
-            11 => Reason::TooManyStreams,
-            12 => Reason::FlowControl,
-            13 => Reason::Timeout,
-            14 => Reason::ConnectionLost,
-            15 => Reason::Unsupported,
-            16 => Reason::GoingAway,
-            other => Reason::Other(other),
-        }
-    }
-}
-
-impl fmt::Display for Reason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let text = match self {
-            Reason::Protocol => "protocol error",
-            Reason::Internal => "internal error",
-            Reason::NotFound => "no such volume",
-            Reason::AlreadyExists => "volume exists",
-            Reason::PermissionDenied => "permission denied",
-            Reason::InvalidName => "invalid volume name",
-            Reason::Io => "I/O error",
-            Reason::NoSpace => "no space left",
-            Reason::DigestMismatch => "digest mismatch",
-            Reason::Cancelled => "cancelled",
-            Reason::TooManyStreams => "too many streams",
-            Reason::FlowControl => "flow-control violation",
-            Reason::Timeout => "timed out",
-            Reason::ConnectionLost => "connection lost",
-            Reason::Unsupported => "unsupported",
-            Reason::GoingAway => "going away",
-            Reason::Other(code) => return write!(f, "error code {code}"),
-        };
-        f.write_str(text)
-    }
-}
-
 /// Frame type bytes.
 mod kind {
     pub const OPEN: u8 = 1;
@@ -329,55 +268,6 @@ pub enum Frame {
     },
 }
 
-/// Why bytes from a peer could not be decoded. Every variant ends the connection.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DecodeError {
-    BadMagic,
-    FrameTooLarge { len: u32, max: u32 },
-    UnknownKind(u8),
-    BadLength { kind: u8, len: u32 },
-    NonZeroReserved,
-    UnknownFlags { kind: u8, flags: u8 },
-    BadOp(u8),
-    BadName,
-    BadMessage,
-    StreamIdZero { kind: u8 },
-    StreamIdNonZero { kind: u8 },
-}
-
-impl fmt::Display for DecodeError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            DecodeError::BadMagic => write!(f, "not a volstream peer (bad magic)"),
-            DecodeError::FrameTooLarge { len, max } => {
-                write!(f, "frame body of {len} bytes exceeds the limit of {max}")
-            }
-            DecodeError::UnknownKind(k) => write!(f, "unknown frame type {k}"),
-            DecodeError::BadLength { kind, len } => {
-                write!(f, "frame type {kind} cannot have a {len}-byte body")
-            }
-            DecodeError::NonZeroReserved => write!(f, "reserved header bits are not zero"),
-            DecodeError::UnknownFlags { kind, flags } => {
-                write!(f, "frame type {kind} has unknown flags {flags:#x}")
-            }
-            DecodeError::BadOp(op) => write!(f, "unknown OPEN operation {op}"),
-            DecodeError::BadName => write!(f, "volume name is empty, too long or not UTF-8"),
-            DecodeError::BadMessage => write!(f, "message is too long or not UTF-8"),
-            DecodeError::StreamIdZero { kind } => {
-                write!(f, "frame type {kind} needs a stream id, got 0")
-            }
-            DecodeError::StreamIdNonZero { kind } => {
-                write!(
-                    f,
-                    "frame type {kind} is connection-level but names a stream"
-                )
-            }
-        }
-    }
-}
-
-impl std::error::Error for DecodeError {}
-
 /// Payloads shorter than this are copied out of the receive buffer instead of sharing it, so a
 /// stalled stream holding a few small payloads cannot pin many large receive buffers.
 const SHARE_PAYLOAD_MIN: usize = 16 * 1024;
@@ -436,7 +326,7 @@ impl Frame {
                 size,
                 name,
             } => {
-                put_header(out, kind::OPEN, 0, *stream, 16 + name.len());
+                put_header(out, kind::OPEN, 0, *stream, body::OPEN_MIN + name.len());
                 out.put_u8(*op as u8);
                 out.put_u8(options.flags);
                 out.put_u16(name.len() as u16);
@@ -445,7 +335,7 @@ impl Frame {
                 out.put_slice(name.as_bytes());
             }
             Frame::Accept { stream, size } => {
-                put_header(out, kind::ACCEPT, 0, *stream, 8);
+                put_header(out, kind::ACCEPT, 0, *stream, body::ACCEPT);
                 out.put_u64(*size);
             }
             Frame::Reject {
@@ -466,12 +356,12 @@ impl Frame {
                 offset,
                 len,
             } => {
-                put_header(out, kind::HOLE, 0, *stream, 16);
+                put_header(out, kind::HOLE, 0, *stream, body::HOLE);
                 out.put_u64(*offset);
                 out.put_u64(*len);
             }
             Frame::Window { stream, increment } => {
-                put_header(out, kind::WINDOW, 0, *stream, 4);
+                put_header(out, kind::WINDOW, 0, *stream, body::WINDOW);
                 out.put_u32(*increment);
             }
             Frame::Finish {
@@ -487,7 +377,7 @@ impl Frame {
                 if digest.is_some() {
                     flags |= FLAG_DIGEST;
                 }
-                put_header(out, kind::FINISH, flags, *stream, 12);
+                put_header(out, kind::FINISH, flags, *stream, body::FINISH);
                 out.put_u64(*length);
                 out.put_u32(digest.unwrap_or(0));
             }
@@ -497,11 +387,11 @@ impl Frame {
                 message,
             } => put_reason(out, kind::ABORT, *stream, *reason, message),
             Frame::Ping { data } => {
-                put_header(out, kind::PING, 0, StreamId::CONNECTION, 8);
+                put_header(out, kind::PING, 0, StreamId::CONNECTION, body::PING);
                 out.put_u64(*data);
             }
             Frame::Pong { data } => {
-                put_header(out, kind::PONG, 0, StreamId::CONNECTION, 8);
+                put_header(out, kind::PONG, 0, StreamId::CONNECTION, body::PING);
                 out.put_u64(*data);
             }
             Frame::GoAway {
@@ -515,7 +405,7 @@ impl Frame {
                     kind::GOAWAY,
                     0,
                     StreamId::CONNECTION,
-                    8 + message.len(),
+                    body::GOAWAY_MIN + message.len(),
                 );
                 out.put_u32(last_stream.0);
                 out.put_u32(reason.code());
@@ -528,12 +418,9 @@ impl Frame {
 /// Writes the header and offset of a DATA frame whose `payload_len` payload bytes follow
 /// separately (the payload goes to the socket by writev, never copied into `out`).
 pub fn encode_data_header(out: &mut BytesMut, stream: StreamId, offset: u64, payload_len: usize) {
-    put_header(out, kind::DATA, 0, stream, 8 + payload_len);
+    put_header(out, kind::DATA, 0, stream, body::DATA_MIN + payload_len);
     out.put_u64(offset);
 }
-
-/// Bytes of a DATA frame besides its payload.
-pub const DATA_OVERHEAD: usize = HEADER_LEN + 8;
 
 fn put_header(out: &mut BytesMut, kind: u8, flags: u8, stream: StreamId, body_len: usize) {
     out.reserve(HEADER_LEN + body_len.min(64));
@@ -557,7 +444,7 @@ fn clip_message(message: &str) -> &str {
 
 fn put_reason(out: &mut BytesMut, kind: u8, stream: StreamId, reason: Reason, message: &str) {
     let message = clip_message(message);
-    put_header(out, kind, 0, stream, 4 + message.len());
+    put_header(out, kind, 0, stream, body::REASON_MIN + message.len());
     out.put_u32(reason.code());
     out.put_slice(message.as_bytes());
 }
@@ -568,8 +455,19 @@ fn check_shape(kind: u8, flags: u8, len: u32, stream: StreamId) -> Result<(), De
     if !(kind::OPEN..=kind::GOAWAY).contains(&kind) {
         return Err(DecodeError::UnknownKind(kind));
     }
-    let bad_len = || DecodeError::BadLength { kind, len };
-    let fixed = |want: u32| if len == want { Ok(()) } else { Err(bad_len()) };
+    let len = len as usize;
+    let bad_len = || DecodeError::BadLength {
+        kind,
+        len: len as u32,
+    };
+    let fixed = |want: usize| if len == want { Ok(()) } else { Err(bad_len()) };
+    let at_least = |min: usize, extra_max: usize| {
+        if len >= min && len - min <= extra_max {
+            Ok(())
+        } else {
+            Err(bad_len())
+        }
+    };
     let allowed_flags = if kind == kind::FINISH {
         FLAG_ACK | FLAG_DIGEST
     } else {
@@ -586,35 +484,17 @@ fn check_shape(kind: u8, flags: u8, len: u32, stream: StreamId) -> Result<(), De
     if needs_stream && stream.is_connection() {
         return Err(DecodeError::StreamIdZero { kind });
     }
-    let message_body = |head: u32| {
-        if len >= head && len - head <= MAX_MESSAGE_LEN as u32 {
-            Ok(())
-        } else {
-            Err(bad_len())
-        }
-    };
     match kind {
-        kind::OPEN => {
-            if (16..=16 + MAX_NAME_LEN as u32).contains(&len) {
-                Ok(())
-            } else {
-                Err(bad_len())
-            }
-        }
-        kind::ACCEPT => fixed(8),
-        kind::REJECT | kind::ABORT => message_body(4),
-        kind::DATA => {
-            if len >= 8 {
-                Ok(())
-            } else {
-                Err(bad_len())
-            }
-        }
-        kind::HOLE => fixed(16),
-        kind::WINDOW => fixed(4),
-        kind::FINISH => fixed(12),
-        kind::PING | kind::PONG => fixed(8),
-        kind::GOAWAY => message_body(8),
+        kind::OPEN => at_least(body::OPEN_MIN, MAX_NAME_LEN),
+        kind::ACCEPT => fixed(body::ACCEPT),
+        kind::REJECT | kind::ABORT => at_least(body::REASON_MIN, MAX_MESSAGE_LEN),
+        // The header's length is a u32: any payload it can announce is allowed.
+        kind::DATA => at_least(body::DATA_MIN, usize::MAX),
+        kind::HOLE => fixed(body::HOLE),
+        kind::WINDOW => fixed(body::WINDOW),
+        kind::FINISH => fixed(body::FINISH),
+        kind::PING | kind::PONG => fixed(body::PING),
+        kind::GOAWAY => at_least(body::GOAWAY_MIN, MAX_MESSAGE_LEN),
         other => Err(DecodeError::UnknownKind(other)),
     }
 }

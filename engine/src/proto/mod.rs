@@ -1,16 +1,44 @@
 //! The volstream protocol as a sans-IO state machine: bytes and time in; frames, events and
 //! deadlines out. See docs/PROTOCOL.md for the wire format.
+//!
+//! [`Connection`] is the entry point. The codec ([`frame`]) and the credit windows ([`flow`])
+//! are public for tools and tests that speak the wire format directly; the rest is the
+//! connection's own machinery:
+//!
+//! | module | what it decides |
+//! |---|---|
+//! | `connection` | the phase, frame dispatch, events, how streams and the connection end |
+//! | `handshake` | the Hello each side sends, and what the two agree on |
+//! | `store` | which streams exist: ids to streams, tombstones of aborted ones |
+//! | `counts` | stream ids, and how many streams each side may open |
+//! | `stream` | one stream's state diagram and halves |
+//! | `send`, `recv` | each direction's rules: queueing and framing; receiving and credit return |
+//! | `prioritize` | which stream sends next (deficit round robin) and the connection's credit |
+//! | `timers` | every deadline: handshake, idle, keepalive, frame, stream stall |
 
-pub mod connection;
-pub mod error;
+mod config;
+mod connection;
+mod counts;
+mod error;
+mod event;
 pub mod flow;
 pub mod frame;
-pub mod schedule;
-pub mod stream;
-pub mod transmit;
+mod handshake;
+mod opening;
+mod prioritize;
+mod recv;
+mod send;
+mod store;
+mod stream;
+mod timers;
+mod transmit;
 
-pub use connection::{Config, ConnStats, Connection, Event, OpenError, Side};
-pub use error::ConnError;
-pub use frame::{DecodeError, Features, Frame, Hello, Op, OpenOptions, Reason, StreamId};
+pub use crate::reason::Reason;
+pub use config::Config;
+pub use connection::Connection;
+pub use counts::Side;
+pub use error::{ConnError, DecodeError};
+pub use event::{ConnStats, Event, OpenError};
+pub use frame::{Features, Frame, Hello, Op, OpenOptions, StreamId};
 pub use stream::StreamStats;
 pub use transmit::Transmit;

@@ -1,10 +1,16 @@
-//! One stream's state inside a connection: its lifecycle, and the send or receive half it has
+//! One stream inside a connection: where it is in its life, and the send or receive half it has
 //! (a stream moves data one way only).
+//!
+//! The state is private to this file: every move is a method that checks the move is allowed
+//! and returns [`Illegal`] when it is not, so the diagram below is the only way a stream can
+//! change state.
 
-use super::flow::{RecvWindow, SendCredit, HOLE_COST};
+use super::flow::{RecvWindow, SendCredit};
 use super::frame::{Op, OpenOptions, StreamId};
+use super::prioritize::Sched;
 use crate::volume::Chunk;
 use std::collections::VecDeque;
+use std::time::Instant;
 
 /// Where a stream is in its life. Both ends walk the same diagram; a stream leaves the store
 /// when it completes or aborts, so there is no closed state.
@@ -19,13 +25,18 @@ use std::collections::VecDeque;
 ///  any state ──ABORT sent or received, or the connection ends──► gone (Aborted)
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum State {
+enum State {
     Opening,
     Requested,
     Open,
     AwaitingAck,
     Verifying,
 }
+
+/// A move the stream's state does not allow. The caller knows whether that is the peer's
+/// violation or a late call of the driver, and says so.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Illegal;
 
 /// Counters a stream reports when it ends.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -42,7 +53,7 @@ pub struct StreamStats {
 
 /// The half of a stream that sends DATA/HOLE/FINISH.
 #[derive(Debug)]
-pub struct SendHalf {
+pub(crate) struct SendHalf {
     pub queue: VecDeque<Chunk>,
     /// Payload bytes queued (holes count nothing: they hold no memory).
     pub queued_bytes: usize,
@@ -57,7 +68,7 @@ pub struct SendHalf {
 
 /// The half of a stream that receives DATA/HOLE/FINISH.
 #[derive(Debug)]
-pub struct RecvHalf {
+pub(crate) struct RecvHalf {
     pub window: RecvWindow,
     pub next_offset: u64,
     /// Credit cost of each chunk handed to the sink and not yet completed, in order.
@@ -65,62 +76,59 @@ pub struct RecvHalf {
 }
 
 #[derive(Debug)]
-pub enum Half {
+pub(crate) enum Half {
     Send(SendHalf),
     Recv(RecvHalf),
 }
 
 #[derive(Debug)]
-pub struct Stream {
+pub(crate) struct Stream {
     pub id: StreamId,
     pub op: Op,
     pub options: OpenOptions,
-    pub state: State,
+    state: State,
     /// The volume's logical length; for a download opener, known only after ACCEPT.
     pub size: u64,
     pub half: Half,
-    /// In the scheduler's lists (or parked waiting for connection credit).
-    pub scheduled: bool,
-    /// Deficit round robin: bytes this stream may still send in the current round.
-    pub deficit: i64,
+    /// The scheduler's bookkeeping (see `prioritize`).
+    pub sched: Sched,
     pub stats: StreamStats,
     /// Bumped whenever the stream moves (a frame either way, credit, sink progress).
     pub progress: u64,
     /// The progress value last seen by the stall check, and since when it has not moved.
-    pub watch: Option<(u64, std::time::Instant)>,
+    pub watch: Option<(u64, Instant)>,
 }
 
 impl Stream {
-    pub fn sender(id: StreamId, op: Op, options: OpenOptions, state: State, size: u64) -> Self {
-        Stream {
-            id,
-            op,
-            options,
-            state,
-            size,
-            half: Half::Send(SendHalf {
-                queue: VecDeque::new(),
-                queued_bytes: 0,
-                credit: SendCredit::new(0),
-                next_offset: 0,
-                expand_holes: false,
-                stalled_source: false,
-            }),
-            scheduled: false,
-            deficit: 0,
-            stats: StreamStats::default(),
-            progress: 0,
-            watch: None,
-        }
+    /// A stream this side asks the peer for (OPEN sent): it sends when the op is a write.
+    pub fn opened(id: StreamId, op: Op, options: OpenOptions, size: u64, window: u32) -> Self {
+        let (half, size) = if op.peer_sends() {
+            // The size comes with the peer's ACCEPT.
+            (Half::recv(window), 0)
+        } else {
+            (Half::send(), size)
+        };
+        Stream::new(id, op, options, State::Opening, size, half)
     }
 
-    pub fn receiver(
+    /// A stream the peer asked for (OPEN received): it sends unless the op is a write.
+    pub fn requested(id: StreamId, op: Op, options: OpenOptions, size: u64, window: u32) -> Self {
+        let (half, size) = if op.peer_sends() {
+            // Only an upload announces its size in OPEN; a sender learns it from its source.
+            (Half::send(), 0)
+        } else {
+            (Half::recv(window), size)
+        };
+        Stream::new(id, op, options, State::Requested, size, half)
+    }
+
+    fn new(
         id: StreamId,
         op: Op,
         options: OpenOptions,
         state: State,
         size: u64,
-        window: u32,
+        half: Half,
     ) -> Self {
         Stream {
             id,
@@ -128,17 +136,71 @@ impl Stream {
             options,
             state,
             size,
-            half: Half::Recv(RecvHalf {
-                window: RecvWindow::new(window),
-                next_offset: 0,
-                unconsumed: VecDeque::new(),
-            }),
-            scheduled: false,
-            deficit: 0,
+            half,
+            sched: Sched::default(),
             stats: StreamStats::default(),
             progress: 0,
             watch: None,
         }
+    }
+
+    /// Content may move: the stream was accepted and its sender has not finished.
+    pub fn is_open(&self) -> bool {
+        self.state == State::Open
+    }
+
+    /// Opening ──ACCEPT──► Open.
+    pub fn recv_accept(&mut self) -> Result<(), Illegal> {
+        self.step(State::Opening, State::Open)
+    }
+
+    /// Opening ──REJECT──► gone: whether the peer may still refuse the stream.
+    pub fn recv_reject(&self) -> Result<(), Illegal> {
+        self.check(State::Opening)
+    }
+
+    /// Requested ──accept()──► Open.
+    pub fn accept(&mut self) -> Result<(), Illegal> {
+        self.step(State::Requested, State::Open)
+    }
+
+    /// Requested ──reject()──► gone: whether this side may still refuse the stream.
+    pub fn reject(&self) -> Result<(), Illegal> {
+        self.check(State::Requested)
+    }
+
+    /// Open ──FINISH sent──► AwaitingAck (data sender).
+    pub fn send_finish(&mut self) -> Result<(), Illegal> {
+        self.step(State::Open, State::AwaitingAck)
+    }
+
+    /// Open ──FINISH arrives──► Verifying (data receiver).
+    pub fn recv_finish(&mut self) -> Result<(), Illegal> {
+        self.step(State::Open, State::Verifying)
+    }
+
+    /// AwaitingAck ──FINISH ack──► gone (Completed).
+    pub fn recv_ack(&self) -> Result<(), Illegal> {
+        self.check(State::AwaitingAck)
+    }
+
+    /// Verifying ──stream_verified()──► gone (Completed).
+    pub fn verified(&self) -> Result<(), Illegal> {
+        self.check(State::Verifying)
+    }
+
+    fn check(&self, from: State) -> Result<(), Illegal> {
+        if self.state == from {
+            Ok(())
+        } else {
+            Err(Illegal)
+        }
+    }
+
+    fn step(&mut self, from: State, to: State) -> Result<(), Illegal> {
+        self.check(from)?;
+        self.state = to;
+        Ok(())
     }
 
     pub fn send_half(&mut self) -> Option<&mut SendHalf> {
@@ -154,21 +216,63 @@ impl Stream {
             Half::Send(_) => None,
         }
     }
+}
 
-    /// Stream credit the front chunk needs before anything of it can go out; `None` if the
-    /// stream has nothing it may send now.
-    pub fn credit_needed(&self) -> Option<u64> {
-        if self.state != State::Open {
-            return None;
-        }
-        let Half::Send(send) = &self.half else {
-            return None;
-        };
-        let need = match send.queue.front()? {
-            Chunk::End { .. } => 0,
-            Chunk::Hole { .. } if !send.expand_holes => HOLE_COST,
-            _ => 1,
-        };
-        (send.credit.available() >= need.max(1) || need == 0).then_some(need)
+impl Half {
+    fn send() -> Half {
+        Half::Send(SendHalf {
+            queue: VecDeque::new(),
+            queued_bytes: 0,
+            // Credit and hole expansion are set once the handshake's terms apply to the stream.
+            credit: SendCredit::new(0),
+            next_offset: 0,
+            expand_holes: false,
+            stalled_source: false,
+        })
+    }
+
+    fn recv(window: u32) -> Half {
+        Half::Recv(RecvHalf {
+            window: RecvWindow::new(window),
+            next_offset: 0,
+            unconsumed: VecDeque::new(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upload() -> Stream {
+        Stream::opened(StreamId(1), Op::Write, OpenOptions::default(), 10, 0)
+    }
+
+    #[test]
+    fn a_sender_walks_open_awaiting_ack_and_nothing_else() {
+        let mut s = upload();
+        assert_eq!(s.send_finish(), Err(Illegal), "not accepted yet");
+        assert_eq!(s.recv_reject(), Ok(()));
+        s.recv_accept().unwrap();
+        assert_eq!(s.recv_accept(), Err(Illegal), "second ACCEPT");
+        assert_eq!(s.recv_reject(), Err(Illegal), "REJECT after ACCEPT");
+        assert_eq!(s.recv_ack(), Err(Illegal), "ack before FINISH");
+        s.send_finish().unwrap();
+        assert!(!s.is_open());
+        assert_eq!(s.recv_ack(), Ok(()));
+    }
+
+    #[test]
+    fn a_receiver_verifies_only_after_finish() {
+        let mut s = Stream::requested(StreamId(2), Op::Write, OpenOptions::default(), 10, 100);
+        assert_eq!(s.size, 10);
+        assert!(s.recv_half().is_some());
+        assert_eq!(s.recv_finish(), Err(Illegal), "FINISH before accept()");
+        s.accept().unwrap();
+        assert_eq!(s.reject(), Err(Illegal));
+        assert_eq!(s.verified(), Err(Illegal));
+        s.recv_finish().unwrap();
+        assert_eq!(s.recv_finish(), Err(Illegal));
+        assert_eq!(s.verified(), Ok(()));
     }
 }

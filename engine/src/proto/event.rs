@@ -1,0 +1,83 @@
+//! What a connection tells its driver: events to act on, why a stream could not be opened, and
+//! counters.
+
+use super::error::ConnError;
+use super::frame::{Features, Op, OpenOptions, StreamId};
+use super::stream::StreamStats;
+use crate::reason::Reason;
+use crate::volume::Chunk;
+use std::time::Duration;
+
+/// What the driver must act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The handshake finished; streams may be opened.
+    Connected { version: u16, features: Features },
+    /// The peer asks to open a stream: answer with `accept` or `reject`.
+    OpenRequested {
+        stream: StreamId,
+        op: Op,
+        name: String,
+        options: OpenOptions,
+        /// For `Op::Write`, the length of the content the peer will send.
+        size: u64,
+    },
+    /// The peer accepted a stream we opened.
+    Accepted { stream: StreamId, size: u64 },
+    /// The peer refused a stream we opened.
+    Rejected {
+        stream: StreamId,
+        reason: Reason,
+        message: String,
+    },
+    /// A chunk for the sink of a receiving stream; `Chunk::End` once the sender finished.
+    Chunk { stream: StreamId, chunk: Chunk },
+    /// A sending stream has room for more chunks.
+    Writable { stream: StreamId },
+    /// The stream ended verified on both sides.
+    Completed {
+        stream: StreamId,
+        stats: StreamStats,
+    },
+    /// The stream ended without success.
+    Aborted {
+        stream: StreamId,
+        reason: Reason,
+        message: String,
+        by_peer: bool,
+        stats: StreamStats,
+    },
+    /// The connection is over; every stream has been reported.
+    /// `None` when it ended cleanly after GOAWAY.
+    Closed { error: Option<ConnError> },
+}
+
+/// Why `open_stream` could not open a stream now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenError {
+    /// The handshake has not finished yet.
+    NotReady,
+    /// The peer's stream limit is reached; retry when a stream ends.
+    TooManyStreams,
+    /// GOAWAY was sent or received, or the connection is closing.
+    GoingAway,
+    /// The name cannot be sent: empty (except for LIST, where it must be) or too long.
+    InvalidName,
+}
+
+/// Connection-wide counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConnStats {
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Credit-bearing bytes received and not yet consumed by sinks, over all streams.
+    pub recv_buffered: u64,
+    pub streams_completed: u64,
+    pub streams_aborted: u64,
+    /// Last PING round trip.
+    pub rtt: Option<Duration>,
+    /// Bytes waiting to be sent that this connection holds: control frames not yet handed to
+    /// the driver, plus DATA queued by the streams' sources. The driver's own transmit queue
+    /// comes on top.
+    pub send_queued: u64,
+}
