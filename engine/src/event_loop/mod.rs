@@ -169,6 +169,9 @@ enum Command {
     GoAway {
         conn: ConnectionId,
     },
+    Ping {
+        conn: ConnectionId,
+    },
     Shutdown,
 }
 
@@ -397,6 +400,16 @@ impl Engine {
         }
     }
 
+    /// Sends a PING unless one is outstanding; its round trip lands in `stats(conn).rtt`.
+    /// Keepalive pings only an idle peer, so a busy connection's RTT is measured this way.
+    pub fn ping(&mut self, conn: ConnectionId) {
+        let now = Instant::now();
+        if let Some(d) = self.driver(conn) {
+            d.conn.ping(now);
+            d.flush(now);
+        }
+    }
+
     /// Stops listening and ends every connection; `is_shut_down` turns true when they are gone.
     pub fn shutdown(&mut self) {
         self.shutdown = true;
@@ -530,6 +543,7 @@ impl Engine {
                 let _ = reply.send(self.engine_stats());
             }
             Command::GoAway { conn } => self.go_away(conn),
+            Command::Ping { conn } => self.ping(conn),
             Command::Shutdown => self.shutdown(),
         }
     }
@@ -726,6 +740,11 @@ impl EngineHandle {
 
     pub fn go_away(&self, conn: ConnectionId) {
         self.shared.command(Command::GoAway { conn });
+    }
+
+    /// Sends a PING unless one is outstanding (see [`Engine::ping`]).
+    pub fn ping(&self, conn: ConnectionId) {
+        self.shared.command(Command::Ping { conn });
     }
 
     /// Ends every connection and stops the loop thread.

@@ -208,6 +208,7 @@ impl Connection {
             }
             match Frame::decode(&mut self.input, self.config.max_frame)? {
                 Some(frame) => {
+                    self.stats.frames_in.record(frame.kind());
                     self.heard(now);
                     progressed = true;
                     self.handle_frame(frame, now)?;
@@ -380,9 +381,13 @@ impl Connection {
         if self.phase != Phase::Open {
             return;
         }
-        let sent = self
-            .send
-            .poll_transmit(&mut self.store, out, limit, &mut self.events);
+        let sent = self.send.poll_transmit(
+            &mut self.store,
+            out,
+            limit,
+            &mut self.events,
+            &mut self.stats.frames_out,
+        );
         self.stats.bytes_out += sent;
         // FINISH acknowledgements and ABORTs raised while sending go out in this same batch.
         self.flush_control(out);
@@ -392,6 +397,7 @@ impl Connection {
         if !self.control.is_empty() {
             let control = self.control.split().freeze();
             self.stats.bytes_out += control.len() as u64;
+            self.stats.frames_out.record_encoded(&control);
             out.push(control);
         }
     }

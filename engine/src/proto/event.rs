@@ -2,7 +2,7 @@
 //! counters.
 
 use super::error::ConnError;
-use super::frame::{Features, Op, OpenOptions, StreamId};
+use super::frame::{Features, FrameCounts, Op, OpenOptions, StreamId};
 use super::stream::StreamStats;
 use crate::reason::Reason;
 use crate::volume::Chunk;
@@ -80,4 +80,7 @@ pub struct ConnStats {
     /// the driver, plus DATA queued by the streams' sources. The driver's own transmit queue
     /// comes on top.
     pub send_queued: u64,
+    /// Frames decoded from the peer and frames handed to the driver, by type.
+    pub frames_in: FrameCounts,
+    pub frames_out: FrameCounts,
 }

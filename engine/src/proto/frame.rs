@@ -191,7 +191,7 @@ impl OpenOptions {
 }
 
 /// Frame type bytes.
-mod kind {
+pub(crate) mod kind {
     pub const OPEN: u8 = 1;
     pub const ACCEPT: u8 = 2;
     pub const REJECT: u8 = 3;
@@ -203,6 +203,57 @@ mod kind {
     pub const PING: u8 = 9;
     pub const PONG: u8 = 10;
     pub const GOAWAY: u8 = 11;
+}
+
+/// Frames of each type, as a connection counts them when it sends or decodes them. Fixed-size
+/// so counting costs an increment, never an allocation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FrameCounts([u64; FrameCounts::NAMES.len()]);
+
+impl FrameCounts {
+    /// The frame types in type-byte order (OPEN is 1), named as in docs/PROTOCOL.md.
+    pub const NAMES: [&'static str; 11] = [
+        "OPEN", "ACCEPT", "REJECT", "DATA", "HOLE", "WINDOW", "FINISH", "ABORT", "PING", "PONG",
+        "GOAWAY",
+    ];
+
+    /// Frames of the type named `name` (as in [`FrameCounts::NAMES`]); `None` for no such type.
+    pub fn get(&self, name: &str) -> Option<u64> {
+        let index = Self::NAMES.iter().position(|n| *n == name)?;
+        Some(self.0[index])
+    }
+
+    /// Every type with its count, in type-byte order.
+    pub fn iter(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        Self::NAMES.iter().copied().zip(self.0.iter().copied())
+    }
+
+    pub fn total(&self) -> u64 {
+        self.0.iter().sum()
+    }
+
+    pub(crate) fn record(&mut self, kind: u8) {
+        if let Some(count) = (kind as usize)
+            .checked_sub(1)
+            .and_then(|i| self.0.get_mut(i))
+        {
+            *count += 1;
+        }
+    }
+
+    /// Counts the frames in bytes this side encoded (whole frames, possibly behind our Hello).
+    /// Walking the headers costs less than counting at each of the places that encode.
+    pub(crate) fn record_encoded(&mut self, mut bytes: &[u8]) {
+        // A frame header cannot start with the magic: its type byte would be `T`, no type.
+        if bytes.starts_with(&MAGIC) {
+            bytes = &bytes[HELLO_LEN.min(bytes.len())..];
+        }
+        while bytes.len() >= HEADER_LEN {
+            let len = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
+            self.record(bytes[4]);
+            bytes = &bytes[(HEADER_LEN + len).min(bytes.len())..];
+        }
+    }
 }
 
 /// FINISH flag: this FINISH is the receiver's confirmation, not the sender's end of data.
@@ -284,6 +335,23 @@ impl Frame {
             | Frame::Finish { stream, .. }
             | Frame::Abort { stream, .. } => *stream,
             Frame::Ping { .. } | Frame::Pong { .. } | Frame::GoAway { .. } => StreamId::CONNECTION,
+        }
+    }
+
+    /// The frame's type byte on the wire.
+    pub(crate) fn kind(&self) -> u8 {
+        match self {
+            Frame::Open { .. } => kind::OPEN,
+            Frame::Accept { .. } => kind::ACCEPT,
+            Frame::Reject { .. } => kind::REJECT,
+            Frame::Data { .. } => kind::DATA,
+            Frame::Hole { .. } => kind::HOLE,
+            Frame::Window { .. } => kind::WINDOW,
+            Frame::Finish { .. } => kind::FINISH,
+            Frame::Abort { .. } => kind::ABORT,
+            Frame::Ping { .. } => kind::PING,
+            Frame::Pong { .. } => kind::PONG,
+            Frame::GoAway { .. } => kind::GOAWAY,
         }
     }
 
@@ -633,6 +701,38 @@ mod tests {
                 max: 65_536
             })
         );
+    }
+
+    #[test]
+    fn encoded_frames_are_counted_by_type_behind_a_hello() {
+        let mut out = BytesMut::new();
+        Hello {
+            version_min: 1,
+            version_max: 1,
+            features: Features::ALL,
+            max_frame: 1 << 20,
+            stream_window: 1 << 20,
+            conn_window: 1 << 24,
+            max_streams: 16,
+        }
+        .encode(&mut out);
+        Frame::Ping { data: 7 }.encode(&mut out);
+        for increment in [1, 2] {
+            Frame::Window {
+                stream: StreamId(1),
+                increment,
+            }
+            .encode(&mut out);
+        }
+        encode_data_header(&mut out, StreamId(1), 0, 3);
+        out.put_slice(b"abc");
+        let mut counts = FrameCounts::default();
+        counts.record_encoded(&out);
+        assert_eq!(counts.get("PING"), Some(1));
+        assert_eq!(counts.get("WINDOW"), Some(2));
+        assert_eq!(counts.get("DATA"), Some(1));
+        assert_eq!(counts.total(), 4);
+        assert_eq!(counts.get("NOPE"), None);
     }
 
     #[test]

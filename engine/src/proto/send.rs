@@ -12,7 +12,9 @@ use super::connection::Connection;
 use super::error::ConnError;
 use super::event::Event;
 use super::flow::{SendCredit, HOLE_COST};
-use super::frame::{self, Features, Frame, Hello, OpenOptions, StreamId, MIN_MAX_FRAME};
+use super::frame::{
+    self, Features, Frame, FrameCounts, Hello, OpenOptions, StreamId, MIN_MAX_FRAME,
+};
 use super::prioritize::{Prioritize, Sent};
 use super::store::{Key, Store};
 use super::stream::{Half, SendHalf, Stream};
@@ -180,6 +182,7 @@ impl SendSide {
         out: &mut Transmit,
         limit: usize,
         events: &mut VecDeque<Event>,
+        frames: &mut FrameCounts,
     ) -> u64 {
         let quantum = (self.max_payload + frame::DATA_OVERHEAD) as i64;
         let (max_payload, rules) = (self.max_payload, self.rules);
@@ -188,7 +191,7 @@ impl SendSide {
         self.prioritize
             .poll(store, quantum, out, limit, |stream, conn_credit, out| {
                 let limit = (max_payload as u64).min(conn_credit) as usize;
-                let sent = encode_frame(headers, queued_total, stream, limit, out);
+                let sent = encode_frame(headers, queued_total, stream, limit, out, frames);
                 bytes_out += sent.wire as u64;
                 // Still open: it did not just send its FINISH.
                 let open = stream.is_open();
@@ -291,6 +294,7 @@ fn encode_frame(
     stream: &mut Stream,
     limit: usize,
     out: &mut Transmit,
+    frames: &mut FrameCounts,
 ) -> Sent {
     let id = stream.id;
     let Half::Send(send) = &mut stream.half else {
@@ -353,6 +357,11 @@ fn encode_frame(
         send.queue.pop_front();
     }
     send.credit.spend(cost);
+    frames.record(match (finished, is_hole) {
+        (true, _) => frame::kind::FINISH,
+        (false, true) => frame::kind::HOLE,
+        (false, false) => frame::kind::DATA,
+    });
     stream.stats.wire_bytes += wire as u64;
     stream.progress += 1;
     if is_hole {
