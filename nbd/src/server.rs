@@ -70,6 +70,7 @@ struct InFlight {
     cmd: u16,
     offset: u64,
     len: u32,
+    req_one: bool,
     /// Simple READ replies: the header went out, and the content up to here.
     started: bool,
     next: u64,
@@ -185,6 +186,7 @@ impl Server {
                     cmd,
                     offset,
                     len,
+                    req_one: flags & CMD_FLAG_REQ_ONE != 0,
                     started: false,
                     next: offset,
                 },
@@ -405,20 +407,34 @@ impl Server {
         context: u32,
         extents: &[Descriptor],
     ) -> Result<(), Error> {
-        match self.in_flight.get(&cookie) {
-            Some(f) if f.cmd == CMD_BLOCK_STATUS => {}
+        let (len, req_one) = match self.in_flight.get(&cookie) {
+            Some(f) if f.cmd == CMD_BLOCK_STATUS => (f.len as u64, f.req_one),
             _ => {
                 return Err(Error::invalid(format!(
                     "no block status request {cookie:#x} in flight"
                 )))
             }
-        }
+        };
         if extents.is_empty()
             || extents.len() > MAX_DESCRIPTORS
             || extents.iter().any(|d| d.len == 0)
         {
             return Err(Error::invalid(
                 "a block status reply needs 1 to 2^20 extents, none empty",
+            ));
+        }
+        // The rules a client checks: every extent but the last starts inside the request, and
+        // with REQ_ONE there is one, no longer than the request.
+        let before_last: u64 = extents[..extents.len() - 1]
+            .iter()
+            .map(|d| d.len as u64)
+            .sum();
+        if extents.len() > 1 && before_last >= len {
+            return Err(Error::invalid("block status extents run past the request"));
+        }
+        if req_one && (extents.len() != 1 || extents[0].len as u64 > len) {
+            return Err(Error::invalid(
+                "a REQ_ONE block status takes one extent within the request",
             ));
         }
         self.chunk_header(0, REPLY_TYPE_BLOCK_STATUS, cookie, 4 + 8 * extents.len());

@@ -38,8 +38,6 @@ pub struct ExportInfo {
     /// Transmission flags to advertise (`wire::FLAG_*`; HAS_FLAGS is added).
     pub flags: u16,
     pub block_size: BlockSize,
-    /// Whether `base:allocation` can be answered for this export.
-    pub base_allocation: bool,
 }
 
 /// Why a lookup failed, as the client is told.
@@ -372,7 +370,10 @@ impl ServerHandshake {
             }
         }
         let contexts = match &self.meta {
-            Some((meta_name, true)) if *meta_name == name && info.base_allocation => {
+            // Selected contexts are promised when SET_META_CONTEXT is answered, before the
+            // export is known: every export answers base:allocation (a host that cannot tell
+            // reports everything as data, which the protocol allows).
+            Some((meta_name, true)) if *meta_name == name => {
                 vec![Context {
                     id: BASE_ALLOCATION_ID,
                     name: CONTEXT_BASE_ALLOCATION.into(),

@@ -486,9 +486,12 @@ fn serve_one(
                     cookie,
                     offset,
                     len,
-                    ..
+                    req_one,
                 } => {
-                    let ext = d.extents(offset, len as u64);
+                    let mut ext = d.extents(offset, len as u64);
+                    if req_one {
+                        ext.truncate(1);
+                    }
                     server.reply_block_status(cookie, 1, &ext).unwrap();
                     server.reply_done(cookie).unwrap();
                 }

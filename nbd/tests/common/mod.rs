@@ -132,7 +132,6 @@ impl MemDisk {
             size: self.size(),
             flags,
             block_size: BlockSize::default(),
-            base_allocation: true,
         }
     }
 }
@@ -322,9 +321,12 @@ impl Session {
                 cookie,
                 offset,
                 len,
-                ..
+                req_one,
             } => {
-                let ext = self.disk.extents(offset, len as u64);
+                let mut ext = self.disk.extents(offset, len as u64);
+                if req_one {
+                    ext.truncate(1);
+                }
                 self.server
                     .reply_block_status(cookie, nbd::server_handshake::BASE_ALLOCATION_ID, &ext)
                     .unwrap();
