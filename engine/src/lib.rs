@@ -9,6 +9,8 @@ pub mod memory;
 pub mod proto;
 pub mod reason;
 pub mod synthetic;
+#[cfg(feature = "test-support")]
+pub mod testing;
 pub mod volume;
 
 pub use digest::Digest;

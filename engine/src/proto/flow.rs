@@ -103,6 +103,68 @@ impl RecvWindow {
     pub fn buffered(&self) -> u64 {
         self.window - self.outstanding - self.unreturned
     }
+
+    /// Credit granted to the peer and not yet used by it: what it may still send.
+    pub fn outstanding(&self) -> u64 {
+        self.outstanding
+    }
+}
+
+/// Credit as one side of a connection counts it. With nothing in flight either way, a sender's
+/// `send` equals its peer's `recv` for the connection and for every stream.
+#[cfg(feature = "test-support")]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CreditView {
+    /// Connection credit we may still spend.
+    pub send: u64,
+    /// Connection credit the peer may still spend.
+    pub recv: u64,
+    /// Bytes received and not yet consumed by sinks, over the connection.
+    pub held: u64,
+    /// Per stream: what we may still send on it, or what the peer may still send on it.
+    pub streams: Vec<(super::StreamId, StreamCredit)>,
+}
+
+#[cfg(feature = "test-support")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamCredit {
+    Send(u64),
+    /// What the peer may still send, and what arrived and is not consumed yet.
+    Recv {
+        outstanding: u64,
+        held: u64,
+    },
+}
+
+#[cfg(feature = "test-support")]
+impl super::Connection {
+    /// The credit this side counts, for tests that compare both sides' accounting.
+    pub fn credit_view(&self) -> CreditView {
+        use super::stream::Half;
+        let mut streams: Vec<_> = self
+            .store
+            .keys()
+            .into_iter()
+            .map(|key| &self.store[key])
+            .map(|s| {
+                let credit = match &s.half {
+                    Half::Send(send) => StreamCredit::Send(send.credit.available()),
+                    Half::Recv(recv) => StreamCredit::Recv {
+                        outstanding: recv.window.outstanding(),
+                        held: recv.unconsumed.iter().sum(),
+                    },
+                };
+                (s.id, credit)
+            })
+            .collect();
+        streams.sort_by_key(|(id, _)| *id);
+        CreditView {
+            send: self.send.prioritize.credit(),
+            recv: self.recv.outstanding(),
+            held: self.recv.buffered(),
+            streams,
+        }
+    }
 }
 
 #[cfg(test)]

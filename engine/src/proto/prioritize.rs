@@ -67,6 +67,12 @@ impl Prioritize {
         self.credit = SendCredit::new(initial);
     }
 
+    /// Connection credit left.
+    #[cfg(feature = "test-support")]
+    pub fn credit(&self) -> u64 {
+        self.credit.available()
+    }
+
     /// Puts a stream that has something it may send into the new flows, unless it is queued.
     pub fn schedule(&mut self, key: Key, stream: &mut Stream) {
         if !stream.sched.queued && stream.credit_needed().is_some() {

@@ -43,6 +43,12 @@ impl RecvSide {
         self.window.buffered()
     }
 
+    /// Connection credit the peer may still spend.
+    #[cfg(feature = "test-support")]
+    pub fn outstanding(&self) -> u64 {
+        self.window.outstanding()
+    }
+
     /// Charges a DATA or HOLE frame of `cost` to the connection window.
     pub fn charge(&mut self, id: StreamId, cost: u64) -> Result<(), ConnError> {
         self.window.receive(cost).map_err(|e| {

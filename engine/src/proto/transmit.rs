@@ -21,6 +21,17 @@ impl Transmit {
         }
     }
 
+    /// Moves all of `other`'s segments behind ours.
+    pub fn append(&mut self, other: &mut Transmit) {
+        self.len += std::mem::take(&mut other.len);
+        self.segments.append(&mut other.segments);
+    }
+
+    /// The segments, front first.
+    pub fn segments(&self) -> impl Iterator<Item = &Bytes> {
+        self.segments.iter()
+    }
+
     /// Bytes not yet written.
     pub fn len(&self) -> usize {
         self.len
