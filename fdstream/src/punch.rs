@@ -162,3 +162,179 @@ pub fn write_zeroes(file: &File, kind: Kind, mut offset: u64, len: u64) -> io::R
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+    use std::path::Path;
+
+    const FILL: u8 = 0xa5;
+    const SIZE: u64 = 64 * 1024;
+
+    /// Ranges around block and sector boundaries: aligned, one byte off either way, one byte.
+    const RANGES: [(u64, u64); 7] = [
+        (4096, 8192),
+        (4095, 8194),
+        (4097, 8190),
+        (1, 1),
+        (12287, 2),
+        (0, 4096),
+        (SIZE - 4097, 4097),
+    ];
+
+    fn fill(file: &File) {
+        file.write_all_at(&vec![FILL; SIZE as usize], 0).unwrap();
+        file.sync_all().unwrap();
+    }
+
+    /// A zeroer that tries `method` first, then writes zeroes.
+    fn only(kind: Kind, method: Method) -> Zeroer {
+        Zeroer {
+            kind,
+            allocated: false,
+            punch: method == Method::Punch,
+            zero_range: method == Method::ZeroRange,
+            zeroout: method == Method::ZeroOut,
+            allocate: method == Method::Allocate,
+        }
+    }
+
+    /// The range reads as zero and every byte outside it still holds `FILL`.
+    fn assert_zeroed(file: &File, offset: u64, len: u64, how: &str) {
+        let mut all = vec![0u8; SIZE as usize];
+        file.read_exact_at(&mut all, 0).unwrap();
+        let (start, end) = (offset as usize, (offset + len) as usize);
+        assert!(all[start..end].iter().all(|&b| b == 0), "{how}: not zero");
+        let outside = all[..start].iter().chain(&all[end..]);
+        let first_bad = outside.clone().position(|&b| b != FILL);
+        assert_eq!(
+            first_bad, None,
+            "{how}: a byte outside {start}..{end} changed"
+        );
+        if start > 0 {
+            assert_eq!(all[start - 1], FILL, "{how}: byte before");
+        }
+        if end < all.len() {
+            assert_eq!(all[end], FILL, "{how}: byte after");
+        }
+    }
+
+    fn each_method_on(file: &File, kind: Kind, methods: &[Method]) {
+        for &method in methods {
+            for (offset, len) in RANGES {
+                fill(file);
+                let used = only(kind, method).zero(file, offset, len).unwrap();
+                // A method the file system or device refuses (or refuses for an unaligned
+                // range) falls back to writing zeroes; either way only the range changes.
+                assert!(
+                    used == method || used == Method::Write,
+                    "{method:?} gave {used:?}"
+                );
+                let how = format!("{method:?} (used {used:?}) of {offset}+{len}");
+                assert_zeroed(file, offset, len, &how);
+            }
+        }
+    }
+
+    #[test]
+    fn zeroing_a_file_range_leaves_both_borders_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        each_method_on(
+            &file,
+            Kind::Regular,
+            &[Method::Punch, Method::ZeroRange, Method::Write],
+        );
+    }
+
+    #[test]
+    fn allocating_a_fresh_range_leaves_written_neighbours_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = File::create(dir.path().join("f")).unwrap();
+        for (offset, len) in RANGES {
+            // Written everywhere but the range, which was never written (a fresh file's hole).
+            file.set_len(0).unwrap();
+            file.set_len(SIZE).unwrap();
+            let before = vec![FILL; offset as usize];
+            let after = vec![FILL; (SIZE - offset - len) as usize];
+            file.write_all_at(&before, 0).unwrap();
+            file.write_all_at(&after, offset + len).unwrap();
+            let used = only(Kind::Regular, Method::Allocate)
+                .allocate(&file, offset, len)
+                .unwrap();
+            let file = File::open(dir.path().join("f")).unwrap();
+            assert_zeroed(&file, offset, len, &format!("{used:?} of {offset}+{len}"));
+        }
+    }
+
+    /// A loop device over a file in `dir`; detached when dropped.
+    struct Loop(String);
+
+    impl Loop {
+        fn attach(backing: &Path) -> Option<Loop> {
+            let out = std::process::Command::new("losetup")
+                .args(["-f", "--show"])
+                .arg(backing)
+                .output();
+            match out {
+                Ok(o) if o.status.success() => {
+                    Some(Loop(String::from_utf8_lossy(&o.stdout).trim().to_owned()))
+                }
+                Ok(o) => {
+                    let why = String::from_utf8_lossy(&o.stderr);
+                    eprintln!(
+                        "SKIP: losetup failed (loop devices need root): {}",
+                        why.trim()
+                    );
+                    None
+                }
+                Err(e) => {
+                    eprintln!("SKIP: cannot run losetup: {e}");
+                    None
+                }
+            }
+        }
+    }
+
+    impl Drop for Loop {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("losetup")
+                .args(["-d", &self.0])
+                .status();
+        }
+    }
+
+    #[test]
+    fn zeroing_a_block_device_range_leaves_both_borders_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let backing = dir.path().join("backing");
+        File::create(&backing).unwrap().set_len(SIZE).unwrap();
+        let Some(dev) = Loop::attach(&backing) else {
+            return;
+        };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&dev.0)
+            .unwrap();
+        assert_eq!(Kind::of(&file).unwrap(), Kind::Block);
+        each_method_on(
+            &file,
+            Kind::Block,
+            &[
+                Method::Punch,
+                Method::ZeroRange,
+                Method::ZeroOut,
+                Method::Write,
+            ],
+        );
+    }
+}
