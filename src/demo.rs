@@ -3,6 +3,7 @@
 //! once over one Unix connection, verified, and summarised.
 
 use crate::error::CliError;
+use crate::out::{say, tell};
 use clap::Args;
 use engine::proto::OpenOptions;
 use engine::{Address, Digest, Engine, EngineConfig, TransferReport};
@@ -79,7 +80,7 @@ struct Cleanup {
 impl Drop for Cleanup {
     fn drop(&mut self) {
         if self.keep {
-            eprintln!("volstream: kept {}", self.dir.display());
+            tell!("volstream: kept {}", self.dir.display());
         } else {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
@@ -104,7 +105,7 @@ pub fn run(args: DemoArgs) -> Result<(), CliError> {
     std::fs::create_dir_all(&copies).map_err(other("cannot create the copies directory"))?;
 
     let specs = specs();
-    println!(
+    say!(
         "Creating {} sparse volumes in {} ...",
         specs.len(),
         pool.display()
@@ -126,7 +127,7 @@ pub fn run(args: DemoArgs) -> Result<(), CliError> {
         .connect_blocking(&addr, Duration::from_secs(5))
         .map_err(|e| CliError::Connect(format!("cannot connect to {addr}: {e}")))?;
 
-    println!("Downloading all of them at once over one connection ({addr}) ...\n");
+    say!("Downloading all of them at once over one connection ({addr}) ...\n");
     let started = Instant::now();
     let receivers: Vec<_> = specs
         .iter()
@@ -148,9 +149,15 @@ pub fn run(args: DemoArgs) -> Result<(), CliError> {
     let _ = client_thread.join();
     let _ = server_thread.join();
 
-    println!(
+    say!(
         "{:<16} {:>10} {:>10} {:>10} {:>10} {:>8} {:>12}  CHECK",
-        "VOLUME", "APPARENT", "DATA", "ON WIRE", "ALLOCATED", "TIME", "RATE"
+        "VOLUME",
+        "APPARENT",
+        "DATA",
+        "ON WIRE",
+        "ALLOCATED",
+        "TIME",
+        "RATE"
     );
     let mut failures = 0;
     let (mut total_apparent, mut total_data, mut total_wire) = (0, 0, 0);
@@ -164,7 +171,7 @@ pub fn run(args: DemoArgs) -> Result<(), CliError> {
             .map(|m| m.blocks() * 512)
             .unwrap_or(0);
         let secs = report.elapsed.as_secs_f64();
-        println!(
+        say!(
             "{:<16} {:>10} {:>10} {:>10} {:>10} {:>7.2}s {:>10}/s  {}",
             spec.name,
             human(spec.size),
@@ -183,7 +190,7 @@ pub fn run(args: DemoArgs) -> Result<(), CliError> {
         total_data += report.stats.data_bytes;
         total_wire += report.stats.wire_bytes;
     }
-    println!(
+    say!(
         "\n{} volumes, {} apparent, {} of data, {} on the wire, in {:.2}s over one connection.",
         specs.len(),
         human(total_apparent),

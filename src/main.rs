@@ -5,7 +5,7 @@
 
 mod demo;
 mod error;
-mod json;
+mod out;
 mod progress;
 mod query;
 mod serve;
@@ -85,7 +85,7 @@ fn main() -> ExitCode {
                 .find(|l| !l.trim().is_empty())
                 .unwrap_or("bad usage")
                 .trim_start_matches("error: ");
-            eprintln!("volstream: {line} (see --help)");
+            out::tell!("volstream: {line} (see --help)");
             return ExitCode::from(2);
         }
     };
@@ -101,7 +101,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("volstream: {e}");
+            out::tell!("volstream: {e}");
             ExitCode::from(e.exit_code())
         }
     }

@@ -1,7 +1,7 @@
 //! `list` and `extents`: what a server has, and where a volume's data is.
 
 use crate::error::CliError;
-use crate::json;
+use crate::out::{json, say};
 use crate::ConnectArg;
 use clap::Args;
 use engine::proto::Op;
@@ -30,6 +30,28 @@ pub struct ExtentsArgs {
     /// A local file or block device, or with --connect a volume name.
     #[arg(value_name = "FILE|VOLUME")]
     target: String,
+}
+
+/// One volume of `list --json`.
+#[derive(serde::Serialize)]
+struct VolumeLine<'a> {
+    name: &'a str,
+    size: u64,
+    allocated: u64,
+}
+
+/// One extent of `extents --json`.
+#[derive(serde::Serialize)]
+struct ExtentLine<'a> {
+    offset: u64,
+    length: u64,
+    kind: &'a str,
+}
+
+/// A decimal field of a server's document.
+fn number(text: &str) -> Result<u64, CliError> {
+    text.parse()
+        .map_err(|_| CliError::Other(format!("bad number {text:?} from server")))
 }
 
 /// Fetches a document (listing or allocation map) from a server.
@@ -76,20 +98,18 @@ pub fn list(args: ListArgs) -> Result<(), CliError> {
     let rows = rows(&text, 3)?;
     if args.json {
         for r in rows {
-            println!(
-                "{}",
-                json::Object::default()
-                    .str("name", r[0])
-                    .raw("size", r[1])
-                    .raw("allocated", r[2])
-                    .finish()
-            );
+            let line = VolumeLine {
+                name: r[0],
+                size: number(r[1])?,
+                allocated: number(r[2])?,
+            };
+            say!("{}", json(&line));
         }
         return Ok(());
     }
-    println!("{:<32} {:>16} {:>16}", "NAME", "SIZE", "ALLOCATED");
+    say!("{:<32} {:>16} {:>16}", "NAME", "SIZE", "ALLOCATED");
     for r in rows {
-        println!("{:<32} {:>16} {:>16}", r[0], r[1], r[2]);
+        say!("{:<32} {:>16} {:>16}", r[0], r[1], r[2]);
     }
     Ok(())
 }
@@ -101,13 +121,7 @@ pub fn extents(args: ExtentsArgs) -> Result<(), CliError> {
             let text = fetch(&addr, Op::Extents, &args.target)?;
             rows(&text, 3)?
                 .into_iter()
-                .map(|r| {
-                    let num = |s: &str| {
-                        s.parse::<u64>()
-                            .map_err(|_| CliError::Other(format!("bad number {s:?} from server")))
-                    };
-                    Ok((num(r[0])?, num(r[1])?, r[2].to_owned()))
-                })
+                .map(|r| Ok((number(r[0])?, number(r[1])?, r[2].to_owned())))
                 .collect::<Result<_, CliError>>()?
         }
         None => {
@@ -120,21 +134,19 @@ pub fn extents(args: ExtentsArgs) -> Result<(), CliError> {
         }
     };
     if args.json {
-        for (offset, len, kind) in lines {
-            println!(
-                "{}",
-                json::Object::default()
-                    .num("offset", offset)
-                    .num("length", len)
-                    .str("kind", &kind)
-                    .finish()
-            );
+        for (offset, length, kind) in lines {
+            let line = ExtentLine {
+                offset,
+                length,
+                kind: &kind,
+            };
+            say!("{}", json(&line));
         }
         return Ok(());
     }
-    println!("{:>16} {:>16} KIND", "OFFSET", "LENGTH");
+    say!("{:>16} {:>16} KIND", "OFFSET", "LENGTH");
     for (offset, len, kind) in lines {
-        println!("{offset:>16} {len:>16} {kind}");
+        say!("{offset:>16} {len:>16} {kind}");
     }
     Ok(())
 }

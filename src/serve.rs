@@ -87,7 +87,7 @@ pub fn run(args: ServeArgs) -> Result<(), CliError> {
     }
     if let Address::Tcp(sock) = &addr {
         if !sock.ip().is_loopback() {
-            eprintln!(
+            crate::out::tell!(
                 "volstream: warning: listening on {sock} without authentication: anyone who can reach it can read and write the pool"
             );
         }
@@ -110,7 +110,7 @@ pub fn run(args: ServeArgs) -> Result<(), CliError> {
     let (_, bound) = engine
         .listen(&addr, Arc::new(provider))
         .map_err(|e| CliError::Connect(format!("cannot listen on {addr}: {e}")))?;
-    eprintln!("volstream: serving {} on {bound}", args.pool.display());
+    crate::out::tell!("volstream: serving {} on {bound}", args.pool.display());
     let handle = engine.handle();
     std::thread::spawn(move || {
         if let Ok(signal) = signals.wait() {

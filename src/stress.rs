@@ -3,7 +3,7 @@
 //! resource use.
 
 use crate::error::CliError;
-use crate::json;
+use crate::out::{json, say, tell};
 use clap::Args;
 use engine::proto::OpenOptions;
 use engine::synthetic::{Synthetic, SyntheticProvider};
@@ -193,7 +193,7 @@ pub fn run(args: StressArgs) -> Result<(), CliError> {
     );
     if !errors.is_empty() {
         for e in errors.iter().take(20) {
-            eprintln!("volstream: {e}");
+            tell!("volstream: {e}");
         }
         return Err(CliError::Transfers {
             failed: errors.len(),
@@ -274,6 +274,39 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[(((sorted.len() - 1) as f64) * p).round() as usize]
 }
 
+/// `stress --json`: one object, read by bench/run-all.
+#[derive(serde::Serialize)]
+struct Summary {
+    streams: usize,
+    completed: usize,
+    size: u64,
+    hole_ratio: f64,
+    churn: bool,
+    data_bytes: u64,
+    hole_bytes: u64,
+    upload_seconds: f64,
+    download_seconds: f64,
+    #[serde(rename = "data_GBps")]
+    data_gbps: f64,
+    #[serde(rename = "logical_GBps")]
+    logical_gbps: f64,
+    latency_p50_s: f64,
+    latency_p99_s: f64,
+    latency_p999_s: f64,
+    errors: usize,
+    peak_rss_bytes: u64,
+    baseline_fds: usize,
+    end_fds: usize,
+    baseline_threads: usize,
+    end_threads: usize,
+    rss_after_warmup: u64,
+    rss_at_end_of_load: u64,
+    fds_after_warmup: usize,
+    fds_at_end_of_load: usize,
+    threads_after_warmup: usize,
+    threads_at_end_of_load: usize,
+}
+
 #[allow(clippy::too_many_arguments)]
 fn print_summary(
     args: &StressArgs,
@@ -302,50 +335,44 @@ fn print_summary(
         .unwrap_or_default();
     let last = samples.last().map(|s| s.1).unwrap_or_default();
     let gbps = |bytes: u64| bytes as f64 / download_secs.max(1e-9) / 1e9;
+    // Rounded as the text summary is: the digits past these are noise on a shared machine.
+    let round = |x: f64, places: i32| {
+        let scale = 10f64.powi(places);
+        (x * scale).round() / scale
+    };
     if args.json {
-        println!(
-            "{}",
-            json::Object::default()
-                .num("streams", args.streams)
-                .num("completed", reports.len())
-                .num("size", args.size)
-                .num("hole_ratio", args.hole_ratio)
-                .bool("churn", args.churn)
-                .num("data_bytes", data)
-                .num("hole_bytes", holes)
-                .num("upload_seconds", format!("{upload_secs:.3}"))
-                .num("download_seconds", format!("{download_secs:.3}"))
-                .num("data_GBps", format!("{:.3}", gbps(data)))
-                .num("logical_GBps", format!("{:.3}", gbps(data + holes)))
-                .num(
-                    "latency_p50_s",
-                    format!("{:.4}", percentile(&latencies, 0.5))
-                )
-                .num(
-                    "latency_p99_s",
-                    format!("{:.4}", percentile(&latencies, 0.99))
-                )
-                .num(
-                    "latency_p999_s",
-                    format!("{:.4}", percentile(&latencies, 0.999))
-                )
-                .num("errors", errors.len())
-                .num("peak_rss_bytes", peak)
-                .num("baseline_fds", baseline.fds)
-                .num("end_fds", end.fds)
-                .num("baseline_threads", baseline.threads)
-                .num("end_threads", end.threads)
-                .num("rss_after_warmup", warm.rss)
-                .num("rss_at_end_of_load", last.rss)
-                .num("fds_after_warmup", warm.fds)
-                .num("fds_at_end_of_load", last.fds)
-                .num("threads_after_warmup", warm.threads)
-                .num("threads_at_end_of_load", last.threads)
-                .finish()
-        );
+        let summary = Summary {
+            streams: args.streams,
+            completed: reports.len(),
+            size: args.size,
+            hole_ratio: args.hole_ratio,
+            churn: args.churn,
+            data_bytes: data,
+            hole_bytes: holes,
+            upload_seconds: round(upload_secs, 3),
+            download_seconds: round(download_secs, 3),
+            data_gbps: round(gbps(data), 3),
+            logical_gbps: round(gbps(data + holes), 3),
+            latency_p50_s: round(percentile(&latencies, 0.5), 4),
+            latency_p99_s: round(percentile(&latencies, 0.99), 4),
+            latency_p999_s: round(percentile(&latencies, 0.999), 4),
+            errors: errors.len(),
+            peak_rss_bytes: peak,
+            baseline_fds: baseline.fds,
+            end_fds: end.fds,
+            baseline_threads: baseline.threads,
+            end_threads: end.threads,
+            rss_after_warmup: warm.rss,
+            rss_at_end_of_load: last.rss,
+            fds_after_warmup: warm.fds,
+            fds_at_end_of_load: last.fds,
+            threads_after_warmup: warm.threads,
+            threads_at_end_of_load: last.threads,
+        };
+        say!("{}", json(&summary));
         return;
     }
-    println!(
+    say!(
         "{} streams completed ({} at once, {} bytes each, {:.0}% holes), {} errors",
         reports.len(),
         args.streams,
@@ -353,7 +380,7 @@ fn print_summary(
         args.hole_ratio * 100.0,
         errors.len()
     );
-    println!(
+    say!(
         "data {} bytes, holes {} bytes in {:.2}s: {:.2} GB/s of data, {:.2} GB/s logical",
         data,
         holes,
@@ -361,13 +388,13 @@ fn print_summary(
         gbps(data),
         gbps(data + holes)
     );
-    println!(
+    say!(
         "per-stream completion: p50 {:.3}s  p99 {:.3}s  p99.9 {:.3}s",
         percentile(&latencies, 0.5),
         percentile(&latencies, 0.99),
         percentile(&latencies, 0.999)
     );
-    println!(
+    say!(
         "peak RSS {} MiB; open fds {} -> {}; threads {} -> {}",
         peak >> 20,
         baseline.fds,

@@ -1,7 +1,7 @@
 //! `download` and `upload`: every pair runs concurrently over one connection.
 
 use crate::error::CliError;
-use crate::json;
+use crate::out::{json, say, tell};
 use crate::progress::{Bars, Counter, CountingReader, CountingWriter};
 use crate::ConnectArg;
 use clap::Args;
@@ -208,9 +208,9 @@ pub fn run(args: TransferArgs, direction: Direction) -> Result<(), CliError> {
             "upload"
         };
         if args.json {
-            println!("{}", report_json(verb, p, r));
+            say!("{}", report_json(verb, p, r));
         } else if r.result.is_ok() {
-            println!(
+            say!(
                 "{verb} {} <-> {}: {} bytes ({} data, {} hole) in {:.2}s",
                 p.volume,
                 p.file.display(),
@@ -222,7 +222,7 @@ pub fn run(args: TransferArgs, direction: Direction) -> Result<(), CliError> {
         }
         if let Err(e) = &r.result {
             failed += 1;
-            eprintln!(
+            tell!(
                 "volstream: {verb} {} <-> {}: {e}",
                 p.volume,
                 p.file.display()
@@ -269,19 +269,33 @@ fn download_sink(args: &TransferArgs, file: &PathBuf) -> Result<AnyWriter, CliEr
     Ok(backend.create(file, options))
 }
 
-fn report_json(verb: &str, p: &Pending, r: &TransferReport) -> String {
-    let mut o = json::Object::default()
-        .str("op", verb)
-        .str("volume", &p.volume)
-        .str("file", &p.file.display().to_string())
-        .bool("ok", r.result.is_ok())
-        .num("size", r.size)
-        .num("data_bytes", r.stats.data_bytes)
-        .num("hole_bytes", r.stats.hole_bytes)
-        .num("wire_bytes", r.stats.wire_bytes)
-        .num("seconds", format!("{:.6}", r.elapsed.as_secs_f64()));
-    if let Err(e) = &r.result {
-        o = o.str("error", &e.to_string());
-    }
-    o.finish()
+/// One transfer of `--json`.
+#[derive(serde::Serialize)]
+struct ReportLine<'a> {
+    op: &'a str,
+    volume: &'a str,
+    file: String,
+    ok: bool,
+    size: u64,
+    data_bytes: u64,
+    hole_bytes: u64,
+    wire_bytes: u64,
+    seconds: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+fn report_json(op: &str, p: &Pending, r: &TransferReport) -> String {
+    json(&ReportLine {
+        op,
+        volume: &p.volume,
+        file: p.file.display().to_string(),
+        ok: r.result.is_ok(),
+        size: r.size,
+        data_bytes: r.stats.data_bytes,
+        hole_bytes: r.stats.hole_bytes,
+        wire_bytes: r.stats.wire_bytes,
+        seconds: r.elapsed.as_secs_f64(),
+        error: r.result.as_ref().err().map(|e| e.to_string()),
+    })
 }
