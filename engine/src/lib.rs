@@ -19,6 +19,6 @@ pub use volume::{Chunk, Notify, VolumeError, VolumeReader, VolumeWriter, WritePr
 pub mod event_loop;
 
 pub use event_loop::{
-    Address, ConnectionId, Engine, EngineConfig, EngineHandle, EngineStats, OpenRequest, Provider,
-    TransferError, TransferReport,
+    Address, ConnectionId, Engine, EngineConfig, EngineHandle, EngineStats, OpenRequest, Origin,
+    Provider, TransferError, TransferReport,
 };

@@ -126,7 +126,12 @@ impl std::error::Error for Error {
 
 impl From<Error> for VolumeError {
     fn from(e: Error) -> Self {
-        VolumeError::new(e.reason(), e.to_string())
+        // A peer shows the reason as the category before the message: do not say it twice.
+        let message = match &e {
+            Error::InvalidName(name) => format!("{name:?}"),
+            _ => e.to_string(),
+        };
+        VolumeError::new(e.reason(), message)
     }
 }
 

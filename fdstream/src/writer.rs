@@ -381,7 +381,7 @@ impl Job for WriteJob {
             let mut out = self.out.lock().unwrap();
             let r = r.map_err(VolumeError::from);
             if let Err(e) = &r {
-                log::warn!("opening sink failed: {e}");
+                log::debug!("opening sink failed: {e}");
                 out.outcome = Some(Err(e.clone()));
             }
             out.ready = Some(r);
@@ -410,7 +410,7 @@ impl Job for WriteJob {
             Ok(false) if out.queue.is_empty() => Step::Idle,
             Ok(false) => Step::Again,
             Err(e) => {
-                log::warn!("writing failed: {e}");
+                log::debug!("writing failed: {e}");
                 out.outcome = Some(Err(e.into()));
                 Step::Idle
             }

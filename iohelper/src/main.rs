@@ -92,7 +92,8 @@ fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Args, String> {
 
 fn main() {
     engine::memory::keep_freed_buffers();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    // As volstream: quiet unless RUST_LOG asks; failures reach the parent, which reports them.
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("error")).init();
     let args = match parse(std::env::args_os().skip(1)) {
         Ok(a) => a,
         Err(e) => {

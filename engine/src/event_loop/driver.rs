@@ -3,7 +3,7 @@
 //! sinks only queue work and answer polls.
 
 use super::socket::Socket;
-use super::{ConnectionId, OpenRequest, Provider, Shared, TransferError, TransferReport};
+use super::{ConnectionId, OpenRequest, Origin, Provider, Shared, TransferError, TransferReport};
 use crate::proto::{
     ConnError, Connection, Event, Op, OpenError, OpenOptions, Reason, StreamId, StreamStats,
     Transmit,
@@ -65,6 +65,9 @@ struct Local {
     armed: Arc<AtomicBool>,
     /// Writer chunks whose completion was already passed on as credit.
     released: u64,
+    /// This endpoint failed and its stream is being aborted: it is reported once, as the
+    /// transfer's error, and is given nothing more.
+    failure: Option<VolumeError>,
     name: String,
     size: u64,
     started: Instant,
@@ -152,6 +155,7 @@ impl Driver {
                 stream: None,
                 armed: Arc::new(AtomicBool::new(false)),
                 released: 0,
+                failure: None,
                 name,
                 size: 0,
                 started: now,
@@ -188,16 +192,21 @@ impl Driver {
                 | (Endpoint::Writer(_), Op::Write)
         );
         if mismatch {
-            let error = (
+            let error = failure(
                 Reason::Internal,
                 format!("{op:?} needs the other kind of endpoint"),
+                Origin::Protocol,
             );
             return self.end_local(key, StreamStats::default(), Err(error), now);
         }
         if self.conn.is_closed() {
             let error = match self.conn.error() {
-                Some(e) => (e.reason(), e.to_string()),
-                None => (Reason::GoingAway, "connection is closed".to_owned()),
+                Some(e) => failure(e.reason(), e.to_string(), Origin::Connection),
+                None => failure(
+                    Reason::GoingAway,
+                    "connection is closed",
+                    Origin::Connection,
+                ),
             };
             return self.end_local(key, StreamStats::default(), Err(error), now);
         }
@@ -231,14 +240,19 @@ impl Driver {
                 Err(OpenError::NotReady | OpenError::TooManyStreams) => return,
                 Err(OpenError::GoingAway) => {
                     self.waiting.pop_front();
-                    let error = (Reason::GoingAway, "connection is going away".to_owned());
+                    let error = failure(
+                        Reason::GoingAway,
+                        "connection is going away",
+                        Origin::Connection,
+                    );
                     self.end_local(key, StreamStats::default(), Err(error), now);
                 }
                 Err(OpenError::InvalidName) => {
                     self.waiting.pop_front();
-                    let error = (
+                    let error = failure(
                         Reason::InvalidName,
                         format!("cannot ask for {:?}", local.name),
+                        Origin::Protocol,
                     );
                     self.end_local(key, StreamStats::default(), Err(error), now);
                 }
@@ -300,10 +314,13 @@ impl Driver {
             }
             Some(stream) => {
                 self.conn.abort(stream, error.reason, &error.message);
+                if let Some(local) = self.locals.get_mut(&key) {
+                    local.failure = Some(error);
+                }
                 self.drain_events(now);
             }
             None => {
-                let error = (error.reason, error.message);
+                let error = failure(error.reason, error.message, Origin::Local);
                 self.end_local(key, StreamStats::default(), Err(error), now);
             }
         }
@@ -311,7 +328,7 @@ impl Driver {
 
     /// Moves chunks from a reader into its stream while there is room.
     fn pull(&mut self, key: u64) {
-        let Some(local) = self.locals.get_mut(&key) else {
+        let Some(local) = self.locals.get_mut(&key).filter(|l| l.failure.is_none()) else {
             return;
         };
         let (Some(stream), Endpoint::Reader(reader)) = (local.stream, &mut local.endpoint) else {
@@ -322,8 +339,9 @@ impl Driver {
                 // The stream is full; a failure the source already knows need not wait until
                 // the peer has taken everything queued before it.
                 if let Some(e) = reader.poll_failure() {
-                    log::warn!("{}: {stream} source failed: {e}", self.peer);
+                    log::warn!("{}: {stream} source failed: {}", self.peer, e.message);
                     self.conn.abort(stream, e.reason, &e.message);
+                    local.failure = Some(e);
                 }
                 return;
             }
@@ -331,8 +349,9 @@ impl Driver {
                 Poll::Pending => return,
                 Poll::Ready(Ok(chunk)) => self.conn.send_chunk(stream, chunk),
                 Poll::Ready(Err(e)) => {
-                    log::warn!("{}: {stream} source failed: {e}", self.peer);
+                    log::warn!("{}: {stream} source failed: {}", self.peer, e.message);
                     self.conn.abort(stream, e.reason, &e.message);
+                    local.failure = Some(e);
                     return;
                 }
             }
@@ -341,7 +360,9 @@ impl Driver {
 
     /// Passes a writer's progress on: credit for finished chunks, and the verdict at the end.
     fn progress(&mut self, key: u64, _now: Instant) {
-        let Some(local) = self.locals.get_mut(&key) else {
+        // A failed sink's verdict stays failed; asking again would report it again for every
+        // chunk that was already queued behind the failure.
+        let Some(local) = self.locals.get_mut(&key).filter(|l| l.failure.is_none()) else {
             return;
         };
         let (Some(stream), Endpoint::Writer(writer)) = (local.stream, &mut local.endpoint) else {
@@ -356,8 +377,9 @@ impl Driver {
         match progress.outcome {
             Some(Ok(())) => self.conn.stream_verified(stream),
             Some(Err(e)) => {
-                log::warn!("{}: {stream} sink failed: {e}", self.peer);
+                log::warn!("{}: {stream} sink failed: {}", self.peer, e.message);
                 self.conn.abort(stream, e.reason, &e.message);
+                local.failure = Some(e);
             }
             None => {}
         }
@@ -401,8 +423,8 @@ impl Driver {
                     let Some(&key) = self.by_stream.get(&stream) else {
                         continue;
                     };
-                    if let Endpoint::Writer(writer) =
-                        &mut self.locals.get_mut(&key).unwrap().endpoint
+                    let local = self.locals.get_mut(&key).unwrap();
+                    if let (Endpoint::Writer(writer), None) = (&mut local.endpoint, &local.failure)
                     {
                         writer.write(chunk);
                     }
@@ -425,8 +447,8 @@ impl Driver {
                     message,
                 } => {
                     if let Some(key) = self.by_stream.remove(&stream) {
-                        let message = format!("refused by peer: {message}");
-                        self.end_local(key, StreamStats::default(), Err((reason, message)), now);
+                        let error = failure(reason, message, Origin::RefusedByPeer);
+                        self.end_local(key, StreamStats::default(), Err(error), now);
                     }
                     self.open_waiting(now);
                 }
@@ -443,12 +465,14 @@ impl Driver {
                         self.peer
                     );
                     if let Some(key) = self.by_stream.remove(&stream) {
-                        let message = if by_peer {
-                            format!("aborted by peer: {message}")
-                        } else {
-                            message
+                        let own = self.locals.get_mut(&key).and_then(|l| l.failure.take());
+                        let error = match own {
+                            // Aborted because our own endpoint failed: its words.
+                            Some(e) if !by_peer => failure(e.reason, e.message, Origin::Local),
+                            _ if by_peer => failure(reason, message, Origin::AbortedByPeer),
+                            _ => failure(reason, message, Origin::Protocol),
                         };
-                        self.end_local(key, stats, Err((reason, message)), now);
+                        self.end_local(key, stats, Err(error), now);
                     }
                     self.open_waiting(now);
                 }
@@ -515,18 +539,14 @@ impl Driver {
             Some(e) => log::info!("{}: connection ended: {e}", self.peer),
             None => log::debug!("{}: connection closed", self.peer),
         }
-        let (reason, message) = match &error {
-            Some(e) => (e.reason(), e.to_string()),
-            None => (Reason::GoingAway, "connection closed".to_owned()),
+        // The connection's own error reads whole ("timed out: idle for 60s").
+        let error = match &error {
+            Some(e) => failure(e.reason(), e.to_string(), Origin::Connection),
+            None => failure(Reason::GoingAway, "connection closed", Origin::Connection),
         };
         let keys: Vec<u64> = self.locals.keys().copied().collect();
         for key in keys {
-            self.end_local(
-                key,
-                StreamStats::default(),
-                Err((reason, message.clone())),
-                now,
-            );
+            self.end_local(key, StreamStats::default(), Err(error.clone()), now);
         }
         self.waiting.clear();
         self.by_stream.clear();
@@ -536,7 +556,7 @@ impl Driver {
         &mut self,
         key: u64,
         stats: StreamStats,
-        result: Result<(), (Reason, String)>,
+        result: Result<(), TransferError>,
         now: Instant,
     ) {
         let Some(mut local) = self.locals.remove(&key) else {
@@ -558,7 +578,7 @@ impl Driver {
                 size: local.size,
                 stats,
                 elapsed: now.saturating_duration_since(local.started),
-                result: result.map_err(|(reason, message)| TransferError { reason, message }),
+                result,
             });
         }
     }
@@ -687,5 +707,13 @@ impl Driver {
     pub fn close(&mut self, error: ConnError, now: Instant) {
         self.conn.close(error);
         self.drain_events(now);
+    }
+}
+
+fn failure(reason: Reason, message: impl Into<String>, origin: Origin) -> TransferError {
+    TransferError {
+        reason,
+        message: message.into(),
+        origin,
     }
 }

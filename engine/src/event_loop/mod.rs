@@ -81,13 +81,40 @@ pub trait Provider: Send + Sync {
 /// Why a transfer failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TransferError {
+    /// The category, for programs (and the peer).
     pub reason: Reason,
     pub message: String,
+    pub origin: Origin,
+}
+
+/// Who ended a transfer, which decides how its error reads: a local source or sink and the
+/// connection describe themselves fully ("opening /x: No such file or directory"), while a
+/// peer's message and the protocol's own aborts are details of their reason. The reason names
+/// volumes ("no such volume"), so it is no category for a local file's failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// This side's own source or sink failed.
+    Local,
+    /// This side's protocol state ended the stream (a timeout, a peer breaking the rules).
+    Protocol,
+    /// The connection ended under the stream.
+    Connection,
+    RefusedByPeer,
+    AbortedByPeer,
 }
 
 impl fmt::Display for TransferError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.reason, self.message)
+        let (reason, message) = (self.reason, &self.message);
+        if message.is_empty() {
+            return write!(f, "{reason}");
+        }
+        match self.origin {
+            Origin::Local | Origin::Connection => f.write_str(message),
+            Origin::Protocol => write!(f, "{reason}: {message}"),
+            Origin::RefusedByPeer => write!(f, "{reason} (refused by peer): {message}"),
+            Origin::AbortedByPeer => write!(f, "{reason} (aborted by peer): {message}"),
+        }
     }
 }
 
@@ -364,7 +391,11 @@ impl Engine {
                     size: 0,
                     stats: StreamStats::default(),
                     elapsed: Duration::ZERO,
-                    result: Err(TransferError { reason, message }),
+                    result: Err(TransferError {
+                        reason,
+                        message,
+                        origin: Origin::Connection,
+                    }),
                 })
             }
         }
