@@ -5,6 +5,7 @@
 
 mod demo;
 mod error;
+mod options;
 mod out;
 mod progress;
 mod query;
@@ -32,9 +33,9 @@ enum Command {
     /// Serve a directory of volumes (and named block devices).
     Serve(serve::ServeArgs),
     /// Download volumes into local files or devices, all over one connection.
-    Download(transfer::TransferArgs),
+    Download(options::DownloadArgs),
     /// Upload local files or devices as volumes, all over one connection.
-    Upload(transfer::TransferArgs),
+    Upload(options::UploadArgs),
     /// List a server's volumes.
     List(query::ListArgs),
     /// Show the allocation map of a local file or device, or of a remote volume.
@@ -69,7 +70,9 @@ impl ConnectArg {
 
 fn main() -> ExitCode {
     engine::memory::keep_freed_buffers();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    // Quiet unless asked (RUST_LOG): a failed transfer is reported once, in its one line, and
+    // warnings about it in between would say the same thing again. Errors are bugs: shown.
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("error")).init();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -91,8 +94,8 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Serve(args) => serve::run(args),
-        Command::Download(args) => transfer::run(args, transfer::Direction::Download),
-        Command::Upload(args) => transfer::run(args, transfer::Direction::Upload),
+        Command::Download(args) => args.settings().and_then(transfer::run),
+        Command::Upload(args) => args.settings().and_then(transfer::run),
         Command::List(args) => query::list(args),
         Command::Extents(args) => query::extents(args),
         Command::Demo(args) => demo::run(args),

@@ -11,6 +11,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 static DATA_ON_STDOUT: AtomicBool = AtomicBool::new(false);
 
+/// From now on stdout carries volume data: results are printed to stderr instead.
+pub fn data_on_stdout() {
+    DATA_ON_STDOUT.store(true, Ordering::Relaxed);
+}
+
 pub fn stdout_has_data() -> bool {
     DATA_ON_STDOUT.load(Ordering::Relaxed)
 }

@@ -64,6 +64,23 @@ impl ServeArgs {
 
 pub fn run(args: ServeArgs) -> Result<(), CliError> {
     let addr: Address = args.listen.parse().map_err(CliError::Usage)?;
+    // A pool that is not there is a mistake in the command line, not a service that failed.
+    match std::fs::metadata(&args.pool) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            return Err(CliError::Usage(format!(
+                "--pool {}: not a directory",
+                args.pool.display()
+            )))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(CliError::Usage(format!(
+                "--pool {}: no such directory",
+                args.pool.display()
+            )))
+        }
+        Err(_) => {} // DirProvider says what is wrong.
+    }
     let mut provider = DirProvider::new(&args.pool).map_err(|e| {
         CliError::Connect(format!("cannot serve pool {}: {e}", args.pool.display()))
     })?;

@@ -1,79 +1,25 @@
 //! `download` and `upload`: every pair runs concurrently over one connection.
 
 use crate::error::CliError;
+use crate::options::{Direction, Settings};
 use crate::out::{json, say, tell};
 use crate::progress::{Bars, Counter, CountingReader, CountingWriter};
-use crate::ConnectArg;
-use clap::Args;
-use engine::proto::OpenOptions;
+use engine::event_loop::{Endpoint, Transfer};
+use engine::proto::{Op, OpenOptions};
 use engine::{Engine, EngineConfig, TransferReport};
-use fdstream::{AnyWriter, Backend, HelperOptions, ReaderOptions, WriterOptions};
+use fdstream::{
+    AnyReader, AnyWriter, Backend, FileReader, FileWriter, HelperOptions, HelperReader,
+    HelperWriter, ReaderOptions, WriterOptions,
+};
+use std::fs::File;
 use std::io::IsTerminal;
-use std::os::unix::fs::FileTypeExt;
-use std::path::PathBuf;
+use std::os::fd::AsFd;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Direction {
-    Download,
-    Upload,
-}
-
-#[derive(Args)]
-pub struct TransferArgs {
-    #[command(flatten)]
-    connect: ConnectArg,
-    /// Send holes as HOLE frames when the peer supports it (the default).
-    #[arg(long, overrides_with = "no_sparse")]
-    sparse: bool,
-    /// Send holes as zeroes.
-    #[arg(long)]
-    no_sparse: bool,
-    /// The destination must end fully allocated (zeroes written, not punched).
-    #[arg(long)]
-    allocated: bool,
-    /// The destination already reads as zeroes: holes need no work there.
-    #[arg(long)]
-    destination_is_zero: bool,
-    /// Ignore the source's extent map and read every byte (zero detection still applies).
-    #[arg(long)]
-    no_extents: bool,
-    /// Zero-detection granularity in bytes; 0 turns zero detection off.
-    #[arg(
-        short = 'S',
-        long = "sparse-size",
-        value_name = "BYTES",
-        default_value_t = 4096
-    )]
-    sparse_size: u32,
-    /// Replace an existing destination (a temporary is renamed over it after verification).
-    #[arg(long)]
-    overwrite: bool,
-    /// Downloads: write into an existing regular file in place (block devices always are).
-    #[arg(long)]
-    in_place: bool,
-    /// Skip fdatasync at the destination (faster; a crash may lose the data).
-    #[arg(long)]
-    no_sync: bool,
-    /// Run each volume's reads and writes in a volstream-iohelper process.
-    #[arg(long)]
-    iohelper: bool,
-    /// Read and write local volumes with O_DIRECT (bypassing the page cache).
-    #[arg(long)]
-    direct: bool,
-    /// Draw progress bars (default when stdout is a terminal).
-    #[arg(long)]
-    progress: bool,
-    /// Print one JSON object per transfer instead of text.
-    #[arg(long)]
-    json: bool,
-    /// Pairs: VOLUME FILE for download, FILE VOLUME for upload.
-    #[arg(value_name = "PAIRS", required = true)]
-    pairs: Vec<String>,
-}
-
-impl TransferArgs {
+impl Settings {
     fn backend(&self) -> Backend {
         if self.iohelper {
             Backend::Helper(HelperOptions {
@@ -85,7 +31,7 @@ impl TransferArgs {
         }
     }
 
-    fn open_options(&self, direction: Direction) -> OpenOptions {
+    fn open_options(&self) -> OpenOptions {
         let mut flags = 0;
         if self.no_sparse {
             flags |= OpenOptions::NO_SPARSE;
@@ -99,7 +45,7 @@ impl TransferArgs {
         if self.no_extents {
             flags |= OpenOptions::NO_EXTENTS;
         }
-        if self.overwrite && direction == Direction::Upload {
+        if self.overwrite && self.direction == Direction::Upload {
             flags |= OpenOptions::OVERWRITE;
         }
         OpenOptions {
@@ -111,18 +57,26 @@ impl TransferArgs {
 
 struct Pending {
     volume: String,
+    /// As the user named it (`-` for stdin or stdout).
     file: PathBuf,
     count: Counter,
-    rx: mpsc::Receiver<TransferReport>,
 }
 
-pub fn run(args: TransferArgs, direction: Direction) -> Result<(), CliError> {
-    if !args.pairs.len().is_multiple_of(2) {
-        return Err(CliError::Usage(format!(
-            "expected pairs of arguments, got {} (an odd number)",
-            args.pairs.len()
-        )));
-    }
+/// Where a pair's local side is.
+enum Local {
+    Path(PathBuf),
+    /// Our stdin (upload) or stdout (download), named `-` or by a path that is it.
+    Stdio(File),
+}
+
+pub fn run(args: Settings) -> Result<(), CliError> {
+    let direction = args.direction;
+    // Everything that can be wrong with the local side is found before connecting.
+    let locals = args
+        .pairs
+        .iter()
+        .map(|p| local(&args, &p.file))
+        .collect::<Result<Vec<_>, _>>()?;
     let addr = args.connect.address()?;
     let (engine, thread) = Engine::spawn(EngineConfig::default())
         .map_err(|e| CliError::Other(format!("cannot start the event loop: {e}")))?;
@@ -130,70 +84,67 @@ pub fn run(args: TransferArgs, direction: Direction) -> Result<(), CliError> {
         .connect_blocking(&addr, Duration::from_secs(10))
         .map_err(|e| CliError::Connect(format!("cannot connect to {addr}: {e}")))?;
 
-    let options = args.open_options(direction);
+    let options = args.open_options();
+    let (done_tx, done_rx) = mpsc::channel();
     let mut pending = Vec::new();
-    for pair in args.pairs.chunks(2) {
-        let (volume, file) = match direction {
-            Direction::Download => (pair[0].clone(), PathBuf::from(&pair[1])),
-            Direction::Upload => (pair[1].clone(), PathBuf::from(&pair[0])),
-        };
+    for (index, (pair, local)) in args.pairs.iter().zip(locals).enumerate() {
         let count = Counter::default();
-        let rx = match direction {
-            Direction::Download => {
-                let writer = download_sink(&args, &file)?;
-                let writer = CountingWriter {
-                    inner: writer,
-                    count: count.clone(),
-                };
-                engine.download(conn, &volume, options, Box::new(writer))
-            }
-            Direction::Upload => {
-                let reader = args.backend().reader(
-                    &file,
-                    ReaderOptions {
-                        zero_granularity: args.sparse_size,
-                        no_extents: args.no_extents,
-                        direct: args.direct,
-                        ..ReaderOptions::default()
-                    },
-                );
-                let reader = CountingReader {
-                    inner: reader,
-                    count: count.clone(),
-                };
-                engine.upload(conn, &volume, options, Box::new(reader))
-            }
+        let endpoint = match direction {
+            Direction::Download => Endpoint::Writer(Box::new(CountingWriter {
+                inner: download_sink(&args, local)?,
+                count: count.clone(),
+            })),
+            Direction::Upload => Endpoint::Reader(Box::new(CountingReader {
+                inner: upload_source(&args, local),
+                count: count.clone(),
+            })),
         };
+        let done = done_tx.clone();
+        engine.submit(
+            conn,
+            Transfer {
+                op: match direction {
+                    Direction::Download => Op::Read,
+                    Direction::Upload => Op::Write,
+                },
+                name: pair.volume.clone(),
+                options,
+                endpoint,
+                on_done: Box::new(move |report| {
+                    let _ = done.send((index, report));
+                }),
+            },
+        );
         pending.push(Pending {
-            volume,
-            file,
+            volume: pair.volume.clone(),
+            file: PathBuf::from(&pair.file),
             count,
-            rx,
         });
     }
+    drop(done_tx);
 
-    let bars = (args.progress || (std::io::stdout().is_terminal() && !args.json)).then(|| {
+    // Bars go to stderr, so that is the terminal that decides.
+    let bars = (args.progress || (std::io::stderr().is_terminal() && !args.json)).then(|| {
         Bars::start(
             pending
                 .iter()
-                .map(|p| {
-                    let size = (direction == Direction::Upload)
-                        .then(|| std::fs::metadata(&p.file).ok().map(|m| m.len()))
-                        .flatten();
-                    (p.volume.clone(), p.count.clone(), size)
-                })
+                .map(|p| (p.volume.clone(), p.count.clone(), upload_size(&args, p)))
                 .collect(),
         )
     });
     let started = Instant::now();
-    let mut reports = Vec::new();
-    for p in &pending {
-        let report =
-            p.rx.recv()
-                .map_err(|_| CliError::Other("event loop ended early".into()))?;
-        reports.push(report);
+    let mut reports: Vec<Option<TransferReport>> = pending.iter().map(|_| None).collect();
+    for _ in 0..pending.len() {
+        let (index, report) = done_rx
+            .recv()
+            .map_err(|_| CliError::Other("event loop ended early".into()))?;
+        if let Some(bars) = &bars {
+            bars.finished(index, report.result.is_ok(), report.elapsed);
+        }
+        reports[index] = Some(report);
     }
     drop(bars);
+    let reports: Vec<TransferReport> = reports.into_iter().flatten().collect();
     let elapsed = started.elapsed();
     engine.shutdown();
     let _ = thread.join();
@@ -202,18 +153,15 @@ pub fn run(args: TransferArgs, direction: Direction) -> Result<(), CliError> {
 
     let mut failed = 0;
     for (p, r) in pending.iter().zip(&reports) {
-        let verb = if direction == Direction::Download {
-            "download"
-        } else {
-            "upload"
+        let (verb, from, to) = match direction {
+            Direction::Download => ("download", p.volume.clone(), p.file.display().to_string()),
+            Direction::Upload => ("upload", p.file.display().to_string(), p.volume.clone()),
         };
         if args.json {
             say!("{}", report_json(verb, p, r));
         } else if r.result.is_ok() {
             say!(
-                "{verb} {} <-> {}: {} bytes ({} data, {} hole) in {:.2}s",
-                p.volume,
-                p.file.display(),
+                "{verb} {from} -> {to}: {} bytes ({} data, {} hole) in {:.2}s",
                 r.size,
                 r.stats.data_bytes,
                 r.stats.hole_bytes,
@@ -222,11 +170,7 @@ pub fn run(args: TransferArgs, direction: Direction) -> Result<(), CliError> {
         }
         if let Err(e) = &r.result {
             failed += 1;
-            tell!(
-                "volstream: {verb} {} <-> {}: {e}",
-                p.volume,
-                p.file.display()
-            );
+            tell!("volstream: {verb} {from} -> {to}: {e}");
         }
     }
     log::info!(
@@ -243,7 +187,80 @@ pub fn run(args: TransferArgs, direction: Direction) -> Result<(), CliError> {
     Ok(())
 }
 
-fn download_sink(args: &TransferArgs, file: &PathBuf) -> Result<AnyWriter, CliError> {
+/// A pair's local side, checked: `-` (or a path that is our stdin or stdout) is that stream,
+/// and a pipe to upload needs `--size`.
+fn local(args: &Settings, file: &str) -> Result<Local, CliError> {
+    let (stdio, name) = match args.direction {
+        Direction::Download => (std::io::stdout().as_fd().try_clone_to_owned(), "stdout"),
+        Direction::Upload => (std::io::stdin().as_fd().try_clone_to_owned(), "stdin"),
+    };
+    let path = Path::new(file);
+    let stdio = stdio.map(File::from);
+    let is_stdio = file == "-"
+        || match (&stdio, std::fs::metadata(path)) {
+            // `/dev/stdout`, `/proc/self/fd/1`, or the file stdout is redirected to.
+            (Ok(s), Ok(m)) => s
+                .metadata()
+                .is_ok_and(|s| s.dev() == m.dev() && s.ino() == m.ino()),
+            _ => false,
+        };
+    let local = if is_stdio {
+        let stdio =
+            stdio.map_err(|e| CliError::Usage(format!("{file}: cannot use {name}: {e}")))?;
+        if args.direction == Direction::Download {
+            crate::out::data_on_stdout();
+        }
+        Local::Stdio(stdio)
+    } else {
+        Local::Path(path.to_owned())
+    };
+    if args.direction == Direction::Upload && args.size.is_none() {
+        let meta = match &local {
+            Local::Stdio(f) => f.metadata().ok(),
+            Local::Path(p) => std::fs::metadata(p).ok(),
+        };
+        let ft = meta.map(|m| m.file_type());
+        if ft.is_some_and(|t| t.is_fifo() || t.is_char_device() || t.is_socket()) {
+            return Err(CliError::Usage(format!(
+                "{file} is a pipe, whose length cannot be known before reading it: \
+                 give it with --size BYTES"
+            )));
+        }
+    }
+    Ok(local)
+}
+
+/// An upload's length for its bar: `--size` for a pipe, else the file's (a device's is found
+/// when it opens).
+fn upload_size(args: &Settings, p: &Pending) -> Option<u64> {
+    if args.direction != Direction::Upload {
+        return None;
+    }
+    let meta = std::fs::metadata(&p.file).ok();
+    match meta {
+        Some(m) if m.is_file() => Some(m.len()),
+        _ => args.size,
+    }
+}
+
+fn upload_source(args: &Settings, local: Local) -> AnyReader {
+    let options = ReaderOptions {
+        zero_granularity: args.sparse_size,
+        no_extents: args.no_extents,
+        stream_size: args.size,
+        direct: args.direct,
+        ..ReaderOptions::default()
+    };
+    match (local, args.backend()) {
+        (Local::Path(p), backend) => backend.reader(p, options),
+        (Local::Stdio(f), Backend::InProcess) => AnyReader::File(FileReader::from_file(f, options)),
+        (Local::Stdio(f), Backend::Helper(h)) => {
+            AnyReader::Helper(HelperReader::from_file(f, options, h))
+        }
+    }
+}
+
+fn download_sink(args: &Settings, local: Local) -> Result<AnyWriter, CliError> {
     let options = WriterOptions {
         allocated: args.allocated,
         destination_is_zero: args.destination_is_zero,
@@ -253,12 +270,21 @@ fn download_sink(args: &TransferArgs, file: &PathBuf) -> Result<AnyWriter, CliEr
         ..WriterOptions::default()
     };
     let backend = args.backend();
-    let meta = std::fs::metadata(file).ok();
+    let file = match local {
+        Local::Path(p) => p,
+        Local::Stdio(f) => {
+            return Ok(match backend {
+                Backend::InProcess => AnyWriter::File(FileWriter::from_file(f, options)),
+                Backend::Helper(h) => AnyWriter::Helper(HelperWriter::from_file(f, options, h)),
+            })
+        }
+    };
+    let meta = std::fs::metadata(&file).ok();
     let is_special = meta
         .as_ref()
         .is_some_and(|m| m.file_type().is_block_device() || m.file_type().is_fifo());
     if is_special || (args.in_place && meta.is_some()) {
-        return Ok(backend.in_place(file, options));
+        return Ok(backend.in_place(&file, options));
     }
     if args.in_place {
         return Err(CliError::Usage(format!(
@@ -266,7 +292,7 @@ fn download_sink(args: &TransferArgs, file: &PathBuf) -> Result<AnyWriter, CliEr
             file.display()
         )));
     }
-    Ok(backend.create(file, options))
+    Ok(backend.create(&file, options))
 }
 
 /// One transfer of `--json`.

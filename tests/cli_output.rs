@@ -142,3 +142,119 @@ fn json_output_parses_with_typed_fields() {
     assert_eq!(stress[0]["errors"], 0);
     assert!(stress[0]["data_GBps"].is_number(), "{}", stress[0]);
 }
+
+/// `-` is stdout for a download (so is a path that is stdout): the data alone goes there,
+/// every message to stderr.
+#[test]
+fn a_download_to_stdout_keeps_the_data_clean() {
+    let dir = TempDir::new("stdout");
+    let pool = dir.join("pool");
+    std::fs::create_dir_all(&pool).unwrap();
+    sparse_file(
+        &pool.join("v.raw"),
+        8 * MIB + 77,
+        &[(MIB, 5000), (8 * MIB, 77)],
+        4,
+    );
+    let listen = format!("unix:{}", dir.join("s.sock").display());
+    let _server = Server::start(&pool, &listen);
+    let want = read_all(&pool.join("v.raw"));
+    for (file, extra) in [("-", None), ("/dev/stdout", None), ("-", Some("--json"))] {
+        let mut cmd = bin();
+        cmd.args(["download", "--connect", &listen]);
+        cmd.args(extra).args(["v.raw", file]);
+        let out = cmd.current_dir(&dir.0).output().unwrap();
+        assert!(out.status.success(), "{file}: {:?}", stderr_lines(&out));
+        assert!(
+            out.stdout == want,
+            "{file} {extra:?}: stdout is the volume, nothing else"
+        );
+        let err = stderr_lines(&out);
+        assert_eq!(err.len(), 1, "{err:?}");
+        match extra {
+            Some(_) => {
+                let report: serde_json::Value = serde_json::from_str(&err[0]).unwrap();
+                assert_eq!(report["ok"], true);
+            }
+            None => assert!(
+                err[0].contains("v.raw") && err[0].contains("bytes"),
+                "{err:?}"
+            ),
+        }
+        assert!(!dir.join("-").exists(), "`-` is no file name");
+    }
+}
+
+/// `upload --size BYTES - NAME` reads a pipe, zero detection included; a pipe without a
+/// size is refused before connecting, and one longer than its size fails without a volume.
+#[test]
+fn an_upload_reads_a_pipe_of_a_given_size() {
+    let dir = TempDir::new("stdin");
+    let pool = dir.join("pool");
+    std::fs::create_dir_all(&pool).unwrap();
+    let src = dir.join("src.raw");
+    sparse_file(&src, 6 * MIB + 5, &[(0, 4096), (5 * MIB, MIB + 5)], 8);
+    let content = read_all(&src);
+    let listen = format!("unix:{}", dir.join("s.sock").display());
+    let _server = Server::start(&pool, &listen);
+
+    let upload = |size: Option<usize>, name: &str| {
+        let mut cmd = bin();
+        cmd.args(["upload", "--json", "--connect", &listen]);
+        if let Some(size) = size {
+            cmd.args(["--size", &size.to_string()]);
+        }
+        let mut child = cmd
+            .args(["-", name])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let data = content.clone();
+        // Fed through a real pipe, in pieces, from another thread.
+        let feeder = std::thread::spawn(move || {
+            use std::io::Write;
+            for piece in data.chunks(100_000) {
+                if stdin.write_all(piece).is_err() {
+                    break;
+                }
+            }
+        });
+        let out = child.wait_with_output().unwrap();
+        feeder.join().unwrap();
+        out
+    };
+
+    let out = upload(Some(content.len()), "piped.raw");
+    let reports = json_lines(&out);
+    assert_eq!(read_all(&pool.join("piped.raw")), content);
+    assert_eq!(reports[0]["size"], content.len());
+    let holes = reports[0]["hole_bytes"].as_u64().unwrap();
+    assert!(
+        holes >= 4 * MIB,
+        "zero detection applies to a pipe: {}",
+        reports[0]
+    );
+
+    let out = upload(None, "nosize.raw");
+    assert_eq!(out.status.code(), Some(2), "{:?}", stderr_lines(&out));
+    let err = stderr_lines(&out);
+    assert_eq!(err.len(), 1, "{err:?}");
+    assert!(err[0].contains("--size"), "{err:?}");
+    assert!(
+        !err[0].contains("ReaderOptions"),
+        "no internal names: {err:?}"
+    );
+    assert!(!pool.join("nosize.raw").exists());
+
+    let out = upload(Some(content.len() - 10), "short.raw");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("more than"),
+        "{:?}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(!pool.join("short.raw").exists(), "nothing under the name");
+}

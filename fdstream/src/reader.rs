@@ -15,6 +15,7 @@ use engine::proto::OpenOptions;
 use engine::{Chunk, Digest, Notify, VolumeError, VolumeReader};
 use std::collections::VecDeque;
 use std::fs::File;
+use std::io;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -355,7 +356,7 @@ impl Job for ReadJob {
                 }
             }
             Err(e) => {
-                log::warn!("reading failed: {e}");
+                log::debug!("reading failed: {e}");
                 let e = VolumeError::from(e);
                 if out.size.is_none() {
                     out.size = Some(Err(e.clone()));
@@ -372,8 +373,8 @@ impl Job for ReadJob {
 
 fn no_size(shown: &str) -> Error {
     Error::Unsupported(format!(
-        "{shown} is a pipe or character device: its size must be given \
-         (ReaderOptions::stream_size)"
+        "{shown} is a pipe or character device, whose length is not known before it is read: \
+         it must be given"
     ))
 }
 
@@ -466,6 +467,25 @@ impl Work {
         }
     }
 
+    /// A pipe given a size must end there: more would be data the volume silently lacks.
+    fn check_drained(&mut self) -> Result<(), Error> {
+        let file = self.file.as_ref().ok_or(Error::Cancelled)?;
+        let mut byte = [0u8; 1];
+        loop {
+            match io::Read::read(&mut &*file, &mut byte) {
+                Ok(0) => return Ok(()),
+                Ok(_) => {
+                    return Err(Error::Unsupported(format!(
+                        "the pipe holds more than the {} bytes given as its size",
+                        self.size
+                    )))
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::io(format!("reading past {}", self.size), e)),
+            }
+        }
+    }
+
     /// Reads one buffer (after any holes before it), or ends the volume.
     fn step(&mut self) -> Result<Produced, Error> {
         let mut p = Produced::default();
@@ -475,6 +495,9 @@ impl Work {
         }
         loop {
             if self.pos >= self.size {
+                if self.kind == Kind::Stream {
+                    self.check_drained()?;
+                }
                 self.flush_hole(&mut p.chunks);
                 p.chunks.push(Chunk::End {
                     length: self.size,

@@ -804,6 +804,23 @@ fn dup(fd: &OwnedFd) -> io::Result<OwnedFd> {
     fd.try_clone()
 }
 
+/// Where the helper was looked for, and how to get it.
+fn missing_program(program: &std::path::Path) -> String {
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.display().to_string()))
+        .unwrap_or_else(|| "this program".into());
+    let looked = if program.components().count() > 1 {
+        format!("{} does not exist", program.display())
+    } else {
+        format!("{PROGRAM} is neither beside {beside} nor on PATH")
+    };
+    format!(
+        "{looked}: build it with `cargo build --release` in the volstream \
+         workspace (it is a default member) or set VOLSTREAM_IOHELPER to its path"
+    )
+}
+
 fn spawn(entry: &Arc<Entry>, program: PathBuf, launch: Launch, first: Option<Msg>) {
     let result = (|| -> io::Result<()> {
         let w = watcher()?;
@@ -855,6 +872,9 @@ fn spawn(entry: &Arc<Entry>, program: PathBuf, launch: Launch, first: Option<Msg
             });
         }
         let child_proc = cmd.spawn().map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound {
+                return io::Error::new(e.kind(), missing_program(&program));
+            }
             io::Error::new(e.kind(), format!("starting {}: {e}", program.display()))
         })?;
         let pid = child_proc.id() as i32;

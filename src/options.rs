@@ -1,0 +1,263 @@
+//! The command lines of `download` and `upload`. Each has its own options and help, since the
+//! same flag acts on different things: `--allocated` on a download is about the local file,
+//! on an upload a request to the server. Both become one [`Settings`] for `transfer::run`.
+
+use crate::error::CliError;
+use crate::ConnectArg;
+use clap::Args;
+
+/// `volstream download`.
+#[derive(Args)]
+pub struct DownloadArgs {
+    #[command(flatten)]
+    connect: ConnectArg,
+    /// The server sends holes as HOLE frames (the default).
+    #[arg(long, conflicts_with = "no_sparse")]
+    sparse: bool,
+    /// The server sends holes as zeroes.
+    #[arg(long)]
+    no_sparse: bool,
+    /// FILE ends fully allocated: holes are written as zeroes, never punched.
+    #[arg(long, conflicts_with = "destination_is_zero")]
+    allocated: bool,
+    /// FILE already reads as zeroes (a new or zeroed device): holes need no work there.
+    #[arg(long)]
+    destination_is_zero: bool,
+    /// The server ignores the volume's extent map and reads every byte (its zero detection
+    /// still applies).
+    #[arg(long)]
+    no_extents: bool,
+    /// The server's zero-detection granularity: a power of two from 512, or 0 for off.
+    #[arg(short = 'S', long = "sparse-size", value_name = "BYTES", default_value_t = 4096,
+          value_parser = granularity)]
+    sparse_size: u32,
+    /// Replace an existing FILE (the copy is renamed over it once verified).
+    #[arg(long)]
+    overwrite: bool,
+    /// Write into an existing regular FILE in place (block devices always are).
+    #[arg(long)]
+    in_place: bool,
+    /// Skip fdatasync of FILE (faster; a crash may lose the data).
+    #[arg(long)]
+    no_sync: bool,
+    /// Write each FILE from a volstream-iohelper process.
+    #[arg(long)]
+    iohelper: bool,
+    /// Write FILEs with O_DIRECT (bypassing the page cache).
+    #[arg(long)]
+    direct: bool,
+    #[command(flatten)]
+    output: OutputArgs,
+    /// VOLUME FILE pairs: the server's VOLUME is written to the local FILE (`-` is stdout;
+    /// then every message goes to stderr).
+    #[arg(value_name = "VOLUME FILE")]
+    pairs: Vec<String>,
+}
+
+/// `volstream upload`.
+#[derive(Args)]
+pub struct UploadArgs {
+    #[command(flatten)]
+    connect: ConnectArg,
+    /// Send holes as HOLE frames (the default).
+    #[arg(long, conflicts_with = "no_sparse")]
+    sparse: bool,
+    /// Send holes as zeroes.
+    #[arg(long)]
+    no_sparse: bool,
+    /// The server leaves VOLUME fully allocated: holes written as zeroes, never punched.
+    #[arg(long, conflicts_with = "destination_is_zero")]
+    allocated: bool,
+    /// VOLUME already reads as zeroes on the server (a zeroed device): holes need no work.
+    #[arg(long)]
+    destination_is_zero: bool,
+    /// Ignore FILE's extent map and read every byte (zero detection still applies).
+    #[arg(long)]
+    no_extents: bool,
+    /// Zero-detection granularity for reading FILE: a power of two from 512, or 0 for off.
+    #[arg(short = 'S', long = "sparse-size", value_name = "BYTES", default_value_t = 4096,
+          value_parser = granularity)]
+    sparse_size: u32,
+    /// Replace an existing VOLUME on the server (the upload is renamed over it once verified).
+    #[arg(long)]
+    overwrite: bool,
+    /// The length of a FILE that is a pipe (`-` is stdin): a pipe cannot tell it, and the
+    /// server needs it before the first byte.
+    #[arg(long, value_name = "BYTES")]
+    size: Option<u64>,
+    /// Read each FILE from a volstream-iohelper process.
+    #[arg(long)]
+    iohelper: bool,
+    /// Read FILEs with O_DIRECT (bypassing the page cache).
+    #[arg(long)]
+    direct: bool,
+    #[command(flatten)]
+    output: OutputArgs,
+    /// FILE VOLUME pairs: the local FILE (`-` is stdin, with --size) becomes the server's
+    /// VOLUME.
+    #[arg(value_name = "FILE VOLUME")]
+    pairs: Vec<String>,
+}
+
+#[derive(Args)]
+struct OutputArgs {
+    /// Draw progress bars on stderr (the default when stderr is a terminal, without --json).
+    #[arg(long)]
+    progress: bool,
+    /// Print one JSON object per transfer instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Download,
+    Upload,
+}
+
+/// One pair: a volume on the server and a local file.
+pub struct Pair {
+    pub volume: String,
+    /// `-`: stdout for a download, stdin for an upload.
+    pub file: String,
+}
+
+/// What `transfer::run` needs, whichever command it came from. Options the direction does
+/// not have are off.
+pub struct Settings {
+    pub direction: Direction,
+    pub connect: ConnectArg,
+    pub no_sparse: bool,
+    pub allocated: bool,
+    pub destination_is_zero: bool,
+    pub no_extents: bool,
+    pub sparse_size: u32,
+    pub overwrite: bool,
+    pub in_place: bool,
+    pub no_sync: bool,
+    pub size: Option<u64>,
+    pub iohelper: bool,
+    pub direct: bool,
+    pub progress: bool,
+    pub json: bool,
+    pub pairs: Vec<Pair>,
+}
+
+impl DownloadArgs {
+    pub fn settings(self) -> Result<Settings, CliError> {
+        let pairs = pairs(&self.pairs, Direction::Download)?;
+        Ok(Settings {
+            direction: Direction::Download,
+            connect: self.connect,
+            no_sparse: self.no_sparse,
+            allocated: self.allocated,
+            destination_is_zero: self.destination_is_zero,
+            no_extents: self.no_extents,
+            sparse_size: self.sparse_size,
+            overwrite: self.overwrite,
+            in_place: self.in_place,
+            no_sync: self.no_sync,
+            size: None,
+            iohelper: self.iohelper,
+            direct: self.direct,
+            progress: self.output.progress,
+            json: self.output.json,
+            pairs,
+        })
+    }
+}
+
+impl UploadArgs {
+    pub fn settings(self) -> Result<Settings, CliError> {
+        let pairs = pairs(&self.pairs, Direction::Upload)?;
+        Ok(Settings {
+            direction: Direction::Upload,
+            connect: self.connect,
+            no_sparse: self.no_sparse,
+            allocated: self.allocated,
+            destination_is_zero: self.destination_is_zero,
+            no_extents: self.no_extents,
+            sparse_size: self.sparse_size,
+            overwrite: self.overwrite,
+            in_place: false,
+            no_sync: false,
+            size: self.size,
+            iohelper: self.iohelper,
+            direct: self.direct,
+            progress: self.output.progress,
+            json: self.output.json,
+            pairs,
+        })
+    }
+}
+
+/// The positional arguments as pairs; what is missing is named.
+fn pairs(args: &[String], direction: Direction) -> Result<Vec<Pair>, CliError> {
+    let (first, second) = match direction {
+        Direction::Download => ("VOLUME", "FILE"),
+        Direction::Upload => ("FILE", "VOLUME"),
+    };
+    if args.is_empty() {
+        return Err(CliError::Usage(format!(
+            "nothing to transfer: give {first} {second} pairs"
+        )));
+    }
+    if args.len() % 2 == 1 {
+        let last = &args[args.len() - 1];
+        return Err(CliError::Usage(format!(
+            "{first} {last:?} has no {second}: arguments come in {first} {second} pairs"
+        )));
+    }
+    let stdio = args.chunks(2).filter(|p| p[side(direction)] == "-").count();
+    if stdio > 1 {
+        let stream = match direction {
+            Direction::Download => "stdout",
+            Direction::Upload => "stdin",
+        };
+        return Err(CliError::Usage(format!(
+            "`-` ({stream}) can be the {second} of one pair only, not {stdio}"
+        )));
+    }
+    Ok(args
+        .chunks(2)
+        .map(|p| Pair {
+            volume: p[1 - side(direction)].clone(),
+            file: p[side(direction)].clone(),
+        })
+        .collect())
+}
+
+/// Which of a pair's two arguments is the local file.
+fn side(direction: Direction) -> usize {
+    match direction {
+        Direction::Download => 1,
+        Direction::Upload => 0,
+    }
+}
+
+/// `-S`: zero detection compares aligned blocks; below a sector, or not a power of two, the
+/// blocks would not line up with anything a disk or filesystem allocates.
+fn granularity(text: &str) -> Result<u32, String> {
+    const RULE: &str = "a power of two from 512 (e.g. 4096), or 0 to turn zero detection off";
+    let value: u32 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of bytes: {RULE}"))?;
+    if value == 0 || (value >= 512 && value.is_power_of_two()) {
+        Ok(value)
+    } else {
+        Err(format!("{value} bytes is no granularity: {RULE}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn granularity_is_zero_or_a_power_of_two_from_512() {
+        for ok in ["0", "512", "4096", "1048576", "2147483648"] {
+            assert!(super::granularity(ok).is_ok(), "{ok}");
+        }
+        for bad in ["1", "3", "256", "4097", "-1", "4k", ""] {
+            assert!(super::granularity(bad).is_err(), "{bad}");
+        }
+    }
+}
