@@ -19,6 +19,7 @@ pub use volume::{Chunk, Notify, VolumeError, VolumeReader, VolumeWriter, WritePr
 pub mod event_loop;
 
 pub use event_loop::{
-    Address, ConnectionId, Engine, EngineConfig, EngineHandle, EngineStats, OpenRequest, Origin,
-    Provider, TransferError, TransferReport,
+    Address, AllowList, ConnectionId, ConnectionInfo, Credentials, Engine, EngineConfig,
+    EngineHandle, EngineStats, OpenRequest, Origin, PeerIdentity, Provider, TlsConfig, TlsError,
+    TransferError, TransferReport, UnixPeerPolicy,
 };

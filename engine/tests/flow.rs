@@ -1,4 +1,9 @@
-//! Backpressure and the sparse fallback, end to end through two engines on a Unix socket.
+//! Backpressure and the sparse fallback, end to end through two engines, each test over a Unix
+//! socket and over TLS on loopback TCP.
+
+mod common;
+
+use common::Net;
 
 use engine::proto::{Config, Features, OpenOptions};
 use engine::synthetic::{Synthetic, SyntheticProvider, Verifier};
@@ -11,37 +16,46 @@ use std::time::Duration;
 
 const MIB: u64 = 1024 * 1024;
 
-fn unix_addr(tag: &str) -> Address {
-    let path = std::env::temp_dir().join(format!("volstream-flow-{}-{tag}", std::process::id()));
-    let _ = std::fs::remove_file(&path);
-    Address::Unix(path)
-}
+over_each_transport!(
+    stalled_sink_holds_only_its_own_window,
+    peer_without_sparse_gets_holes_as_zeroes_and_digest_verifies,
+    missing_volume_is_rejected_without_harming_the_connection,
+    list_travels_as_stream_content,
+    a_sink_stuck_forever_times_out_alone,
+    many_stalled_streams_hold_little_memory_at_the_sender,
+    an_unsendable_name_fails_only_its_transfer,
+    a_failure_behind_queued_chunks_aborts_the_stream_without_waiting_for_them,
+);
 
-/// A server engine serving synthetic volumes on a Unix socket; shut down when dropped.
+/// A server engine serving synthetic volumes; shut down when dropped.
 struct Server {
     handle: EngineHandle,
     addr: Address,
+    net: Net,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Server {
-    fn start(tag: &str, volumes: &[(String, Synthetic)]) -> Server {
+    fn start(net: Net, tag: &str, volumes: &[(String, Synthetic)]) -> Server {
         let mut provider = SyntheticProvider::default();
         for (name, v) in volumes {
             provider.insert(name.clone(), v.clone());
         }
-        let (handle, thread) = Engine::spawn(EngineConfig::default()).unwrap();
-        let (_, addr) = handle.listen(&unix_addr(tag), Arc::new(provider)).unwrap();
+        let (handle, thread) = Engine::spawn(net.server(EngineConfig::default())).unwrap();
+        let (_, addr) = handle
+            .listen(&net.listen_addr(&format!("flow-{tag}")), Arc::new(provider))
+            .unwrap();
         Server {
             handle,
             addr,
+            net,
             thread: Some(thread),
         }
     }
 
     /// A client engine connected to this server.
     fn client(&self, config: EngineConfig) -> Client {
-        let (client, thread) = Engine::spawn(config).unwrap();
+        let (client, thread) = Engine::spawn(self.net.client(config)).unwrap();
         let conn = client.connect(&self.addr).unwrap();
         Client {
             client,
@@ -120,13 +134,12 @@ fn chunk_bytes(chunk: &Chunk) -> u64 {
     }
 }
 
-#[test]
-fn stalled_sink_holds_only_its_own_window() {
+fn stalled_sink_holds_only_its_own_window(net: Net) {
     let window = 256 * 1024;
     let volumes: Vec<(String, Synthetic)> = (0..100)
         .map(|i| (format!("v{i}"), Synthetic::new(77 + i, 4 * MIB, 0.1)))
         .collect();
-    let server = Server::start("stall", &volumes);
+    let server = Server::start(net, "stall", &volumes);
     let mut config = EngineConfig::default();
     config.connection.stream_window = window;
     config.connection.conn_window = 8 * 1024 * 1024;
@@ -182,8 +195,7 @@ fn stalled_sink_holds_only_its_own_window() {
     assert!(report.stats.peak_buffered > 0);
 }
 
-#[test]
-fn peer_without_sparse_gets_holes_as_zeroes_and_digest_verifies() {
+fn peer_without_sparse_gets_holes_as_zeroes_and_digest_verifies(net: Net) {
     let volumes: Vec<(String, Synthetic)> = (0..8)
         .map(|i| {
             (
@@ -192,7 +204,7 @@ fn peer_without_sparse_gets_holes_as_zeroes_and_digest_verifies() {
             )
         })
         .collect();
-    let server = Server::start("nosparse", &volumes);
+    let server = Server::start(net, "nosparse", &volumes);
     let config = EngineConfig {
         connection: Config {
             features: Features::ALL.without(Features::SPARSE),
@@ -222,10 +234,9 @@ fn peer_without_sparse_gets_holes_as_zeroes_and_digest_verifies() {
     }
 }
 
-#[test]
-fn missing_volume_is_rejected_without_harming_the_connection() {
+fn missing_volume_is_rejected_without_harming_the_connection(net: Net) {
     let volumes = vec![("here".to_owned(), Synthetic::new(5, MIB, 0.2))];
-    let server = Server::start("reject", &volumes);
+    let server = Server::start(net, "reject", &volumes);
     let pair = server.client(EngineConfig::default());
     let (client, conn) = (&pair.client, pair.conn);
     let missing = client.download(
@@ -249,13 +260,12 @@ fn missing_volume_is_rejected_without_harming_the_connection() {
     );
 }
 
-#[test]
-fn list_travels_as_stream_content() {
+fn list_travels_as_stream_content(net: Net) {
     let volumes = vec![
         ("b".to_owned(), Synthetic::new(5, MIB, 0.2)),
         ("a".to_owned(), Synthetic::new(6, 3 * MIB, 0.5)),
     ];
-    let server = Server::start("list", &volumes);
+    let server = Server::start(net, "list", &volumes);
     let pair = server.client(EngineConfig::default());
     let (client, conn) = (&pair.client, pair.conn);
     let sink = engine::synthetic::MemoryWriter::default();
@@ -300,12 +310,11 @@ impl VolumeWriter for StuckWriter {
     }
 }
 
-#[test]
-fn a_sink_stuck_forever_times_out_alone() {
+fn a_sink_stuck_forever_times_out_alone(net: Net) {
     let volumes: Vec<(String, Synthetic)> = (0..20)
         .map(|i| (format!("v{i}"), Synthetic::new(300 + i, 4 * MIB, 0.3)))
         .collect();
-    let server = Server::start("stuck", &volumes);
+    let server = Server::start(net, "stuck", &volumes);
     let mut config = EngineConfig::default();
     config.connection.stream_timeout = Duration::from_millis(600);
     let pair = server.client(config);
@@ -340,13 +349,12 @@ fn a_sink_stuck_forever_times_out_alone() {
     );
 }
 
-#[test]
-fn many_stalled_streams_hold_little_memory_at_the_sender() {
+fn many_stalled_streams_hold_little_memory_at_the_sender(net: Net) {
     let count = 300;
     let volumes: Vec<(String, Synthetic)> = (0..count)
         .map(|i| (format!("v{i}"), Synthetic::new(500 + i, 8 * MIB, 0.0)))
         .collect();
-    let server = Server::start("memcap", &volumes);
+    let server = Server::start(net, "memcap", &volumes);
     let pair = server.client(EngineConfig::default());
     let (client, conn) = (&pair.client, pair.conn);
     let receivers: Vec<_> = volumes
@@ -368,10 +376,9 @@ fn many_stalled_streams_hold_little_memory_at_the_sender() {
     drop(receivers);
 }
 
-#[test]
-fn an_unsendable_name_fails_only_its_transfer() {
+fn an_unsendable_name_fails_only_its_transfer(net: Net) {
     let volumes = vec![("ok".to_owned(), Synthetic::new(8, MIB, 0.2))];
-    let server = Server::start("names", &volumes);
+    let server = Server::start(net, "names", &volumes);
     let pair = server.client(EngineConfig::default());
     let (client, conn) = (&pair.client, pair.conn);
     for bad in [String::new(), "x".repeat(300)] {
@@ -424,11 +431,10 @@ impl engine::VolumeReader for FailingLater {
     }
 }
 
-#[test]
-fn a_failure_behind_queued_chunks_aborts_the_stream_without_waiting_for_them() {
+fn a_failure_behind_queued_chunks_aborts_the_stream_without_waiting_for_them(net: Net) {
     let volume = Synthetic::new(77, 64 * MIB, 0.0);
     let volumes = vec![("v".to_owned(), volume.clone())];
-    let server = Server::start("failure", &volumes);
+    let server = Server::start(net, "failure", &volumes);
     let pair = server.client(EngineConfig::default());
     let reader = FailingLater {
         inner: volume.reader(),

@@ -2,8 +2,12 @@
 //! sinks of its streams. Everything here runs on the loop thread and never blocks: sources and
 //! sinks only queue work and answer polls.
 
-use super::socket::Socket;
-use super::{ConnectionId, OpenRequest, Origin, Provider, Shared, TransferError, TransferReport};
+use super::tls::looks_like_tls;
+use super::transport::{TlsFailure, Transport};
+use super::{
+    ConnectionId, OpenRequest, Origin, PeerIdentity, Provider, Shared, TransferError,
+    TransferReport,
+};
 use crate::proto::{
     ConnError, Connection, Event, Op, OpenError, OpenOptions, Reason, StreamId, StreamStats,
     Transmit,
@@ -90,7 +94,7 @@ const IOV_MAX: usize = 64;
 
 pub struct Driver {
     pub id: ConnectionId,
-    pub socket: Socket,
+    pub transport: Transport,
     pub conn: Connection,
     out: Transmit,
     locals: HashMap<u64, Local>,
@@ -101,6 +105,13 @@ pub struct Driver {
     provider: Option<Arc<dyn Provider>>,
     shared: Arc<Shared>,
     pub peer: String,
+    /// Who the peer is, as the transport proved it (completed at the TLS handshake).
+    pub identity: PeerIdentity,
+    /// Set when the listener's policy refuses this peer: the connection ends with this reason
+    /// (in GOAWAY) as soon as the handshake lets the peer hear it, before any OPEN is served.
+    refusal: Option<String>,
+    /// Whether the first input bytes were checked for a TLS record on a plain connection.
+    sniffed: bool,
     writable: bool,
     /// More input may be waiting: the read budget ran out before WouldBlock.
     pub read_pending: bool,
@@ -114,17 +125,21 @@ pub struct Driver {
 }
 
 impl Driver {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         id: ConnectionId,
-        socket: Socket,
+        transport: Transport,
         conn: Connection,
         provider: Option<Arc<dyn Provider>>,
         shared: Arc<Shared>,
         peer: String,
+        identity: PeerIdentity,
+        refusal: Option<String>,
     ) -> Self {
         Driver {
             id,
-            socket,
+            sniffed: transport.is_tls(),
+            transport,
             conn,
             out: Transmit::default(),
             locals: HashMap::new(),
@@ -134,6 +149,8 @@ impl Driver {
             provider,
             shared,
             peer,
+            identity,
+            refusal,
             writable: false,
             read_pending: false,
             write_pending: false,
@@ -390,11 +407,21 @@ impl Driver {
         while let Some(event) = self.conn.poll_event() {
             match event {
                 Event::Connected { version, features } => {
+                    if let Some(identity) = self.transport.peer_identity() {
+                        self.identity = identity;
+                    }
                     log::debug!(
-                        "{}: connected, protocol {version}, features {:#x}",
+                        "{}: connected, protocol {version}, features {:#x}, {}, peer {}",
                         self.peer,
-                        features.0
+                        features.0,
+                        self.transport.tls_summary().as_deref().unwrap_or("no TLS"),
+                        self.identity
                     );
+                    if let Some(refusal) = self.refusal.take() {
+                        log::warn!("{}: refused: {refusal}", self.peer);
+                        self.conn.close(ConnError::Refused(refusal));
+                        continue;
+                    }
                     self.open_waiting(now);
                 }
                 Event::OpenRequested {
@@ -490,6 +517,10 @@ impl Driver {
         size: u64,
         now: Instant,
     ) {
+        if self.conn.is_closed() {
+            // Refused or failed in the same batch of input: nothing is served.
+            return;
+        }
         let Some(provider) = self.provider.clone() else {
             self.conn
                 .reject(stream, Reason::Unsupported, "this side serves no volumes");
@@ -500,6 +531,7 @@ impl Driver {
             options,
             size,
             peer: self.peer.clone(),
+            identity: self.identity.clone(),
         };
         let opened = match op {
             Op::Read => provider.open_read(&request).map(Endpoint::Reader),
@@ -600,12 +632,20 @@ impl Driver {
                 self.input_stalled = !self.conn.is_closed();
                 return;
             }
-            match self.socket.read_into(self.conn.input_buffer(), room) {
+            match self.transport.read_into(self.conn.input_buffer(), room) {
                 Ok(0) => {
                     self.conn.handle_eof();
                     break;
                 }
                 Ok(n) => {
+                    if !self.sniffed && self.conn.input_buffer().len() >= 3 {
+                        self.sniffed = true;
+                        if looks_like_tls(self.conn.input_buffer()) {
+                            let message = "the peer speaks TLS but this connection is plain (use a tls: address on both sides)";
+                            self.conn.close(ConnError::Tls(message.into()));
+                            break;
+                        }
+                    }
                     self.conn.record_bytes_in(n);
                     self.conn.handle_input(now);
                     self.drain_events(now);
@@ -618,12 +658,24 @@ impl Driver {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    self.conn.handle_io_error(e.to_string());
+                    self.fail_io(e);
                     break;
                 }
             }
         }
         self.drain_events(now);
+    }
+
+    /// Ends the connection for a transport failure: TLS (with the reason, to both users) or
+    /// the socket's.
+    fn fail_io(&mut self, e: io::Error) {
+        match TlsFailure::of(&e) {
+            Some(message) => {
+                log::warn!("{}: {message}", self.peer);
+                self.conn.close(ConnError::Tls(message.to_owned()));
+            }
+            None => self.conn.handle_io_error(e.to_string()),
+        }
     }
 
     pub fn on_writable(&mut self) {
@@ -640,7 +692,25 @@ impl Driver {
                 // Scheduling may free room in stream queues (Writable) or abort streams.
                 self.drain_events(now);
             }
-            if self.out.is_empty() || !self.writable {
+            if !self.writable {
+                break;
+            }
+            // TLS records of the handshake or alerts go out even with no frames to send.
+            match self.transport.flush() {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.writable = false;
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    self.fail_io(e);
+                    self.drain_events(now);
+                    self.out = Transmit::default();
+                    break;
+                }
+            }
+            if self.out.is_empty() || !self.transport.accepts_plaintext() {
                 break;
             }
             if budget == 0 {
@@ -649,7 +719,7 @@ impl Driver {
             }
             let mut slices = [IoSlice::new(&[]); IOV_MAX];
             let n = self.out.io_slices(&mut slices);
-            match self.socket.write_vectored(&slices[..n]) {
+            match self.transport.write_vectored(&slices[..n]) {
                 Ok(written) => {
                     self.out.advance(written);
                     budget = budget.saturating_sub(written);
@@ -660,7 +730,7 @@ impl Driver {
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    self.conn.handle_io_error(e.to_string());
+                    self.fail_io(e);
                     self.drain_events(now);
                     self.out = Transmit::default();
                     break;
@@ -671,10 +741,14 @@ impl Driver {
             self.input_stalled = false;
             self.read_pending = true;
         }
-        if self.conn.is_closed() && (self.out.is_empty() || !self.writable) {
-            // What could be written of a final GOAWAY was written; the peer learns the rest
-            // from the close.
+        let stuck = !self.writable || !self.transport.accepts_plaintext();
+        if self.conn.is_closed() && (self.out.is_empty() || stuck) {
+            // What could be written of a final GOAWAY (or TLS alert) was written; the peer
+            // learns the rest from the close.
             self.drain_events(now);
+            if !self.finished {
+                self.transport.close();
+            }
             self.finished = true;
         }
     }
@@ -682,7 +756,7 @@ impl Driver {
     /// Bytes this connection holds for the peer: its transmit queue, control backlog and the
     /// streams' send queues.
     pub fn send_queued(&self) -> u64 {
-        self.out.len() as u64 + self.conn.stats().send_queued
+        (self.out.len() + self.transport.queued()) as u64 + self.conn.stats().send_queued
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
@@ -694,7 +768,7 @@ impl Driver {
 
     /// The socket reported an error condition.
     pub fn on_error(&mut self, now: Instant) {
-        let message = match self.socket.take_error() {
+        let message = match self.transport.socket.take_error() {
             Ok(Some(e)) => e.to_string(),
             Ok(None) => return,
             Err(e) => e.to_string(),

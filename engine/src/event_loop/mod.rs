@@ -8,10 +8,16 @@
 //!   [`Engine::turn`] with a zero timeout when it fires (and at [`Engine::next_deadline`]).
 
 mod driver;
+pub mod peer;
 pub mod socket;
+pub mod tls;
+mod transport;
 
 pub use driver::{Endpoint, OnDone, Transfer, WakeKey, TRANSMIT_TARGET};
+pub use peer::{CertIdentity, PeerIdentity, UnixPeerPolicy};
 pub use socket::Address;
+pub use tls::{AllowList, Credentials, TlsConfig, TlsError};
+use transport::Transport;
 
 use crate::proto::{
     Config, ConnError, ConnStats, Connection, Op, OpenOptions, Reason, Side, StreamStats,
@@ -49,8 +55,10 @@ pub struct OpenRequest {
     pub options: OpenOptions,
     /// For writes, the length of the content the peer will send.
     pub size: u64,
-    /// Who asks (for logging and access control).
+    /// Where the request came from, for logs (an address, or a Unix peer's pid and uid).
     pub peer: String,
+    /// Who asks, as the transport proved it: the place for access control.
+    pub identity: PeerIdentity,
 }
 
 /// Resolves volume names on the serving side; the place for access control. Called on the
@@ -156,6 +164,12 @@ pub struct EngineConfig {
     /// Connections accepted at once; more are closed on arrival, before any Hello. Each costs
     /// memory bounded by `connection` (see its `Default`), so this bounds the engine's.
     pub max_connections: usize,
+    /// Certificates for `tls:` listeners and connections; without it they are refused.
+    pub tls: Option<TlsConfig>,
+    /// Who may connect to Unix listeners (checked with SO_PEERCRED). Open by default, and then
+    /// the socket file is created mode 0600 (the server's user only); with a policy it is
+    /// 0666 and the policy decides.
+    pub unix_peers: UnixPeerPolicy,
 }
 
 impl Default for EngineConfig {
@@ -163,8 +177,19 @@ impl Default for EngineConfig {
         EngineConfig {
             connection: Config::default(),
             max_connections: 256,
+            tls: None,
+            unix_peers: UnixPeerPolicy::default(),
         }
     }
+}
+
+/// What an engine knows about one of its connections.
+#[derive(Debug, Clone)]
+pub struct ConnectionInfo {
+    pub peer: String,
+    pub identity: PeerIdentity,
+    /// The TLS version and cipher suite, once negotiated; `None` on a plain connection.
+    pub tls: Option<String>,
 }
 
 enum Command {
@@ -174,8 +199,12 @@ enum Command {
     },
     Attach {
         socket: Socket,
-        peer: String,
+        addr: Address,
         reply: mpsc::Sender<io::Result<ConnectionId>>,
+    },
+    Info {
+        conn: ConnectionId,
+        reply: mpsc::Sender<Option<ConnectionInfo>>,
     },
     Listen {
         addr: Address,
@@ -250,12 +279,24 @@ pub struct Engine {
     events: Events,
     shared: Arc<Shared>,
     config: EngineConfig,
-    listeners: Slab<(Listener, Arc<dyn Provider>)>,
+    listeners: Slab<(Listener, Arc<dyn Provider>, Security)>,
     conns: Slab<Driver>,
     generation: u32,
     shutdown: bool,
     /// Why recently dropped connections ended, for transfers submitted after the fact.
     graveyard: std::collections::VecDeque<(ConnectionId, Reason, String)>,
+}
+
+/// Whether a connection runs TLS, and as which side.
+#[derive(Clone)]
+enum Security {
+    Plain,
+    TlsServer(Arc<rustls::ServerConfig>),
+    /// The client checks the server's certificate against `name`.
+    TlsClient(
+        Arc<rustls::ClientConfig>,
+        rustls::pki_types::ServerName<'static>,
+    ),
 }
 
 /// How many dropped connections' reasons are remembered.
@@ -315,12 +356,32 @@ impl Engine {
         addr: &Address,
         provider: Arc<dyn Provider>,
     ) -> io::Result<(ListenerId, Address)> {
-        let mut listener = Listener::bind(addr)?;
-        let bound = listener.local_addr()?;
+        let security = match addr {
+            Address::Tls { .. } => {
+                let config = self.config.tls.as_ref().and_then(|t| t.server.clone());
+                Security::TlsServer(config.ok_or_else(|| {
+                    io::Error::other("a tls: listener needs a TLS certificate, key and CA")
+                })?)
+            }
+            _ => Security::Plain,
+        };
+        let mode = if self.config.unix_peers.is_open() {
+            0o600
+        } else {
+            0o666
+        };
+        let mut listener = Listener::bind(addr, mode)?;
+        let mut bound = listener.local_addr()?;
+        if let (Address::Tls { name, .. }, Address::Tcp(a)) = (addr, &bound) {
+            bound = Address::Tls {
+                addr: *a,
+                name: name.clone(),
+            };
+        }
         let entry = self.listeners.vacant_entry();
         listener.register(self.poll.registry(), listener_token(entry.key()))?;
         let id = ListenerId(entry.key());
-        entry.insert((listener, provider));
+        entry.insert((listener, provider, security));
         log::info!("listening on {bound}");
         Ok((id, bound))
     }
@@ -328,22 +389,60 @@ impl Engine {
     /// Connects to a server. The connection is usable at once: transfers submitted before the
     /// handshake completes wait for it.
     pub fn connect(&mut self, addr: &Address) -> io::Result<ConnectionId> {
+        let security = self.client_security(addr)?;
         let socket = Socket::connect(addr)?;
-        self.add_connection(socket, Side::Client, None, addr.to_string())
+        self.add_client(socket, addr.to_string(), security)
     }
 
-    /// Runs the client side of the protocol over a socket connected elsewhere (see
+    /// Runs the client side of the protocol over a plain socket connected elsewhere (see
     /// [`Socket::connect_blocking`]).
     pub fn attach(&mut self, socket: Socket, peer: String) -> io::Result<ConnectionId> {
-        self.add_connection(socket, Side::Client, None, peer)
+        self.add_client(socket, peer, Security::Plain)
+    }
+
+    /// Like [`Engine::attach`], with TLS when `addr` is a `tls:` address.
+    pub fn attach_to(&mut self, socket: Socket, addr: &Address) -> io::Result<ConnectionId> {
+        let security = self.client_security(addr)?;
+        self.add_client(socket, addr.to_string(), security)
+    }
+
+    fn client_security(&self, addr: &Address) -> io::Result<Security> {
+        let Address::Tls { name, .. } = addr else {
+            return Ok(Security::Plain);
+        };
+        let config = self.config.tls.as_ref().ok_or_else(|| {
+            io::Error::other("a tls: address needs a TLS configuration (at least the CA)")
+        })?;
+        let name = rustls::pki_types::ServerName::try_from(name.clone())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{name:?}: {e}")))?;
+        Ok(Security::TlsClient(Arc::clone(&config.client), name))
+    }
+
+    fn add_client(
+        &mut self,
+        socket: Socket,
+        peer: String,
+        security: Security,
+    ) -> io::Result<ConnectionId> {
+        let transport = transport(socket, &security)?;
+        self.add_connection(
+            transport,
+            Side::Client,
+            None,
+            peer,
+            PeerIdentity::Unknown,
+            None,
+        )
     }
 
     fn add_connection(
         &mut self,
-        mut socket: Socket,
+        mut transport: Transport,
         side: Side,
         provider: Option<Arc<dyn Provider>>,
         peer: String,
+        identity: PeerIdentity,
+        refusal: Option<String>,
     ) -> io::Result<ConnectionId> {
         self.generation = self.generation.wrapping_add(1) & 0x3fff_ffff;
         let entry = self.conns.vacant_entry();
@@ -351,16 +450,20 @@ impl Engine {
             slot: entry.key() as u32,
             generation: self.generation,
         };
-        socket.tune();
-        socket.register(self.poll.registry(), conn_token(id))?;
+        transport.socket.tune();
+        transport
+            .socket
+            .register(self.poll.registry(), conn_token(id))?;
         let conn = Connection::new(side, self.config.connection.clone(), Instant::now());
         entry.insert(Driver::new(
             id,
-            socket,
+            transport,
             conn,
             provider,
             Arc::clone(&self.shared),
             peer,
+            identity,
+            refusal,
         ));
         Ok(id)
     }
@@ -399,6 +502,15 @@ impl Engine {
                 })
             }
         }
+    }
+
+    /// The peer and transport of a connection, or `None` if it is gone.
+    pub fn info(&mut self, conn: ConnectionId) -> Option<ConnectionInfo> {
+        self.driver(conn).map(|d| ConnectionInfo {
+            peer: d.peer.clone(),
+            identity: d.identity.clone(),
+            tls: d.transport.tls_summary(),
+        })
     }
 
     /// Connection counters, or `None` if the connection is gone.
@@ -444,7 +556,7 @@ impl Engine {
     /// Stops listening and ends every connection; `is_shut_down` turns true when they are gone.
     pub fn shutdown(&mut self) {
         self.shutdown = true;
-        for (mut listener, _) in self.listeners.drain() {
+        for (mut listener, _, _) in self.listeners.drain() {
             listener.close(self.poll.registry());
         }
         let now = Instant::now();
@@ -554,10 +666,13 @@ impl Engine {
             }
             Command::Attach {
                 socket,
-                peer,
+                addr,
                 reply,
             } => {
-                let _ = reply.send(self.attach(socket, peer));
+                let _ = reply.send(self.attach_to(socket, &addr));
+            }
+            Command::Info { conn, reply } => {
+                let _ = reply.send(self.info(conn));
             }
             Command::Listen {
                 addr,
@@ -581,12 +696,13 @@ impl Engine {
 
     fn accept(&mut self, slot: usize) {
         loop {
-            let Some((listener, provider)) = self.listeners.get(slot) else {
+            let Some((listener, provider, security)) = self.listeners.get(slot) else {
                 return;
             };
             let provider = Arc::clone(provider);
+            let security = security.clone();
             match listener.accept() {
-                Ok((socket, peer)) => {
+                Ok((socket, peer, identity)) => {
                     if self.conns.len() >= self.config.max_connections {
                         log::warn!(
                             "refusing connection from {peer}: {} connections open",
@@ -595,8 +711,21 @@ impl Engine {
                         continue;
                     }
                     log::debug!("accepted connection from {peer}");
-                    if let Err(e) = self.add_connection(socket, Side::Server, Some(provider), peer)
-                    {
+                    let refusal = match identity {
+                        PeerIdentity::Unix { .. } => self.config.unix_peers.refusal(&identity),
+                        _ => None,
+                    };
+                    let added = transport(socket, &security).and_then(|t| {
+                        self.add_connection(
+                            t,
+                            Side::Server,
+                            Some(provider),
+                            peer,
+                            identity,
+                            refusal,
+                        )
+                    });
+                    if let Err(e) = added {
                         log::warn!("cannot register connection: {e}");
                     }
                 }
@@ -621,7 +750,7 @@ impl Engine {
             .collect();
         for slot in done {
             let mut d = self.conns.remove(slot);
-            let _ = d.socket.deregister(self.poll.registry());
+            let _ = d.transport.socket.deregister(self.poll.registry());
             let (reason, message) = match d.conn.error() {
                 Some(e) => (e.reason(), e.to_string()),
                 None => (Reason::GoingAway, "connection closed".to_owned()),
@@ -638,6 +767,22 @@ impl Engine {
     pub fn connection_count(&self) -> usize {
         self.conns.len()
     }
+}
+
+/// The transport for a new connection's socket.
+fn transport(socket: Socket, security: &Security) -> io::Result<Transport> {
+    let tls = match security {
+        Security::Plain => return Ok(Transport::plain(socket)),
+        Security::TlsServer(config) => {
+            rustls::ServerConnection::new(Arc::clone(config)).map(rustls::Connection::from)
+        }
+        Security::TlsClient(config, name) => {
+            rustls::ClientConnection::new(Arc::clone(config), name.clone())
+                .map(rustls::Connection::from)
+        }
+    };
+    let tls = tls.map_err(|e| io::Error::other(format!("TLS: {e}")))?;
+    Ok(Transport::tls(socket, tls))
 }
 
 /// Drives an engine from other threads. Cloneable and `Send`. Methods that answer block the
@@ -668,7 +813,7 @@ impl EngineHandle {
         let (reply, rx) = mpsc::channel();
         self.shared.command(Command::Attach {
             socket,
-            peer: addr.to_string(),
+            addr: addr.clone(),
             reply,
         });
         rx.recv().map_err(|_| loop_gone())?
@@ -754,6 +899,13 @@ impl EngineHandle {
             },
         );
         rx
+    }
+
+    /// The peer and transport of a connection (`None` once it is gone).
+    pub fn info(&self, conn: ConnectionId) -> io::Result<Option<ConnectionInfo>> {
+        let (reply, rx) = mpsc::channel();
+        self.shared.command(Command::Info { conn, reply });
+        rx.recv().map_err(|_| loop_gone())
     }
 
     pub fn stats(&self, conn: ConnectionId) -> io::Result<Option<ConnStats>> {

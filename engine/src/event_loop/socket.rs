@@ -1,21 +1,59 @@
 //! Addresses and the two kinds of stream socket a connection runs over.
 
+use super::peer::{unix_peer, PeerIdentity};
 use bytes::BytesMut;
 use mio::event::Source;
 use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use mio::{Interest, Registry, Token};
 use std::fmt;
-use std::io::{self, IoSlice, Write};
+use std::io::{self, IoSlice, Read, Write};
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::str::FromStr;
 
-/// Where to listen or connect: `unix:PATH`, `tcp:HOST:PORT`, or `tcp:PORT` for 127.0.0.1.
+/// Where to listen or connect: `unix:PATH`, `tcp:HOST:PORT`, or `tcp:PORT` for 127.0.0.1;
+/// `tls:HOST:PORT` (or `tls:PORT`, loopback by the name `localhost`) for TCP with TLS 1.3.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Address {
     Unix(PathBuf),
     Tcp(SocketAddr),
+    /// TCP with TLS. `name` is the host as written: the name a client checks the server's
+    /// certificate against.
+    Tls {
+        addr: SocketAddr,
+        name: String,
+    },
+}
+
+impl Address {
+    /// The TCP address to bind or connect, for `tcp:` and `tls:`.
+    pub fn socket_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Address::Unix(_) => None,
+            Address::Tcp(a) | Address::Tls { addr: a, .. } => Some(*a),
+        }
+    }
+}
+
+/// `HOST:PORT` or a bare port (loopback) to an address, and the host as written.
+fn parse_host_port(s: &str, hostport: &str) -> Result<(SocketAddr, String), String> {
+    use std::net::ToSocketAddrs;
+    // A bare port means loopback: exposing a pool to the network must be asked for.
+    if let Ok(port) = hostport.parse::<u16>() {
+        return Ok((SocketAddr::from(([127, 0, 0, 1], port)), "localhost".into()));
+    }
+    let host = match hostport.rsplit_once(':') {
+        Some((host, _)) => host.trim_start_matches('[').trim_end_matches(']'),
+        None => return Err(format!("bad address {s:?}: expected HOST:PORT")),
+    };
+    // Name resolution may block; it happens on the caller's thread, never the loop's.
+    let addr = hostport
+        .to_socket_addrs()
+        .map_err(|e| format!("bad address {s:?}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("bad address {s:?}: no such host"))?;
+    Ok((addr, host.to_owned()))
 }
 
 impl FromStr for Address {
@@ -29,21 +67,13 @@ impl FromStr for Address {
             return Ok(Address::Unix(PathBuf::from(path)));
         }
         if let Some(hostport) = s.strip_prefix("tcp:") {
-            use std::net::ToSocketAddrs;
-            // A bare port means loopback: exposing a pool to the network must be asked for.
-            if let Ok(port) = hostport.parse::<u16>() {
-                return Ok(Address::Tcp(SocketAddr::from(([127, 0, 0, 1], port))));
-            }
-            // Name resolution may block; it happens on the caller's thread, never the loop's.
-            return hostport
-                .to_socket_addrs()
-                .map_err(|e| format!("bad address {s:?}: {e}"))?
-                .next()
-                .map(Address::Tcp)
-                .ok_or_else(|| format!("bad address {s:?}: no such host"));
+            return parse_host_port(s, hostport).map(|(addr, _)| Address::Tcp(addr));
+        }
+        if let Some(hostport) = s.strip_prefix("tls:") {
+            return parse_host_port(s, hostport).map(|(addr, name)| Address::Tls { addr, name });
         }
         Err(format!(
-            "bad address {s:?}: expected unix:PATH or tcp:HOST:PORT"
+            "bad address {s:?}: expected unix:PATH, tcp:HOST:PORT or tls:HOST:PORT"
         ))
     }
 }
@@ -53,52 +83,64 @@ impl fmt::Display for Address {
         match self {
             Address::Unix(p) => write!(f, "unix:{}", p.display()),
             Address::Tcp(a) => write!(f, "tcp:{a}"),
+            Address::Tls { addr, name } => match name.parse::<std::net::IpAddr>() {
+                Ok(_) => write!(f, "tls:{addr}"),
+                Err(_) => write!(f, "tls:{name}:{}", addr.port()),
+            },
         }
     }
 }
 
 pub enum Listener {
-    Unix(UnixListener),
+    /// With the path it was placed at (the kernel remembers the temporary one it was bound to).
+    Unix(UnixListener, PathBuf),
     Tcp(TcpListener),
 }
 
 impl Listener {
-    pub fn bind(addr: &Address) -> io::Result<Listener> {
+    /// Binds; a Unix socket gets file mode `unix_mode` before any client can reach it.
+    pub fn bind(addr: &Address, unix_mode: u32) -> io::Result<Listener> {
         Ok(match addr {
-            Address::Unix(path) => Listener::Unix(UnixListener::bind(path)?),
-            Address::Tcp(a) => Listener::Tcp(TcpListener::bind(*a)?),
+            Address::Unix(path) => Listener::Unix(bind_unix(path, unix_mode)?, path.clone()),
+            Address::Tcp(a) | Address::Tls { addr: a, .. } => Listener::Tcp(TcpListener::bind(*a)?),
         })
     }
 
     /// The bound address (with the real port when 0 was asked for).
     pub fn local_addr(&self) -> io::Result<Address> {
         match self {
-            Listener::Unix(l) => l
-                .local_addr()?
-                .as_pathname()
-                .map(|p| Address::Unix(p.to_owned()))
-                .ok_or_else(|| io::Error::other("unnamed unix socket")),
+            Listener::Unix(_, path) => Ok(Address::Unix(path.clone())),
             Listener::Tcp(l) => Ok(Address::Tcp(l.local_addr()?)),
         }
     }
 
-    pub fn accept(&self) -> io::Result<(Socket, String)> {
+    /// The next connection, a name for logs, and who the kernel says the peer is.
+    pub fn accept(&self) -> io::Result<(Socket, String, PeerIdentity)> {
         match self {
-            Listener::Unix(l) => {
+            Listener::Unix(l, _) => {
                 let (s, _) = l.accept()?;
-                Ok((Socket::Unix(s), "unix peer".to_owned()))
+                let identity = unix_peer(s.as_raw_fd());
+                let name = match &identity {
+                    PeerIdentity::Unix { uid, pid, .. } => format!("unix peer {pid} (uid {uid})"),
+                    _ => "unix peer".to_owned(),
+                };
+                Ok((Socket::Unix(s), name, identity))
             }
             Listener::Tcp(l) => {
                 let (s, peer) = l.accept()?;
                 s.set_nodelay(true)?;
-                Ok((Socket::Tcp(s), peer.to_string()))
+                Ok((
+                    Socket::Tcp(s),
+                    peer.to_string(),
+                    PeerIdentity::Address(peer),
+                ))
             }
         }
     }
 
     pub fn register(&mut self, registry: &Registry, token: Token) -> io::Result<()> {
         match self {
-            Listener::Unix(l) => l.register(registry, token, Interest::READABLE),
+            Listener::Unix(l, _) => l.register(registry, token, Interest::READABLE),
             Listener::Tcp(l) => l.register(registry, token, Interest::READABLE),
         }
     }
@@ -109,10 +151,32 @@ impl Listener {
             let _ = std::fs::remove_file(path);
         }
         let _ = match self {
-            Listener::Unix(l) => l.deregister(registry),
+            Listener::Unix(l, _) => l.deregister(registry),
             Listener::Tcp(l) => l.deregister(registry),
         };
     }
+}
+
+/// Binds a Unix socket under a temporary name, sets its mode, then renames it into place: no
+/// client ever sees the path with the umask's permissions.
+fn bind_unix(path: &std::path::Path, mode: u32) -> io::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "socket path has no name"))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".{}.tmp", std::process::id()));
+    let tmp = path.with_file_name(tmp_name);
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp)?;
+    let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(listener)
 }
 
 pub enum Socket {
@@ -124,7 +188,7 @@ impl Socket {
     pub fn connect(addr: &Address) -> io::Result<Socket> {
         Ok(match addr {
             Address::Unix(path) => Socket::Unix(UnixStream::connect(path)?),
-            Address::Tcp(a) => {
+            Address::Tcp(a) | Address::Tls { addr: a, .. } => {
                 let s = TcpStream::connect(*a)?;
                 s.set_nodelay(true)?;
                 Socket::Tcp(s)
@@ -141,7 +205,7 @@ impl Socket {
                 s.set_nonblocking(true)?;
                 Socket::Unix(UnixStream::from_std(s))
             }
-            Address::Tcp(a) => {
+            Address::Tcp(a) | Address::Tls { addr: a, .. } => {
                 let s = std::net::TcpStream::connect_timeout(a, timeout)?;
                 s.set_nodelay(true)?;
                 s.set_nonblocking(true)?;
@@ -216,6 +280,14 @@ impl Socket {
         Ok(n)
     }
 
+    /// Reads into an initialised buffer (TLS ciphertext).
+    pub fn read_slice(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Socket::Unix(s) => s.read(buf),
+            Socket::Tcp(s) => s.read(buf),
+        }
+    }
+
     pub fn write_vectored(&mut self, slices: &[IoSlice<'_>]) -> io::Result<usize> {
         match self {
             Socket::Unix(s) => s.write_vectored(slices),
@@ -248,6 +320,28 @@ mod tests {
         assert_eq!(
             "unix:/run/x.sock".parse::<Address>(),
             Ok(Address::Unix("/run/x.sock".into()))
+        );
+        assert_eq!(
+            "tls:localhost:7700".parse::<Address>(),
+            Ok(Address::Tls {
+                addr: "127.0.0.1:7700".parse().unwrap(),
+                name: "localhost".into()
+            })
+        );
+        assert_eq!(
+            "tls:[::1]:9".parse::<Address>(),
+            Ok(Address::Tls {
+                addr: "[::1]:9".parse().unwrap(),
+                name: "::1".into()
+            })
+        );
+        assert_eq!(
+            "tls:[::1]:9".parse::<Address>().unwrap().to_string(),
+            "tls:[::1]:9"
+        );
+        assert_eq!(
+            "tls:7".parse::<Address>().unwrap().to_string(),
+            "tls:localhost:7"
         );
         assert!("unix:".parse::<Address>().is_err());
         assert!("pigeon:1".parse::<Address>().is_err());

@@ -76,6 +76,10 @@ pub enum ConnError {
     PeerClosed,
     /// This side closed it (shutdown, GOAWAY with nothing left to finish).
     LocallyClosed,
+    /// The transport's TLS failed or was refused (certificate, name, a peer without TLS).
+    Tls(String),
+    /// This side's policy does not admit the peer (the GOAWAY says why).
+    Refused(String),
 }
 
 impl ConnError {
@@ -90,6 +94,7 @@ impl ConnError {
             ConnError::PeerGoAway { reason, .. } => *reason,
             ConnError::Io(_) | ConnError::PeerClosed => Reason::ConnectionLost,
             ConnError::LocallyClosed => Reason::Cancelled,
+            ConnError::Tls(_) | ConnError::Refused(_) => Reason::PermissionDenied,
         }
     }
 }
@@ -108,6 +113,8 @@ impl fmt::Display for ConnError {
             ConnError::Io(m) => write!(f, "connection I/O error: {m}"),
             ConnError::PeerClosed => write!(f, "connection closed by peer"),
             ConnError::LocallyClosed => write!(f, "connection closed locally"),
+            ConnError::Tls(m) => f.write_str(m),
+            ConnError::Refused(m) => write!(f, "refused: {m}"),
         }
     }
 }
