@@ -11,6 +11,7 @@ mod progress;
 mod query;
 mod serve;
 mod stress;
+mod tls;
 mod transfer;
 
 use clap::{Args, Parser, Subcommand};
@@ -44,14 +45,18 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Many parallel streams of generated volumes, verified, with a summary.
     Stress(stress::StressArgs),
+    /// Make a CA and server/client certificates for trying TLS (a test setup, not a PKI).
+    Certs(tls::CertsArgs),
 }
 
-/// Where the server is.
+/// Where the server is, and the credentials for a tls: address.
 #[derive(Args, Clone)]
 pub struct ConnectArg {
-    /// Server address: unix:PATH or tcp:HOST:PORT [env: VOLSTREAM_ADDR]
+    /// Server address: unix:PATH, tcp:HOST:PORT or tls:HOST:PORT [env: VOLSTREAM_ADDR]
     #[arg(long, value_name = "ADDR")]
     connect: Option<String>,
+    #[command(flatten)]
+    tls: tls::TlsArgs,
 }
 
 impl ConnectArg {
@@ -65,6 +70,14 @@ impl ConnectArg {
             })?,
         };
         text.parse().map_err(CliError::Usage)
+    }
+
+    /// A client engine's settings for `addr` (TLS credentials when it is a tls: address).
+    fn engine_config(&self, addr: &engine::Address) -> Result<engine::EngineConfig, CliError> {
+        let mut config = engine::EngineConfig::default();
+        self.tls
+            .apply(addr, tls::Role::Client, Default::default(), &mut config)?;
+        Ok(config)
     }
 }
 
@@ -100,6 +113,7 @@ fn main() -> ExitCode {
         Command::Extents(args) => query::extents(args),
         Command::Demo(args) => demo::run(args),
         Command::Stress(args) => stress::run(args),
+        Command::Certs(args) => tls::certs(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -2,6 +2,7 @@
 
 use crate::error::CliError;
 use crate::out::{json, say};
+use crate::tls::Role;
 use crate::ConnectArg;
 use clap::Args;
 use engine::proto::Op;
@@ -24,6 +25,8 @@ pub struct ExtentsArgs {
     /// Ask this server about VOLUME instead of reading a local file.
     #[arg(long, value_name = "ADDR")]
     connect: Option<String>,
+    #[command(flatten)]
+    tls: crate::tls::TlsArgs,
     /// One JSON object per extent.
     #[arg(long)]
     json: bool,
@@ -55,8 +58,8 @@ fn number(text: &str) -> Result<u64, CliError> {
 }
 
 /// Fetches a document (listing or allocation map) from a server.
-fn fetch(addr: &Address, op: Op, name: &str) -> Result<String, CliError> {
-    let (engine, thread) = Engine::spawn(EngineConfig::default())
+fn fetch(addr: &Address, config: EngineConfig, op: Op, name: &str) -> Result<String, CliError> {
+    let (engine, thread) = Engine::spawn(config)
         .map_err(|e| CliError::Other(format!("cannot start the event loop: {e}")))?;
     let conn = engine
         .connect_blocking(addr, Duration::from_secs(10))
@@ -94,7 +97,7 @@ fn rows(text: &str, columns: usize) -> Result<Vec<Vec<&str>>, CliError> {
 
 pub fn list(args: ListArgs) -> Result<(), CliError> {
     let addr = args.connect.address()?;
-    let text = fetch(&addr, Op::List, "")?;
+    let text = fetch(&addr, args.connect.engine_config(&addr)?, Op::List, "")?;
     let rows = rows(&text, 3)?;
     if args.json {
         for r in rows {
@@ -118,7 +121,10 @@ pub fn extents(args: ExtentsArgs) -> Result<(), CliError> {
     let lines: Vec<(u64, u64, String)> = match &args.connect {
         Some(addr) => {
             let addr: Address = addr.parse().map_err(CliError::Usage)?;
-            let text = fetch(&addr, Op::Extents, &args.target)?;
+            let mut config = EngineConfig::default();
+            args.tls
+                .apply(&addr, Role::Client, Default::default(), &mut config)?;
+            let text = fetch(&addr, config, Op::Extents, &args.target)?;
             rows(&text, 3)?
                 .into_iter()
                 .map(|r| Ok((number(r[0])?, number(r[1])?, r[2].to_owned())))

@@ -1,8 +1,14 @@
 //! `serve`: a directory of volumes (and named block devices) on one listening address.
 
 use crate::error::CliError;
+use crate::tls::{Role, TlsArgs};
 use clap::Args;
-use engine::{Address, Engine, EngineConfig};
+use engine::event_loop::peer::glob_match;
+use engine::proto::Reason;
+use engine::{
+    Address, AllowList, Engine, EngineConfig, OpenRequest, Provider, UnixPeerPolicy, VolumeError,
+    VolumeReader, VolumeWriter,
+};
 use fdstream::{Backend, DirProvider, HelperOptions};
 use nix::sys::signal::{SigSet, Signal};
 use std::path::PathBuf;
@@ -16,9 +22,36 @@ pub struct ServeArgs {
     /// Also serve a block device under a name (repeatable).
     #[arg(long = "device", value_name = "NAME=/dev/PATH")]
     devices: Vec<String>,
-    /// Where to listen: unix:PATH, tcp:HOST:PORT, or tcp:PORT (loopback).
+    /// Where to listen: unix:PATH, tcp:HOST:PORT, tcp:PORT (loopback), or tls:HOST:PORT.
     #[arg(long, value_name = "ADDR")]
     listen: String,
+    #[command(flatten)]
+    tls: TlsArgs,
+    /// TLS: admit only client certificates whose subject DN matches this glob, e.g.
+    /// 'O=volstream,CN=backup-*' (repeatable; any match admits).
+    #[arg(long = "tls-allow-dn", value_name = "PATTERN")]
+    allow_dn: Vec<String>,
+    /// TLS: admit client certificates with a subject alternative name matching this glob
+    /// (repeatable).
+    #[arg(long = "tls-allow-san", value_name = "PATTERN")]
+    allow_san: Vec<String>,
+    /// Unix socket: admit peers running as this uid (repeatable; checked with SO_PEERCRED).
+    #[arg(long = "allow-uid", value_name = "UID")]
+    allow_uids: Vec<u32>,
+    /// Unix socket: admit peers whose primary gid is this (repeatable).
+    #[arg(long = "allow-gid", value_name = "GID")]
+    allow_gids: Vec<u32>,
+    /// Listen on a non-loopback TCP address without TLS: anyone who reaches it can read and
+    /// write the pool.
+    #[arg(long)]
+    insecure: bool,
+    /// Refuse every upload.
+    #[arg(long)]
+    read_only: bool,
+    /// Allow uploads only from peers whose identity matches this glob (repeatable): a
+    /// certificate's subject DN, or 'uid=N,gid=N,pid=N' on a Unix socket. Others may read.
+    #[arg(long = "allow-write", value_name = "PATTERN")]
+    allow_write: Vec<String>,
     /// Skip fdatasync of uploads before confirming them (benchmarks only).
     #[arg(long)]
     no_sync: bool,
@@ -51,6 +84,10 @@ impl ServeArgs {
         }
         let mut config = EngineConfig {
             max_connections: self.max_connections,
+            unix_peers: UnixPeerPolicy {
+                uids: self.allow_uids.clone(),
+                gids: self.allow_gids.clone(),
+            },
             ..EngineConfig::default()
         };
         let c = &mut config.connection;
@@ -104,14 +141,44 @@ pub fn run(args: ServeArgs) -> Result<(), CliError> {
     }
     if let Address::Tcp(sock) = &addr {
         if !sock.ip().is_loopback() {
+            if !args.insecure {
+                return Err(CliError::Usage(format!(
+                    "refusing to serve {sock} without TLS: use tls:{sock}, or --insecure to let anyone who can reach it read and write the pool"
+                )));
+            }
             crate::out::tell!(
-                "volstream: warning: listening on {sock} without authentication: anyone who can reach it can read and write the pool"
+                "volstream: warning: listening on {sock} without authentication (--insecure): anyone who can reach it can read and write the pool"
             );
         }
+    }
+    if !matches!(addr, Address::Unix(_))
+        && !(args.allow_uids.is_empty() && args.allow_gids.is_empty())
+    {
+        return Err(CliError::Usage(
+            "--allow-uid and --allow-gid apply to unix: listeners".into(),
+        ));
+    }
+    if !matches!(addr, Address::Tls { .. })
+        && !(args.allow_dn.is_empty() && args.allow_san.is_empty())
+    {
+        return Err(CliError::Usage(
+            "--tls-allow-dn and --tls-allow-san apply to tls: listeners".into(),
+        ));
     }
     if let Address::Unix(path) = &addr {
         remove_stale_socket(path)?;
     }
+    let mut config = args.engine_config()?;
+    let allow = AllowList {
+        subjects: args.allow_dn.clone(),
+        alt_names: args.allow_san.clone(),
+    };
+    args.tls.apply(&addr, Role::Server, allow, &mut config)?;
+    let provider = Policy {
+        inner: provider,
+        read_only: args.read_only,
+        writers: args.allow_write.clone(),
+    };
 
     // SIGINT/SIGTERM end the service cleanly (the Unix socket path is removed) instead of
     // killing it mid-write: a thread waits for them and asks the loop to shut down.
@@ -122,7 +189,7 @@ pub fn run(args: ServeArgs) -> Result<(), CliError> {
         .thread_block()
         .map_err(|e| CliError::Other(format!("cannot block signals: {e}")))?;
 
-    let mut engine = Engine::new(args.engine_config()?)
+    let mut engine = Engine::new(config)
         .map_err(|e| CliError::Other(format!("cannot start the event loop: {e}")))?;
     let (_, bound) = engine
         .listen(&addr, Arc::new(provider))
@@ -141,6 +208,50 @@ pub fn run(args: ServeArgs) -> Result<(), CliError> {
             .map_err(|e| CliError::Other(format!("event loop failed: {e}")))?;
     }
     Ok(())
+}
+
+/// The pool's access rules, applied per OPEN with the identity the transport proved.
+struct Policy<P> {
+    inner: P,
+    read_only: bool,
+    /// Globs on the peer identity; empty lets every admitted peer write.
+    writers: Vec<String>,
+}
+
+impl<P: Provider> Provider for Policy<P> {
+    fn open_read(&self, request: &OpenRequest) -> Result<Box<dyn VolumeReader>, VolumeError> {
+        self.inner.open_read(request)
+    }
+
+    fn open_write(&self, request: &OpenRequest) -> Result<Box<dyn VolumeWriter>, VolumeError> {
+        if self.read_only {
+            return Err(VolumeError::new(
+                Reason::PermissionDenied,
+                "this server is read-only",
+            ));
+        }
+        let identity = request.identity.to_string();
+        if !self.writers.is_empty() && !self.writers.iter().any(|p| glob_match(p, &identity)) {
+            log::warn!(
+                "{}: {identity} may not write {:?}",
+                request.peer,
+                request.name
+            );
+            return Err(VolumeError::new(
+                Reason::PermissionDenied,
+                format!("{identity} may not write volumes here"),
+            ));
+        }
+        self.inner.open_write(request)
+    }
+
+    fn open_list(&self, request: &OpenRequest) -> Result<Box<dyn VolumeReader>, VolumeError> {
+        self.inner.open_list(request)
+    }
+
+    fn open_extents(&self, request: &OpenRequest) -> Result<Box<dyn VolumeReader>, VolumeError> {
+        self.inner.open_extents(request)
+    }
 }
 
 /// A socket file left by a server that died is removed; a live one is an error.

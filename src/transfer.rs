@@ -6,7 +6,7 @@ use crate::out::{json, say, tell};
 use crate::progress::{Bars, Counter, CountingReader, CountingWriter};
 use engine::event_loop::{Endpoint, Transfer};
 use engine::proto::{Op, OpenOptions};
-use engine::{Engine, EngineConfig, TransferReport};
+use engine::{Engine, TransferReport};
 use fdstream::{
     AnyReader, AnyWriter, Backend, FileReader, FileWriter, HelperOptions, HelperReader,
     HelperWriter, ReaderOptions, WriterOptions,
@@ -78,7 +78,7 @@ pub fn run(args: Settings) -> Result<(), CliError> {
         .map(|p| local(&args, &p.file))
         .collect::<Result<Vec<_>, _>>()?;
     let addr = args.connect.address()?;
-    let (engine, thread) = Engine::spawn(EngineConfig::default())
+    let (engine, thread) = Engine::spawn(args.connect.engine_config(&addr)?)
         .map_err(|e| CliError::Other(format!("cannot start the event loop: {e}")))?;
     let conn = engine
         .connect_blocking(&addr, Duration::from_secs(10))

@@ -671,7 +671,12 @@ impl Driver {
     fn fail_io(&mut self, e: io::Error) {
         match TlsFailure::of(&e) {
             Some(message) => {
-                log::warn!("{}: {message}", self.peer);
+                // A server's operator needs the line; a client's user gets it in the error.
+                if self.provider.is_some() {
+                    log::warn!("{}: {message}", self.peer);
+                } else {
+                    log::info!("{}: {message}", self.peer);
+                }
                 self.conn.close(ConnError::Tls(message.to_owned()));
             }
             None => self.conn.handle_io_error(e.to_string()),
