@@ -10,6 +10,11 @@ type TestVolume = (String, u64, Vec<(u64, u64)>);
 
 /// Many volumes down and back up in one invocation each, content and sparseness verified.
 fn round_trip(tag: &str, listen: &str) {
+    round_trip_with(tag, listen, &[], &[]);
+}
+
+/// `round_trip` with extra options for the server and for every client command (TLS).
+fn round_trip_with(tag: &str, listen: &str, server_args: &[String], client_args: &[String]) {
     let dir = TempDir::new(tag);
     let pool = dir.join("pool");
     let local = dir.join("local");
@@ -25,10 +30,16 @@ fn round_trip(tag: &str, listen: &str) {
     for (i, (name, size, data)) in volumes.iter().enumerate() {
         sparse_file(&pool.join(name), *size, data, i as u64 + 1);
     }
-    let _server = Server::start(&pool, listen);
+    let server_args: Vec<&str> = server_args.iter().map(String::as_str).collect();
+    let _server = Server::start_with(&pool, listen, &server_args);
+    // Every client command of this test, with the transport's options.
+    let client = |args: &[&str]| {
+        let mut c = bin();
+        c.args(args).args(client_args);
+        c
+    };
 
-    let mut download = bin();
-    download.args(["download", "--connect", listen]);
+    let mut download = client(&["download", "--connect", listen]);
     for (name, _, _) in &volumes {
         download.arg(name).arg(local.join(name));
     }
@@ -45,8 +56,7 @@ fn round_trip(tag: &str, listen: &str) {
         );
     }
 
-    let mut upload = bin();
-    upload.args(["upload", "--json", "--connect", listen]);
+    let mut upload = client(&["upload", "--json", "--connect", listen]);
     for (name, _, _) in &volumes {
         upload.arg(local.join(name)).arg(format!("up-{name}"));
     }
@@ -66,7 +76,7 @@ fn round_trip(tag: &str, listen: &str) {
     }
 
     // The server lists what it has, and maps a volume the same way a local look does.
-    let out = run(bin().args(["list", "--json", "--connect", listen]));
+    let out = run(&mut client(&["list", "--json", "--connect", listen]));
     assert!(out.status.success(), "list: {:?}", stderr_lines(&out));
     let listing = String::from_utf8(out.stdout).unwrap();
     for (name, size, _) in &volumes {
@@ -76,7 +86,13 @@ fn round_trip(tag: &str, listen: &str) {
         }
     }
     let first = &volumes[0].0;
-    let remote = run(bin().args(["extents", "--json", "--connect", listen, first]));
+    let remote = run(&mut client(&[
+        "extents",
+        "--json",
+        "--connect",
+        listen,
+        first,
+    ]));
     assert!(
         remote.status.success(),
         "extents: {:?}",
@@ -90,8 +106,7 @@ fn round_trip(tag: &str, listen: &str) {
     assert!(String::from_utf8_lossy(&remote.stdout).contains("\"kind\":\"hole\""));
 
     // Replacing needs --overwrite; without it the volume is untouched.
-    let out = run(bin()
-        .args(["upload", "--connect", listen])
+    let out = run(client(&["upload", "--connect", listen])
         .arg(local.join(&volumes[1].0))
         .arg(format!("up-{first}")));
     assert_eq!(out.status.code(), Some(1));
@@ -106,8 +121,7 @@ fn round_trip(tag: &str, listen: &str) {
         read_all(&pool.join(first)),
         read_all(&pool.join(format!("up-{first}")))
     );
-    let out = run(bin()
-        .args(["upload", "--overwrite", "--connect", listen])
+    let out = run(client(&["upload", "--overwrite", "--connect", listen])
         .arg(local.join(&volumes[1].0))
         .arg(format!("up-{first}")));
     assert!(out.status.success(), "{:?}", stderr_lines(&out));
@@ -117,8 +131,7 @@ fn round_trip(tag: &str, listen: &str) {
     );
 
     // A missing volume fails alone, with one line naming it; the others succeed.
-    let out = run(bin()
-        .args(["download", "--connect", listen, "nosuch.raw"])
+    let out = run(client(&["download", "--connect", listen, "nosuch.raw"])
         .arg(local.join("nosuch.raw"))
         .arg(&volumes[2].0)
         .arg(local.join("again.raw")));
@@ -149,6 +162,18 @@ fn serve_download_upload_over_unix() {
 #[test]
 fn serve_download_upload_over_tcp() {
     round_trip("tcp", &format!("tcp:127.0.0.1:{}", free_tcp_port()));
+}
+
+#[test]
+fn serve_download_upload_over_tls() {
+    let pki = TempDir::new("tls-pki");
+    make_pki(&pki.0, &["localhost", "127.0.0.1"], &["client"]);
+    round_trip_with(
+        "tls",
+        &format!("tls:127.0.0.1:{}", free_tcp_port()),
+        &tls_server_args(&pki.0),
+        &tls_client_args(&pki.0, "client"),
+    );
 }
 
 #[test]

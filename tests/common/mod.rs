@@ -86,7 +86,13 @@ impl Server {
         loop {
             let up = match listen.strip_prefix("unix:") {
                 Some(p) => std::os::unix::net::UnixStream::connect(p).is_ok(),
-                None => std::net::TcpStream::connect(listen.strip_prefix("tcp:").unwrap()).is_ok(),
+                None => {
+                    let hostport = listen
+                        .strip_prefix("tcp:")
+                        .or_else(|| listen.strip_prefix("tls:"))
+                        .unwrap();
+                    std::net::TcpStream::connect(hostport).is_ok()
+                }
             };
             if up {
                 break;
@@ -285,4 +291,43 @@ pub fn iohelper_built() -> bool {
         eprintln!("SKIP (iohelper part): {} is not built", helper.display());
     }
     helper.exists()
+}
+
+/// A CA with a server certificate for `servers` and client certificates for `clients`, made
+/// by `volstream certs` in `dir`.
+pub fn make_pki(dir: &Path, servers: &[&str], clients: &[&str]) {
+    let mut cmd = bin();
+    cmd.args(["certs", "--dir"]).arg(dir);
+    for s in servers {
+        cmd.args(["--server", s]);
+    }
+    for c in clients {
+        cmd.args(["--client", c]);
+    }
+    let out = run(&mut cmd);
+    assert!(out.status.success(), "certs: {:?}", stderr_lines(&out));
+}
+
+/// `serve` options for TLS with the certificates in `pki`.
+pub fn tls_server_args(pki: &Path) -> Vec<String> {
+    vec![
+        "--tls-ca".into(),
+        pki.join("cacert.pem").display().to_string(),
+        "--tls-cert".into(),
+        pki.join("servercert.pem").display().to_string(),
+        "--tls-key".into(),
+        pki.join("serverkey.pem").display().to_string(),
+    ]
+}
+
+/// Client options for TLS as `client` (a CN given to `make_pki`).
+pub fn tls_client_args(pki: &Path, client: &str) -> Vec<String> {
+    vec![
+        "--tls-ca".into(),
+        pki.join("cacert.pem").display().to_string(),
+        "--tls-cert".into(),
+        pki.join(format!("{client}.pem")).display().to_string(),
+        "--tls-key".into(),
+        pki.join(format!("{client}-key.pem")).display().to_string(),
+    ]
 }

@@ -9,11 +9,11 @@
 //! uses AES-NI with VAES/VPCLMULQDQ (AVX2) where the CPU has them.
 
 use super::peer::{glob_match, CertIdentity, PeerIdentity};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::danger::HandshakeSignatureValid;
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::{ring, CryptoProvider};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{
@@ -200,8 +200,7 @@ impl TlsConfig {
         let client = ClientConfig::builder_with_provider(Arc::clone(&provider))
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(config_error)?
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(NamedServerVerifier(server_verifier)));
+            .with_webpki_verifier(server_verifier);
         let client = match &credentials.key {
             Some(key) => client
                 .with_client_auth_cert(credentials.chain.clone(), key.clone_key())
@@ -309,53 +308,6 @@ impl ClientCertVerifier for AllowListVerifier {
     }
 }
 
-/// WebPKI verification of the server, unchanged; wrapped only so a failure is logged with the
-/// name the client asked for.
-#[derive(Debug)]
-struct NamedServerVerifier(Arc<WebPkiServerVerifier>);
-
-impl ServerCertVerifier for NamedServerVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, RustlsError> {
-        self.0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-            .inspect_err(|e| {
-                log::warn!(
-                    "refusing the certificate of server {}: {e}",
-                    server_name.to_str()
-                )
-            })
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, RustlsError> {
-        self.0.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, RustlsError> {
-        self.0.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
-    }
-}
-
 /// The subject and alternative names of a certificate (already verified by webpki, so this
 /// only reads what a trusted CA signed).
 pub fn cert_identity(der: &CertificateDer<'_>) -> Option<CertIdentity> {
@@ -412,6 +364,11 @@ pub fn describe(error: &RustlsError) -> String {
         RustlsError::AlertReceived(A::UnknownCA) => {
             "the peer does not trust our certificate (signed by a CA it does not know)".to_owned()
         }
+        // What a verifier answers for a certificate whose issuer it knows by name but whose
+        // signature does not verify: another CA of the same name.
+        RustlsError::AlertReceived(A::DecryptError) => {
+            "the peer does not trust our certificate (its signature does not verify against the peer's CA)".to_owned()
+        }
         RustlsError::AlertReceived(A::CertificateExpired) => {
             "the peer refused our certificate: it has expired".to_owned()
         }
@@ -425,16 +382,16 @@ pub fn describe(error: &RustlsError) -> String {
         RustlsError::NoCertificatesPresented => "the peer sent no certificate".to_owned(),
         RustlsError::InvalidCertificate(c) => match c {
             C::NotValidForName | C::NotValidForNameContext { .. } => {
-                "the server's certificate is not valid for the name we connected to".to_owned()
+                format!("the server's certificate is not valid for the name we connected to ({error})")
             }
-            C::UnknownIssuer => "the peer's certificate is not signed by our CA".to_owned(),
-            C::Expired | C::ExpiredContext { .. } => {
-                "the peer's certificate has expired".to_owned()
+            C::UnknownIssuer | C::BadSignature => {
+                "the peer's certificate is not signed by our CA".to_owned()
             }
+            C::Expired | C::ExpiredContext { .. } => format!("the peer's certificate has expired ({error})"),
             C::ApplicationVerificationFailure => {
                 "the peer's certificate subject is not in the allow list".to_owned()
             }
-            other => format!("bad peer certificate: {other:?}"),
+            _ => format!("bad peer certificate: {error}"),
         },
         RustlsError::InvalidMessage(_)
         | RustlsError::InappropriateMessage { .. }
