@@ -1,6 +1,8 @@
 //! Helpers shared by the benchmark binaries: argument parsing, percentiles, memory volumes.
 
 pub mod delay;
+pub mod loops;
+pub mod probe;
 
 use bytes::Bytes;
 use engine::proto::Reason;

@@ -415,3 +415,57 @@ pub(crate) fn session_identity(conn: &rustls::Connection) -> Option<PeerIdentity
     let cert = conn.peer_certificates()?.first()?;
     cert_identity(cert).map(PeerIdentity::Certificate)
 }
+
+/// What the server side of the TLS transport made of a peer's bytes (see [`drive_server`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerOutcome {
+    /// The input ended; this much plaintext had been delivered to the protocol core.
+    Ended { plaintext: usize },
+    /// TLS failed, with the reason the driver would log.
+    Failed(String),
+}
+
+/// Feeds `input`, then the end of the stream, to the server side of the real TLS transport
+/// over a socket pair, as the loop would (read until it would block, flush after each read).
+/// For fuzzing and property tests: whatever the bytes, this must return, not panic, and hand
+/// the core no plaintext a peer did not authenticate. `input` beyond 64 KiB is ignored, so the
+/// socket pair's buffer holds it all.
+pub fn drive_server(config: &TlsConfig, input: &[u8]) -> ServerOutcome {
+    use std::io::Write;
+    let Some(server) = &config.server else {
+        return ServerOutcome::Failed("configuration cannot serve".into());
+    };
+    let (ours, mut theirs) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    ours.set_nonblocking(true).expect("nonblocking");
+    let input = &input[..input.len().min(64 * 1024)];
+    theirs
+        .write_all(input)
+        .expect("input fits the socket buffer");
+    let _ = theirs.shutdown(std::net::Shutdown::Write);
+    let conn = rustls::ServerConnection::new(Arc::clone(server)).expect("server session");
+    let socket = super::Socket::Unix(mio::net::UnixStream::from_std(ours));
+    let mut transport = super::Transport::tls(socket, conn.into());
+    let mut buf = bytes::BytesMut::new();
+    let mut plaintext = 0;
+    loop {
+        let read = transport.read_into(&mut buf, 64 * 1024);
+        // Answers (server hello, alerts) go out whether or not the read failed.
+        let _ = transport.flush();
+        match read {
+            Ok(0) => return ServerOutcome::Ended { plaintext },
+            Ok(n) => {
+                plaintext += n;
+                buf.clear();
+            }
+            Err(e) => {
+                return match super::transport::TlsFailure::of(&e) {
+                    Some(m) => ServerOutcome::Failed(m.to_owned()),
+                    None if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        ServerOutcome::Failed("socket would block after its end".into())
+                    }
+                    None => ServerOutcome::Failed(e.to_string()),
+                }
+            }
+        }
+    }
+}

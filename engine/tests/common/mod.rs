@@ -37,6 +37,10 @@ impl Ca {
         self.issuer.pem()
     }
 
+    pub fn der(&self) -> Vec<u8> {
+        self.issuer.der().to_vec()
+    }
+
     /// A certificate for `cn` with alternative names `sans`, usable as server and client.
     pub fn leaf(&self, cn: &str, sans: &[&str]) -> Leaf {
         self.leaf_with(cn, sans, |_| {})

@@ -1,0 +1,168 @@
+//! Plain TCP against TLS 1.3 on loopback, in the same run: one connection with 1 and 100
+//! streams (throughput, CPU seconds per GiB at each end), and the 4 KiB probe's p99 under 99
+//! bulk streams. Prints JSON with the ratios, the negotiated suite and the CPU's AES features.
+//!
+//! `tls [--total BYTES per run] [--repeat N] [--messages N] [--interval-us N]`
+
+use bench::loops::{throughput, Throughput};
+use bench::probe::probe;
+use bench::{random_bytes, Args};
+use engine::{Address, AllowList, Credentials, EngineConfig, TlsConfig};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use std::time::Duration;
+
+/// A CA, and a certificate for localhost it signed that serves both ends.
+fn tls_config() -> TlsConfig {
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
+    let leaf = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = leaf.signed_by(&key, &ca).unwrap();
+    let credentials =
+        Credentials::from_pem(&ca.pem(), Some((&cert.pem(), &key.serialize_pem()))).unwrap();
+    TlsConfig::new(&credentials, AllowList::default()).unwrap()
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Transport {
+    Tcp,
+    Tls,
+}
+
+impl Transport {
+    fn name(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Tls => "tls",
+        }
+    }
+
+    fn config(self, tls: &TlsConfig) -> EngineConfig {
+        EngineConfig {
+            tls: (self == Transport::Tls).then(|| tls.clone()),
+            ..EngineConfig::default()
+        }
+    }
+
+    fn listen(self) -> Address {
+        match self {
+            Transport::Tcp => "tcp:0".parse().unwrap(),
+            Transport::Tls => "tls:0".parse().unwrap(),
+        }
+    }
+}
+
+/// The CPU's AES-related flags, from /proc/cpuinfo.
+fn cpu_flags() -> Vec<&'static str> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let flags: Vec<&str> = info
+        .lines()
+        .find(|l| l.starts_with("flags"))
+        .map(|l| l.split_whitespace().collect())
+        .unwrap_or_default();
+    [
+        "aes",
+        "pclmulqdq",
+        "avx",
+        "avx2",
+        "vaes",
+        "vpclmulqdq",
+        "avx512f",
+    ]
+    .into_iter()
+    .filter(|f| flags.contains(f))
+    .collect()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    engine::memory::keep_freed_buffers();
+    let args = Args::parse(&["total", "repeat", "messages", "interval-us"]);
+    let total: u64 = args.get("total", 4 << 30);
+    let repeat: usize = args.get("repeat", 3);
+    let messages: u64 = args.get("messages", 2000);
+    let interval = Duration::from_micros(args.get("interval-us", 1000));
+    let tls = tls_config();
+    let block = random_bytes(1 << 20, 42);
+    let mut runs = Vec::new();
+    let mut suite = None;
+    let mut by_case: Vec<(Transport, u64, Vec<Throughput>)> = Vec::new();
+    for streams in [1u64, 100] {
+        for t in [Transport::Tcp, Transport::Tls] {
+            by_case.push((t, streams, Vec::new()));
+        }
+    }
+    // Interleaved, so drift in the VM's speed hits both transports alike.
+    for _ in 0..repeat {
+        for (t, streams, results) in by_case.iter_mut() {
+            let size = (total / *streams) & !4095;
+            let r = throughput(
+                *streams,
+                size,
+                block.clone(),
+                t.config(&tls),
+                t.config(&tls),
+                &t.listen(),
+            );
+            if r.tls.is_some() {
+                suite = r.tls.clone();
+            }
+            runs.push(format!(
+                "{{\"transport\":\"{}\",{}",
+                t.name(),
+                &r.json()[1..]
+            ));
+            results.push(r);
+        }
+    }
+    let mut probes = Vec::new();
+    let mut p99 = [Vec::new(), Vec::new()];
+    for _ in 0..repeat {
+        for (i, t) in [Transport::Tcp, Transport::Tls].into_iter().enumerate() {
+            let r = probe(
+                99,
+                messages,
+                interval,
+                t.config(&tls),
+                t.config(&tls),
+                &t.listen(),
+            );
+            probes.push(format!("{{\"transport\":\"{}\",{}", t.name(), &r.json[1..]));
+            p99[i].push(r.p99_us as f64);
+        }
+    }
+    let gbps = |t: Transport, s: u64| {
+        let (_, _, r) = by_case.iter().find(|c| c.0 == t && c.1 == s).unwrap();
+        median(r.iter().map(|x| x.gbps).collect())
+    };
+    let ratio = |s| gbps(Transport::Tls, s) / gbps(Transport::Tcp, s);
+    let (p99_tcp, p99_tls) = (median(p99[0].clone()), median(p99[1].clone()));
+    let flags = cpu_flags();
+    // ring 0.17 picks its AES-GCM by cpuid: VAES+VPCLMULQDQ with AVX2 when all are there,
+    // else AES-NI+PCLMULQDQ (aead/aes_gcm.rs); perf confirms it (bench/RESULTS.md).
+    let gcm = if ["aes", "avx", "avx2", "vaes", "vpclmulqdq"]
+        .iter()
+        .all(|f| flags.contains(f))
+    {
+        "aes-ni + vaes/vpclmulqdq (avx2)"
+    } else if flags.contains(&"aes") && flags.contains(&"pclmulqdq") {
+        "aes-ni + pclmulqdq"
+    } else {
+        "software"
+    };
+    println!(
+        "{{\"bench\":\"tls\",\"provider\":\"ring\",\"negotiated\":{:?},\"cpu_flags\":{:?},\"aes_gcm\":{gcm:?},\"throughput_ratio_tls_to_tcp\":{{\"streams_1\":{:.3},\"streams_100\":{:.3}}},\"probe_p99_us\":{{\"tcp\":{p99_tcp},\"tls\":{p99_tls},\"ratio\":{:.3}}},\"runs\":[{}],\"probes\":[{}]}}",
+        suite.unwrap_or_default(),
+        flags,
+        ratio(1),
+        ratio(100),
+        p99_tls / p99_tcp.max(1.0),
+        runs.join(","),
+        probes.join(",")
+    );
+}
