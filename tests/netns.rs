@@ -138,7 +138,8 @@ fn many_volumes_cross_a_veth_between_namespaces_over_tls() {
     let (pki, pool, local) = (dir.join("pki"), dir.join("pool"), dir.join("local"));
     std::fs::create_dir_all(&pool).unwrap();
     std::fs::create_dir_all(&local).unwrap();
-    make_pki(&pki, &[SERVER_IP], &["client"]);
+    // The README's cross-host example, command for command.
+    make_pki(&pki, &[SERVER_IP, "vmhost.example"], &["backup"]);
 
     // 16 volumes to download and 16 to upload, sparse with data at both ends and in between.
     let (mut down_bytes, mut up_bytes) = (0, 0);
@@ -163,13 +164,15 @@ fn many_volumes_cross_a_veth_between_namespaces_over_tls() {
         .arg(&pool)
         .args(["--listen", &listen])
         .args(tls_server_args(&pki))
+        .args(["--tls-allow-dn", "O=volstream,CN=backup"])
+        .args(["--allow-write", "O=volstream,CN=backup"])
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let _server = Served(server);
 
     // The server is up once the client's namespace can list it.
-    let client_args = tls_client_args(&pki, "client");
+    let client_args = tls_client_args(&pki, "backup");
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let out = tls_args(
