@@ -151,16 +151,14 @@ pub fn run(args: ServeArgs) -> Result<(), CliError> {
             );
         }
     }
-    if !matches!(addr, Address::Unix(_))
-        && !(args.allow_uids.is_empty() && args.allow_gids.is_empty())
-    {
+    let unix_policy = !(args.allow_uids.is_empty() && args.allow_gids.is_empty());
+    if unix_policy && !matches!(addr, Address::Unix(_)) {
         return Err(CliError::Usage(
             "--allow-uid and --allow-gid apply to unix: listeners".into(),
         ));
     }
-    if !matches!(addr, Address::Tls { .. })
-        && !(args.allow_dn.is_empty() && args.allow_san.is_empty())
-    {
+    let tls_policy = !(args.allow_dn.is_empty() && args.allow_san.is_empty());
+    if tls_policy && !matches!(addr, Address::Tls { .. }) {
         return Err(CliError::Usage(
             "--tls-allow-dn and --tls-allow-san apply to tls: listeners".into(),
         ));

@@ -82,7 +82,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() {
     engine::memory::keep_freed_buffers();
-    let args = Args::parse(&["total", "repeat", "messages", "interval-us"]);
+    let args = Args::parse(&["total", "repeat", "messages", "interval-us", "bulk"]);
+    let bulk: u64 = args.get("bulk", 99);
     let total: u64 = args.get("total", 4 << 30);
     let repeat: usize = args.get("repeat", 3);
     let messages: u64 = args.get("messages", 2000);
@@ -125,7 +126,7 @@ fn main() {
     for _ in 0..repeat {
         for (i, t) in [Transport::Tcp, Transport::Tls].into_iter().enumerate() {
             let r = probe(
-                99,
+                bulk,
                 messages,
                 interval,
                 t.config(&tls),
