@@ -12,6 +12,13 @@ pub enum CliError {
     Transfers { failed: usize, total: usize },
     /// Anything else (exit 1).
     Other(String),
+    /// SIGINT or SIGTERM stopped the command after its transfers were cleaned up (exit
+    /// 128 + the signal, as a shell reports a process the signal killed).
+    Interrupted {
+        signal: nix::sys::signal::Signal,
+        stopped: usize,
+        total: usize,
+    },
 }
 
 impl CliError {
@@ -20,6 +27,7 @@ impl CliError {
             CliError::Usage(_) => 2,
             CliError::Connect(_) => 3,
             CliError::Transfers { .. } | CliError::Other(_) => 1,
+            CliError::Interrupted { signal, .. } => 128 + *signal as u8,
         }
     }
 }
@@ -32,6 +40,15 @@ impl fmt::Display for CliError {
             CliError::Transfers { failed, total } => {
                 write!(f, "{failed} of {total} transfers failed")
             }
+            CliError::Interrupted {
+                signal,
+                stopped,
+                total,
+            } => write!(
+                f,
+                "interrupted by {signal}: stopped {stopped} of {total} transfers and removed \
+                 their temporary files"
+            ),
         }
     }
 }

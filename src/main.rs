@@ -4,7 +4,9 @@
 //! usage; 3 the server could not be reached or the service could not start.
 
 mod demo;
+mod destinations;
 mod error;
+mod interrupt;
 mod options;
 mod out;
 mod progress;

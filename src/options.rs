@@ -31,10 +31,13 @@ pub struct DownloadArgs {
     #[arg(short = 'S', long = "sparse-size", value_name = "BYTES", default_value_t = 4096,
           value_parser = granularity)]
     sparse_size: u32,
-    /// Replace an existing FILE (the copy is renamed over it once verified).
+    /// Write over an existing FILE, a regular file or a block device (without it, one is
+    /// refused): a file is replaced by the copy, renamed over it once verified; a device is
+    /// written in place.
     #[arg(long)]
     overwrite: bool,
-    /// Write into an existing regular FILE in place (block devices always are).
+    /// Write into an existing regular FILE in place instead of replacing it (with
+    /// --overwrite; block devices always are written in place).
     #[arg(long)]
     in_place: bool,
     /// Skip fdatasync of FILE (faster; a crash may lose the data).
@@ -46,6 +49,10 @@ pub struct DownloadArgs {
     /// Write FILEs with O_DIRECT (bypassing the page cache).
     #[arg(long)]
     direct: bool,
+    /// The server reads a VOLUME that is a block device even while it is mounted or held by
+    /// another program (the copy may then be inconsistent); without it that is refused.
+    #[arg(short = 'U', long)]
+    force_share: bool,
     #[command(flatten)]
     output: OutputArgs,
     /// VOLUME FILE pairs: the server's VOLUME is written to the local FILE (`-` is stdout;
@@ -78,7 +85,8 @@ pub struct UploadArgs {
     #[arg(short = 'S', long = "sparse-size", value_name = "BYTES", default_value_t = 4096,
           value_parser = granularity)]
     sparse_size: u32,
-    /// Replace an existing VOLUME on the server (the upload is renamed over it once verified).
+    /// Write over an existing VOLUME on the server, a file (the upload is renamed over it once
+    /// verified) or a served device (written in place); without it, one is refused.
     #[arg(long)]
     overwrite: bool,
     /// The length of a FILE that is a pipe (`-` is stdin): a pipe cannot tell it, and the
@@ -91,6 +99,10 @@ pub struct UploadArgs {
     /// Read FILEs with O_DIRECT (bypassing the page cache).
     #[arg(long)]
     direct: bool,
+    /// Read a FILE that is a block device even while it is mounted or held by another
+    /// program (the copy may then be inconsistent); without it that is refused.
+    #[arg(short = 'U', long)]
+    force_share: bool,
     #[command(flatten)]
     output: OutputArgs,
     /// FILE VOLUME pairs: the local FILE (`-` is stdin, with --size) becomes the server's
@@ -138,6 +150,7 @@ pub struct Settings {
     pub size: Option<u64>,
     pub iohelper: bool,
     pub direct: bool,
+    pub force_share: bool,
     pub progress: bool,
     pub json: bool,
     pub pairs: Vec<Pair>,
@@ -160,6 +173,7 @@ impl DownloadArgs {
             size: None,
             iohelper: self.iohelper,
             direct: self.direct,
+            force_share: self.force_share,
             progress: self.output.progress,
             json: self.output.json,
             pairs,
@@ -184,6 +198,7 @@ impl UploadArgs {
             size: self.size,
             iohelper: self.iohelper,
             direct: self.direct,
+            force_share: self.force_share,
             progress: self.output.progress,
             json: self.output.json,
             pairs,

@@ -129,6 +129,22 @@ pub fn run(args: ServeArgs) -> Result<(), CliError> {
         };
         provider = provider.with_device(name, path);
     }
+    match provider.remove_stale_temporaries() {
+        Ok(removed) if !removed.is_empty() => {
+            let bytes: u64 = removed.iter().map(|r| r.allocated).sum();
+            crate::out::tell!(
+                "volstream: removed {} temporary file{} ({bytes} bytes) that interrupted uploads left in {}",
+                removed.len(),
+                if removed.len() == 1 { "" } else { "s" },
+                args.pool.display()
+            );
+        }
+        Ok(_) => {}
+        Err(e) => crate::out::tell!(
+            "volstream: warning: cannot clean up temporary files in {}: {e}",
+            args.pool.display()
+        ),
+    }
     if args.no_sync {
         provider = provider.without_sync();
     }

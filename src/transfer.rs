@@ -1,6 +1,7 @@
 //! `download` and `upload`: every pair runs concurrently over one connection.
 
 use crate::error::CliError;
+use crate::interrupt::Interrupts;
 use crate::options::{Direction, Settings};
 use crate::out::{json, say, tell};
 use crate::progress::{Bars, Counter, CountingReader, CountingWriter};
@@ -45,6 +46,9 @@ impl Settings {
         if self.no_extents {
             flags |= OpenOptions::NO_EXTENTS;
         }
+        if self.force_share && self.direction == Direction::Download {
+            flags |= OpenOptions::FORCE_SHARE;
+        }
         if self.overwrite && self.direction == Direction::Upload {
             flags |= OpenOptions::OVERWRITE;
         }
@@ -77,12 +81,28 @@ pub fn run(args: Settings) -> Result<(), CliError> {
         .iter()
         .map(|p| local(&args, &p.file))
         .collect::<Result<Vec<_>, _>>()?;
+    let named: Vec<(&str, &Path)> = args
+        .pairs
+        .iter()
+        .map(|p| (p.volume.as_str(), Path::new(&p.file)))
+        .collect();
+    crate::destinations::refuse_duplicates(direction, &named)?;
     let addr = args.connect.address()?;
+    let interrupts = Interrupts::block()?;
     let (engine, thread) = Engine::spawn(args.connect.engine_config(&addr)?)
         .map_err(|e| CliError::Other(format!("cannot start the event loop: {e}")))?;
+    let handle = engine.clone();
+    interrupts.watch(move || handle.shutdown());
     let conn = engine
         .connect_blocking(&addr, Duration::from_secs(10))
-        .map_err(|e| CliError::Connect(format!("cannot connect to {addr}: {e}")))?;
+        .map_err(|e| match interrupts.caught() {
+            Some(signal) => CliError::Interrupted {
+                signal,
+                stopped: 0,
+                total: 0,
+            },
+            None => CliError::Connect(format!("cannot connect to {addr}: {e}")),
+        })?;
 
     let options = args.open_options();
     let (done_tx, done_rx) = mpsc::channel();
@@ -148,8 +168,17 @@ pub fn run(args: Settings) -> Result<(), CliError> {
     let elapsed = started.elapsed();
     engine.shutdown();
     let _ = thread.join();
-    // Failed transfers remove their temporaries on the workers; let them before exiting.
+    // Failed transfers remove their temporaries on the workers and in their helpers; let
+    // them before exiting.
     fdstream::Pool::shared().wait_idle(Duration::from_secs(10));
+    fdstream::helper::wait_all(Duration::from_secs(10));
+    if let Some(signal) = interrupts.caught() {
+        return Err(CliError::Interrupted {
+            signal,
+            stopped: reports.iter().filter(|r| r.result.is_err()).count(),
+            total: reports.len(),
+        });
+    }
 
     let mut failed = 0;
     for (p, r) in pending.iter().zip(&reports) {
@@ -160,12 +189,17 @@ pub fn run(args: Settings) -> Result<(), CliError> {
         if args.json {
             say!("{}", report_json(verb, p, r));
         } else if r.result.is_ok() {
+            let tail = match direction {
+                Direction::Download => crate::destinations::device_tail(&p.file, r.size),
+                Direction::Upload => None,
+            };
             say!(
-                "{verb} {from} -> {to}: {} bytes ({} data, {} hole) in {:.2}s",
+                "{verb} {from} -> {to}: {} bytes ({} data, {} hole) in {:.2}s{}",
                 r.size,
                 r.stats.data_bytes,
                 r.stats.hole_bytes,
-                r.elapsed.as_secs_f64()
+                r.elapsed.as_secs_f64(),
+                tail.map(|t| format!("; {t}")).unwrap_or_default()
             );
         }
         if let Err(e) = &r.result {
@@ -249,6 +283,7 @@ fn upload_source(args: &Settings, local: Local) -> AnyReader {
         no_extents: args.no_extents,
         stream_size: args.size,
         direct: args.direct,
+        force_share: args.force_share,
         ..ReaderOptions::default()
     };
     match (local, args.backend()) {

@@ -216,14 +216,19 @@ fn a_download_does_exactly_the_io_its_source_layout_needs() {
     // An existing file full of old data, in place: each hole is punched.
     let in_place = work.join("in-place.img");
     dense_copy_of_old_data(&in_place);
-    let ops = traced_download(&work.0, &listen, &in_place, &["--in-place"]);
+    let ops = traced_download(&work.0, &listen, &in_place, &["--in-place", "--overwrite"]);
     assert_eq!(ops, expected(Some(Op::Punch)), "in place");
     assert_eq!(read_all(&in_place), read_all(&src));
 
     // The same, but it must stay allocated: holes are zeroed, not punched.
     let kept = work.join("kept.img");
     dense_copy_of_old_data(&kept);
-    let ops = traced_download(&work.0, &listen, &kept, &["--in-place", "--allocated"]);
+    let ops = traced_download(
+        &work.0,
+        &listen,
+        &kept,
+        &["--in-place", "--overwrite", "--allocated"],
+    );
     assert_eq!(ops, expected(Some(Op::ZeroRange)), "in place, allocated");
     assert_eq!(read_all(&kept), read_all(&src));
 
@@ -234,7 +239,7 @@ fn a_download_does_exactly_the_io_its_source_layout_needs() {
         &work.0,
         &listen,
         &zero,
-        &["--in-place", "--destination-is-zero"],
+        &["--in-place", "--overwrite", "--destination-is-zero"],
     );
     assert_eq!(ops, expected(None), "destination is zero");
 
@@ -242,7 +247,12 @@ fn a_download_does_exactly_the_io_its_source_layout_needs() {
     if iohelper_built() {
         let helped = work.join("helped.img");
         dense_copy_of_old_data(&helped);
-        let ops = traced_download(&work.0, &listen, &helped, &["--in-place", "--iohelper"]);
+        let ops = traced_download(
+            &work.0,
+            &listen,
+            &helped,
+            &["--in-place", "--overwrite", "--iohelper"],
+        );
         assert_eq!(
             ops,
             expected(Some(Op::Punch)),

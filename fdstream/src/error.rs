@@ -18,6 +18,12 @@ pub enum Error {
     /// The volume is of a kind this side cannot serve that way (a directory, a FIFO without a
     /// known size, ...).
     Unsupported(String),
+    /// A block device is mounted or claimed by another program (the kernel refused O_EXCL).
+    InUse {
+        target: String,
+        /// As a source (which `force_share` would read anyway) rather than a sink.
+        reading: bool,
+    },
     /// The sink is smaller than the volume.
     TooSmall {
         target: String,
@@ -61,6 +67,7 @@ impl Error {
             Error::AlreadyExists(_) => Reason::AlreadyExists,
             Error::NotFound(_) => Reason::NotFound,
             Error::Unsupported(_) => Reason::Unsupported,
+            Error::InUse { .. } => Reason::PermissionDenied,
             Error::TooSmall { .. } => Reason::NoSpace,
             Error::DigestMismatch { .. } => Reason::DigestMismatch,
             Error::Length { .. } => Reason::Protocol,
@@ -94,8 +101,21 @@ impl fmt::Display for Error {
             Error::AlreadyExists(n) => write!(f, "{n} exists (overwrite not requested)"),
             Error::NotFound(n) => write!(f, "{n} not found"),
             Error::Unsupported(m) => f.write_str(m),
+            Error::InUse { target, reading } => {
+                write!(
+                    f,
+                    "{target} is in use (mounted, or held by another program)"
+                )?;
+                if *reading {
+                    f.write_str(
+                        ": a copy of it may be inconsistent; -U/--force-share reads it anyway",
+                    )
+                } else {
+                    f.write_str("; nothing was written to it")
+                }
+            }
             Error::TooSmall { target, have, need } => {
-                write!(f, "{target} holds {have} bytes, the volume needs {need}")
+                write!(f, "{target}: device is {have} bytes, volume is {need}")
             }
             Error::DigestMismatch { ours, theirs } => write!(
                 f,

@@ -52,6 +52,14 @@ pub fn size_of(file: &File, kind: Kind) -> io::Result<Option<u64>> {
     }
 }
 
+/// The length of the block device at `path`; `None` if it is not one.
+pub fn block_device_size(path: &std::path::Path) -> io::Result<Option<u64>> {
+    if !std::fs::metadata(path)?.file_type().is_block_device() {
+        return Ok(None);
+    }
+    size_of(&File::open(path)?, Kind::Block)
+}
+
 /// Reads exactly `buf.len()` bytes at `offset` (or sequentially for streams), retrying short
 /// reads; an early end of file is an error because the volume changed under us.
 pub fn read_full(file: &File, kind: Kind, mut offset: u64, mut buf: &mut [u8]) -> io::Result<()> {
@@ -313,6 +321,8 @@ fn refuse_non_regular(dir: &OwnedFd, name: &CStr) -> io::Result<()> {
 /// Where a volume lives, resolved by whichever worker opens it.
 pub enum Location {
     Path(PathBuf),
+    /// A path, called by another name in messages (a served device by its volume name).
+    Named(PathBuf, String),
     /// A plain name inside a directory held open.
     At {
         dir: Arc<OwnedFd>,
@@ -323,10 +333,23 @@ pub enum Location {
 }
 
 impl Location {
+    /// The same place, called `shown` in messages.
+    pub fn named(self, shown: impl Into<String>) -> Location {
+        match self {
+            Location::Path(p) | Location::Named(p, _) => Location::Named(p, shown.into()),
+            Location::At { dir, name, .. } => Location::At {
+                dir,
+                name,
+                shown: shown.into(),
+            },
+            open @ Location::Open(_) => open,
+        }
+    }
+
     pub fn describe(&self) -> String {
         match self {
             Location::Path(p) => p.display().to_string(),
-            Location::At { shown, .. } => shown.clone(),
+            Location::Named(_, shown) | Location::At { shown, .. } => shown.clone(),
             Location::Open(f) => format!("fd {}", f.as_raw_fd()),
         }
     }

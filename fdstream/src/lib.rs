@@ -19,12 +19,14 @@ pub mod pool;
 pub mod provider;
 pub mod punch;
 pub mod reader;
+mod sink;
+pub mod temp;
 pub mod writer;
 pub mod zero;
 
 pub use error::Error;
 pub use extents::{extents, extents_of, Extent, ExtentKind};
-pub use fd::{read_stream, AlignedBuf};
+pub use fd::{block_device_size, read_stream, AlignedBuf};
 pub use helper::{AnyReader, AnyWriter, Backend, HelperOptions, HelperReader, HelperWriter};
 pub use pool::Pool;
 pub use provider::{DirProvider, VolumeInfo};

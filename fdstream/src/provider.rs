@@ -11,6 +11,7 @@ use crate::fd;
 use crate::helper::{Backend, HelperReader, HelperWriter};
 use crate::pool::Pool;
 use crate::reader::{FileReader, ReaderOptions};
+use crate::temp;
 use crate::writer::{FileWriter, WriterOptions};
 use bytes::Bytes;
 use engine::{OpenRequest, Provider, VolumeError, VolumeReader, VolumeWriter};
@@ -93,14 +94,21 @@ impl DirProvider {
         fd::plain_name(name).ok_or_else(|| Error::InvalidName(name.to_owned()).into())
     }
 
+    /// Removes the temporaries that interrupted uploads left in the directory (their writers
+    /// are gone; see [`temp::remove_stale`]). Blocks; a server calls it once at start.
+    pub fn remove_stale_temporaries(&self) -> io::Result<Vec<temp::Removed>> {
+        temp::remove_stale(&self.dir)
+    }
+
     /// The served volumes with their sizes and allocation. Blocks (stats every file); call it
     /// off the loop thread.
     pub fn list(&self) -> io::Result<Vec<VolumeInfo>> {
         list_volumes(&self.path, &self.devices)
     }
 
+    /// A volume as messages to peers call it: by its name, never by a path on this host.
     fn shown(&self, name: &str) -> String {
-        format!("{}/{name}", self.path.display())
+        name.to_owned()
     }
 }
 
@@ -108,8 +116,10 @@ impl Provider for DirProvider {
     fn open_list(&self, _request: &OpenRequest) -> Result<Box<dyn VolumeReader>, VolumeError> {
         let (path, devices) = (self.path.clone(), self.devices.clone());
         Ok(self.document(move || {
-            let volumes = list_volumes(&path, &devices)
-                .map_err(|e| Error::io(format!("listing {}", path.display()), e))?;
+            let volumes = list_volumes(&path, &devices).map_err(|e| {
+                log::warn!("listing {}: {e}", path.display());
+                Error::io("listing the volumes", e)
+            })?;
             let text: String = volumes
                 .iter()
                 .map(|v| format!("{}\t{}\t{}\n", v.name, v.size, v.allocated))
@@ -157,10 +167,13 @@ impl Provider for DirProvider {
         options.pool = self.pool.clone();
         options.direct = self.direct;
         if let Some(path) = self.devices.get(&request.name) {
+            let shown = self.shown(&request.name);
             return Ok(match &self.backend {
-                Backend::InProcess => Box::new(FileReader::open(path.clone(), options)),
+                Backend::InProcess => {
+                    Box::new(FileReader::open(path.clone(), options).named(shown))
+                }
                 Backend::Helper(h) => {
-                    Box::new(HelperReader::open(path.clone(), options, h.clone()))
+                    Box::new(HelperReader::open(path.clone(), options, h.clone()).named(shown))
                 }
             });
         }
@@ -194,10 +207,13 @@ impl Provider for DirProvider {
         options.no_sync = self.no_sync;
         options.direct = self.direct;
         if let Some(path) = self.devices.get(&request.name) {
+            let shown = self.shown(&request.name);
             return Ok(match &self.backend {
-                Backend::InProcess => Box::new(FileWriter::in_place(path.clone(), options)),
+                Backend::InProcess => {
+                    Box::new(FileWriter::in_place(path.clone(), options).named(shown))
+                }
                 Backend::Helper(h) => {
-                    Box::new(HelperWriter::in_place(path.clone(), options, h.clone()))
+                    Box::new(HelperWriter::in_place(path.clone(), options, h.clone()).named(shown))
                 }
             });
         }
@@ -243,9 +259,18 @@ fn list_volumes(path: &Path, devices: &HashMap<String, PathBuf>) -> io::Result<V
         });
     }
     for (name, path) in devices {
-        let file = File::open(path)?;
-        let kind = fd::Kind::of(&file)?;
-        let size = fd::size_of(&file, kind)?.unwrap_or(0);
+        // A device that went away is missing from the list, not the end of it.
+        let sized = File::open(path).and_then(|f| {
+            let kind = fd::Kind::of(&f)?;
+            fd::size_of(&f, kind)
+        });
+        let size = match sized {
+            Ok(size) => size.unwrap_or(0),
+            Err(e) => {
+                log::warn!("device {name} ({}): {e}", path.display());
+                continue;
+            }
+        };
         out.push(VolumeInfo {
             name: name.clone(),
             size,

@@ -63,6 +63,10 @@ pub struct ReaderOptions {
     /// Read with O_DIRECT (aligned buffers, page cache untouched). Where the file system
     /// refuses it, reading falls back to buffered I/O with a logged warning.
     pub direct: bool,
+    /// Read a block device that is mounted or claimed by another program (FORCE_SHARE, as
+    /// qemu-img's `-U`); without it such a source is refused, since it may change while it is
+    /// copied.
+    pub force_share: bool,
     /// Workers to use; the process-wide pool when `None`.
     pub pool: Option<Arc<Pool>>,
 }
@@ -74,6 +78,7 @@ impl Default for ReaderOptions {
             no_extents: false,
             stream_size: None,
             direct: false,
+            force_share: false,
             pool: None,
         }
     }
@@ -85,6 +90,7 @@ impl ReaderOptions {
         ReaderOptions {
             zero_granularity: options.zero_granularity,
             no_extents: options.has(OpenOptions::NO_EXTENTS),
+            force_share: options.has(OpenOptions::FORCE_SHARE),
             ..ReaderOptions::default()
         }
     }
@@ -157,6 +163,12 @@ impl FileReader {
             job: None,
             bytes_read: Arc::default(),
         }
+    }
+
+    /// Calls the volume `shown` in messages instead of by its path.
+    pub fn named(mut self, shown: impl Into<String>) -> Self {
+        self.location = self.location.take().map(|l| l.named(shown));
+        self
     }
 
     /// Bytes read from the volume's fd so far (each byte should be read once).
@@ -255,6 +267,7 @@ struct Work {
     use_extents: bool,
     granularity: u64,
     stream_size: Option<u64>,
+    force_share: bool,
     digest: Digest,
     /// A hole not yet queued, so that it can grow by the next zero run.
     pending_hole: Option<(u64, u64)>,
@@ -305,6 +318,12 @@ impl ReadCore {
         ReadCore {
             work: Work::new(location, options, Arc::default()),
         }
+    }
+
+    /// Calls the volume `shown` in messages instead of by its path.
+    pub fn named(mut self, shown: impl Into<String>) -> Self {
+        self.work.location = self.work.location.take().map(|l| l.named(shown));
+        self
     }
 
     /// Opens the volume (first call) or reads the next buffer.
@@ -390,6 +409,7 @@ impl Work {
             use_extents: !options.no_extents,
             granularity: options.zero_granularity.min(READ_BUF as u32) as u64,
             stream_size: options.stream_size,
+            force_share: options.force_share,
             digest: Digest::new(),
             pending_hole: None,
             bytes_read,
@@ -403,7 +423,7 @@ impl Work {
         let location = self.location.take().ok_or(Error::Cancelled)?;
         let shown = location.describe();
         let file = match location {
-            Location::Path(p) => {
+            Location::Path(p) | Location::Named(p, _) => {
                 // Refuse a sizeless pipe before open(2), which would wait for a writer.
                 use std::os::unix::fs::FileTypeExt;
                 let ft = std::fs::metadata(&p)
@@ -414,7 +434,7 @@ impl Work {
                 {
                     return Err(no_size(&shown));
                 }
-                File::open(&p).map_err(|e| Error::io(format!("opening {shown}"), e))
+                open_source(&p, &shown, ft.is_block_device() && !self.force_share)
             }
             Location::Open(f) => Ok(f),
             Location::At { dir, name, .. } => {
@@ -575,4 +595,23 @@ impl Work {
             return Ok(p);
         }
     }
+}
+
+/// Opens a source by path; a block device `exclusive`ly (O_EXCL), so the kernel refuses one
+/// that is mounted or claimed: it may change while it is copied, and the copy would not be
+/// consistent.
+fn open_source(path: &std::path::Path, shown: &str, exclusive: bool) -> Result<File, Error> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut o = std::fs::OpenOptions::new();
+    o.read(true);
+    if exclusive {
+        o.custom_flags(libc::O_EXCL);
+    }
+    o.open(path).map_err(|e| match e.raw_os_error() {
+        Some(libc::EBUSY) if exclusive => Error::InUse {
+            target: shown.to_owned(),
+            reading: true,
+        },
+        _ => Error::io(format!("opening {shown}"), e),
+    })
 }

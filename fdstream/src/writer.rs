@@ -10,6 +10,8 @@ use crate::error::Error;
 use crate::fd::{self, Kind, Location};
 use crate::pool::{Job, JobHandle, Pool, Step};
 use crate::punch::{self, Zeroer};
+use crate::sink;
+use crate::temp;
 use engine::proto::OpenOptions;
 use engine::{Chunk, Digest, Notify, VolumeError, VolumeWriter, WriteProgress};
 use std::collections::VecDeque;
@@ -155,6 +157,12 @@ impl FileWriter {
         }
     }
 
+    /// Calls the volume `shown` in messages instead of by its path.
+    pub fn named(mut self, shown: impl Into<String>) -> Self {
+        self.target = self.target.take().map(|t| t.named(shown));
+        self
+    }
+
     /// Data bytes written to the fd so far (zeroes written for holes not included).
     pub fn bytes_written(&self) -> Arc<AtomicU64> {
         Arc::clone(&self.bytes_written)
@@ -281,6 +289,14 @@ impl WriteCore {
         self.work.discard()
     }
 
+    /// Creates a new file's temporary under `name` (see [`crate::temp::name`]) instead of a
+    /// name of this process: a helper's parent chooses it, so that it can remove the file
+    /// whenever the helper dies.
+    pub fn with_temp_name(mut self, name: CString) -> Self {
+        self.work.temp = Some(name);
+        self
+    }
+
     /// The temporary file's name inside the target directory, while there is one.
     pub fn temp_name(&self) -> Option<&CString> {
         self.work.temp.as_ref()
@@ -322,6 +338,24 @@ impl WriteTarget {
         WriteTarget::InPlace(Location::Open(file))
     }
 
+    /// The same target, called `shown` in messages.
+    pub fn named(self, shown: impl Into<String>) -> Self {
+        match self {
+            WriteTarget::Create {
+                dir,
+                dir_path,
+                name,
+                ..
+            } => WriteTarget::Create {
+                dir,
+                dir_path,
+                name,
+                shown: shown.into(),
+            },
+            WriteTarget::InPlace(l) => WriteTarget::InPlace(l.named(shown)),
+        }
+    }
+
     pub fn describe(&self) -> String {
         match self {
             WriteTarget::Create { shown, .. } => shown.clone(),
@@ -357,8 +391,6 @@ struct Work {
     direct_on: bool,
     align: u64,
 }
-
-static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 impl Job for WriteJob {
     fn run(&self) -> Step {
@@ -467,34 +499,23 @@ impl Work {
                     ),
                     (None, None) => return Err(Error::Cancelled),
                 };
-                if name.as_bytes().is_empty() {
-                    return Err(Error::InvalidName(self.shown.clone()));
-                }
-                if !self.options.overwrite && exists_at(&dir, &name) {
-                    return Err(Error::AlreadyExists(self.shown.clone()));
-                }
-                let temp = CString::new(format!(
-                    ".{}.volstream-tmp-{}-{}",
-                    name.to_string_lossy(),
-                    std::process::id(),
-                    TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-                ))
-                .map_err(|_| Error::InvalidName(self.shown.clone()))?;
-                let file = fd::openat(
+                let temp = self
+                    .temp
+                    .take()
+                    .unwrap_or_else(|| temp::name(name.as_bytes()));
+                let file = sink::create_temp(
                     &dir,
+                    &name,
                     &temp,
-                    libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW,
-                    0o644,
-                )
-                .map_err(|e| {
-                    Error::io(format!("creating a temporary file for {}", self.shown), e)
-                })?;
+                    &self.shown,
+                    self.options.overwrite,
+                    self.size,
+                )?;
                 self.temp = Some(temp);
                 self.dir = Some(dir);
                 self.final_name = name;
                 self.kind = Kind::Regular;
                 self.zeroer = Zeroer::new(Kind::Regular, self.options.allocated);
-                size_before_writing(&file, self.size, &self.shown)?;
                 if self.options.allocated && self.size > 0 {
                     // One fallocate for the whole volume; holes then need nothing.
                     let r = self.zeroer.allocate_only(&file, 0, self.size);
@@ -509,34 +530,14 @@ impl Work {
             }
             WriteTarget::InPlace(location) => {
                 self.shown = location.describe();
-                let file = match location {
-                    Location::Open(f) => f,
-                    Location::Path(p) => open_existing(&p)
-                        .map_err(|e| Error::io(format!("opening {}", self.shown), e))?,
-                    Location::At { dir, name, .. } => {
-                        fd::open_beneath(&dir, &name, libc::O_RDWR)
-                            .map_err(|e| Error::io(format!("opening {}", self.shown), e))?
+                let sink::InPlace { file, kind, have } =
+                    sink::open_in_place(location, self.options.overwrite, self.size)?;
+                self.kind = kind;
+                if kind == Kind::Regular {
+                    self.old_size = have.unwrap_or(0);
+                    if self.old_size < self.size {
+                        sink::size_before_writing(&file, self.size, &self.shown)?;
                     }
-                };
-                self.kind = Kind::of(&file)
-                    .map_err(|e| Error::io(format!("inspecting {}", self.shown), e))?;
-                let have = fd::size_of(&file, self.kind)
-                    .map_err(|e| Error::io(format!("sizing {}", self.shown), e))?;
-                match self.kind {
-                    Kind::Block if have.unwrap_or(0) < self.size => {
-                        return Err(Error::TooSmall {
-                            target: self.shown.clone(),
-                            have: have.unwrap_or(0),
-                            need: self.size,
-                        })
-                    }
-                    Kind::Regular => {
-                        self.old_size = have.unwrap_or(0);
-                        if self.old_size < self.size {
-                            size_before_writing(&file, self.size, &self.shown)?;
-                        }
-                    }
-                    _ => {}
                 }
                 self.zeroer = Zeroer::new(self.kind, self.options.allocated);
                 self.file = Some(file);
@@ -818,38 +819,4 @@ impl Work {
             }
         }
     }
-}
-
-/// Gives a new or shorter regular file its final length before the first write, so no write
-/// extends it: a write past EOF is what makes XFS preallocate speculatively beyond it, and in
-/// a sparse copy those preallocations end up inside the file, allocated, between the data.
-fn size_before_writing(file: &File, size: u64, shown: &str) -> Result<(), Error> {
-    file.set_len(size)
-        .map_err(|e| Error::io(format!("setting the size of {shown} to {size}"), e))
-}
-
-fn exists_at(dir: &OwnedFd, name: &CString) -> bool {
-    use std::os::fd::AsRawFd;
-    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
-    // SAFETY: valid dir fd, NUL-terminated name, and a stat buffer of the right size.
-    unsafe {
-        libc::fstatat(
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            st.as_mut_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        ) == 0
-    }
-}
-
-/// Opens an existing sink for writing without creating or truncating it. A FIFO is opened
-/// write-only, which waits (on a worker) for a reader.
-fn open_existing(path: &std::path::Path) -> std::io::Result<File> {
-    use std::os::unix::fs::FileTypeExt;
-    let ft = std::fs::metadata(path)?.file_type();
-    let read = ft.is_file() || ft.is_block_device();
-    std::fs::OpenOptions::new()
-        .read(read)
-        .write(true)
-        .open(path)
 }

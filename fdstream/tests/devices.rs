@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use engine::proto::Reason;
+use engine::proto::{OpenOptions, Reason};
 use fdstream::{DirProvider, FileReader, FileWriter, ReaderOptions, WriterOptions};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -74,7 +74,7 @@ fn loop_device_sink_with_old_data_reads_back_zero_in_holes() {
     let r = pair.download(
         "vol",
         opts(0),
-        FileWriter::in_place(&dev.path, WriterOptions::default()),
+        FileWriter::in_place(&dev.path, overwriting(WriterOptions::default())),
     );
     assert_eq!(r.result, Ok(()));
     assert_eq!(read_all(&dev.path), read_all(&src.path().join("vol")));
@@ -99,7 +99,7 @@ fn loop_device_too_small_is_refused() {
     let r = pair.download(
         "vol",
         opts(0),
-        FileWriter::in_place(&dev.path, WriterOptions::default()),
+        FileWriter::in_place(&dev.path, overwriting(WriterOptions::default())),
     );
     let e = r.result.unwrap_err();
     assert_eq!(e.reason, Reason::NoSpace, "{e}");
@@ -111,7 +111,7 @@ fn loop_device_too_small_is_refused() {
     );
     let r = pair.upload(
         "small",
-        opts(0),
+        opts(OpenOptions::OVERWRITE),
         FileReader::open(src.path().join("vol"), ReaderOptions::default()),
     );
     assert_eq!(r.result.unwrap_err().reason, Reason::NoSpace);

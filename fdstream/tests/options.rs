@@ -21,7 +21,7 @@ fn overwrite_allocated_file_in_place_punches_holes() {
     let r = pair.download(
         "vol",
         opts(0),
-        FileWriter::in_place(&out, WriterOptions::default()),
+        FileWriter::in_place(&out, overwriting(WriterOptions::default())),
     );
     assert_eq!(r.result, Ok(()));
     assert_eq!(read_all(&out), read_all(&vol));
@@ -52,7 +52,7 @@ fn allocated_gives_a_fully_allocated_copy() {
     let r = pair.download(
         "vol",
         o,
-        FileWriter::in_place(&old, WriterOptions::from_open(&o)),
+        FileWriter::in_place(&old, overwriting(WriterOptions::from_open(&o))),
     );
     assert_eq!(r.result, Ok(()));
     assert_eq!(read_all(&old), read_all(&vol));
@@ -71,7 +71,7 @@ fn destination_is_zero_skips_hole_work() {
     let r = pair.download(
         "vol",
         o,
-        FileWriter::in_place(&out, WriterOptions::from_open(&o)),
+        FileWriter::in_place(&out, overwriting(WriterOptions::from_open(&o))),
     );
     assert_eq!(r.result, Ok(()));
     assert_eq!(read_all(&out), read_all(&vol));
@@ -83,7 +83,7 @@ fn destination_is_zero_skips_hole_work() {
     let r = pair.download(
         "vol",
         o,
-        FileWriter::in_place(&lied, WriterOptions::from_open(&o)),
+        FileWriter::in_place(&lied, overwriting(WriterOptions::from_open(&o))),
     );
     assert_eq!(r.result, Ok(()));
     let got = read_all(&lied);

@@ -5,8 +5,9 @@
 //!
 //! ```text
 //! volstream-iohelper read  --shown NAME (--path P | --fd | --dir-fd NAME) [--granularity N]
-//!                          [--no-extents] [--stream-size N] [--direct]
-//! volstream-iohelper write --shown NAME --size N (--path P | --fd | --create NAME | --in-dir NAME)
+//!                          [--no-extents] [--force-share] [--stream-size N] [--direct]
+//! volstream-iohelper write --shown NAME --size N (--path P | --fd | --create NAME [--temp NAME]
+//!                          | --in-dir NAME)
 //!                          [--allocated] [--destination-is-zero] [--overwrite] [--no-sync] [--direct]
 //! ```
 //!
@@ -38,9 +39,11 @@ struct Args {
     fd: bool,
     dir_name: Option<OsString>,
     create: Option<OsString>,
+    temp: Option<OsString>,
     in_dir: Option<OsString>,
     granularity: u32,
     no_extents: bool,
+    force_share: bool,
     stream_size: Option<u64>,
     direct: bool,
     size: u64,
@@ -74,9 +77,11 @@ fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Args, String> {
             "--fd" => a.fd = true,
             "--dir-fd" => a.dir_name = Some(it.next().ok_or("--dir-fd needs a name")?),
             "--create" => a.create = Some(it.next().ok_or("--create needs a name")?),
+            "--temp" => a.temp = Some(it.next().ok_or("--temp needs a name")?),
             "--in-dir" => a.in_dir = Some(it.next().ok_or("--in-dir needs a name")?),
             "--granularity" => a.granularity = num(it.next(), &arg)? as u32,
             "--no-extents" => a.no_extents = true,
+            "--force-share" => a.force_share = true,
             "--stream-size" => a.stream_size = Some(num(it.next(), &arg)?),
             "--direct" => a.direct = true,
             "--size" => a.size = num(it.next(), &arg)?,
@@ -229,10 +234,11 @@ fn read(a: &Args, conn: &mut Conn) -> Result<(), Failure> {
         no_extents: a.no_extents,
         stream_size: a.stream_size,
         direct: a.direct,
+        force_share: a.force_share,
         pool: None,
     };
     let mut core = if let Some(p) = &a.path {
-        ReadCore::open(p, &options)
+        ReadCore::open(p, &options).named(a.shown.clone())
     } else if a.fd {
         ReadCore::from_file(File::from(volume_fd()), &options)
     } else if let Some(name) = a.dir_name.clone() {
@@ -293,7 +299,7 @@ fn write(a: &Args, conn: &mut Conn) -> Result<(), Failure> {
         pool: None,
     };
     let target = if let Some(p) = &a.path {
-        WriteTarget::in_place(p)
+        WriteTarget::in_place(p).named(a.shown.clone())
     } else if a.fd {
         WriteTarget::from_file(File::from(volume_fd()))
     } else if let Some(name) = a.create.clone() {
@@ -319,7 +325,13 @@ fn write(a: &Args, conn: &mut Conn) -> Result<(), Failure> {
         return Err(conn.report(Error::Unsupported("no volume given".into())));
     };
     let mut core = WriteCore::new(target, a.size, options);
-    core.open().map_err(|e| conn.report(e))?;
+    if let Some(temp) = a.temp.clone() {
+        core = core.with_temp_name(cstring(temp)?);
+    }
+    if let Err(e) = core.open() {
+        core.discard();
+        return Err(conn.report(e));
+    }
     if let Some(temp) = core.temp_name() {
         conn.send(&Msg::Temp(temp.as_bytes().to_vec()))?;
     }

@@ -157,7 +157,7 @@ fn a_writer_helper_killed_mid_upload_leaves_nothing_behind() {
     let pid = loop {
         let found = helpers()
             .into_iter()
-            .find(|h| h.role == Role::Write && h.volume.ends_with("/vol"));
+            .find(|h| h.role == Role::Write && h.volume == "vol");
         if let (Some(h), false) = (found, temp_files(dst.path()).is_empty()) {
             break h.pid;
         }

@@ -195,7 +195,7 @@ fn loop_device_sink_with_old_data_reads_back_zero_in_holes(direct: bool) {
     let r = pair.download(
         "vol",
         opts(0),
-        helper(direct).in_place(&dev.path, WriterOptions::default()),
+        helper(direct).in_place(&dev.path, overwriting(WriterOptions::default())),
     );
     assert_eq!(r.result, Ok(()));
     assert_eq!(read_all(&dev.path), read_all(&src.path().join("vol")));
@@ -214,7 +214,7 @@ fn overwrite_allocated_file_in_place_punches_holes(direct: bool) {
     let r = pair.download(
         "vol",
         opts(0),
-        helper(direct).in_place(&out, WriterOptions::default()),
+        helper(direct).in_place(&out, overwriting(WriterOptions::default())),
     );
     assert_eq!(r.result, Ok(()));
     assert_eq!(read_all(&out), read_all(&vol));
@@ -241,7 +241,7 @@ fn allocated_gives_a_fully_allocated_copy(direct: bool) {
     let r = pair.download(
         "vol",
         o,
-        helper(direct).in_place(&old, WriterOptions::from_open(&o)),
+        helper(direct).in_place(&old, overwriting(WriterOptions::from_open(&o))),
     );
     assert_eq!(r.result, Ok(()));
     assert_eq!(read_all(&old), read_all(&vol));
@@ -258,7 +258,7 @@ fn destination_is_zero_skips_hole_work(direct: bool) {
     let r = pair.download(
         "vol",
         o,
-        helper(direct).in_place(&out, WriterOptions::from_open(&o)),
+        helper(direct).in_place(&out, overwriting(WriterOptions::from_open(&o))),
     );
     assert_eq!(r.result, Ok(()));
     assert_eq!(read_all(&out), read_all(&vol));
@@ -269,7 +269,7 @@ fn destination_is_zero_skips_hole_work(direct: bool) {
     let r = pair.download(
         "vol",
         o,
-        helper(direct).in_place(&lied, WriterOptions::from_open(&o)),
+        helper(direct).in_place(&lied, overwriting(WriterOptions::from_open(&o))),
     );
     assert_eq!(r.result, Ok(()));
     assert_eq!(read_all(&lied)[0], 0xAA, "hole at 0 was not touched");

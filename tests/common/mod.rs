@@ -241,20 +241,25 @@ pub fn assert_same_sparse(a: &Path, b: &Path) {
 pub struct Mounted {
     pub dir: PathBuf,
     pub fs: String,
-    dev: String,
+    pub dev: String,
 }
 
 impl Mounted {
     /// `None`, with the reason printed, where root, the mkfs tool or the kernel module is
     /// missing.
     pub fn new(fs: &str, work: &Path, size: u64) -> Option<Mounted> {
+        Mounted::new_with(fs, work, size, "")
+    }
+
+    /// As `new`, with more options for mkfs.
+    pub fn new_with(fs: &str, work: &Path, size: u64, mkfs: &str) -> Option<Mounted> {
         let image = work.join(format!("{fs}.img"));
         File::create(&image).unwrap().set_len(size).unwrap();
         let dev = fixture(&format!("losetup -f --show {}", image.display()))?;
         let force = if fs == "ext4" { "-F" } else { "-f" };
         let dir = work.join(format!("{fs}.mnt"));
         std::fs::create_dir_all(&dir).unwrap();
-        let made = fixture(&format!("mkfs.{fs} -q {force} {dev}"))
+        let made = fixture(&format!("mkfs.{fs} -q {force} {mkfs} {dev}"))
             .and_then(|_| fixture(&format!("mount {dev} {}", dir.display())));
         if made.is_none() {
             let _ = Command::new("losetup").args(["-d", &dev]).status();
@@ -279,7 +284,11 @@ impl Mounted {
 
 impl Drop for Mounted {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.dir).status();
+        // Quietly: a test may have unmounted it already.
+        let _ = Command::new("umount")
+            .arg(&self.dir)
+            .stderr(Stdio::null())
+            .status();
         let _ = Command::new("losetup").args(["-d", &self.dev]).status();
     }
 }
@@ -330,4 +339,46 @@ pub fn tls_client_args(pki: &Path, client: &str) -> Vec<String> {
         "--tls-key".into(),
         pki.join(format!("{client}-key.pem")).display().to_string(),
     ]
+}
+
+/// A loop device over a backing file, detached on drop.
+pub struct LoopDev {
+    pub path: PathBuf,
+}
+
+impl LoopDev {
+    /// `None` (with the reason printed) when loop devices are not available here.
+    pub fn attach(backing: &Path) -> Option<LoopDev> {
+        let path = fixture(&format!("losetup -f --show {}", backing.display()))?;
+        Some(LoopDev {
+            path: PathBuf::from(path),
+        })
+    }
+
+    pub fn arg(&self) -> &str {
+        self.path.to_str().unwrap()
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.path).status();
+    }
+}
+
+/// A file of `len` bytes of `byte`.
+pub fn filled(path: &Path, len: u64, byte: u8) {
+    let f = File::create(path).unwrap();
+    f.write_all_at(&vec![byte; len as usize], 0).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// The first line of stderr that contains `needle`, or a panic showing them all.
+pub fn line_with(o: &Output, needle: &str) -> String {
+    let lines = stderr_lines(o);
+    lines
+        .iter()
+        .find(|l| l.contains(needle))
+        .cloned()
+        .unwrap_or_else(|| panic!("no stderr line contains {needle:?}: {lines:?}"))
 }

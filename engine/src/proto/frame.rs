@@ -183,7 +183,10 @@ impl OpenOptions {
     pub const OVERWRITE: u8 = 8;
     /// Holes are sent as zero DATA for this stream even when SPARSE was negotiated.
     pub const NO_SPARSE: u8 = 16;
-    const KNOWN: u8 = 31;
+    /// The source may be read although it is in use (a mounted block device), as qemu-img's
+    /// `-U`; the copy may then be inconsistent.
+    pub const FORCE_SHARE: u8 = 32;
+    const KNOWN: u8 = 63;
 
     pub fn has(&self, flag: u8) -> bool {
         self.flags & flag != 0

@@ -271,6 +271,19 @@ pub fn helpers() -> Vec<HelperInfo> {
         .collect()
 }
 
+/// Waits (at most `timeout`) until every helper of this process has exited and been reaped,
+/// e.g. so that cancelled writers' temporaries are gone before the process exits. True if so.
+pub fn wait_all(timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while !helpers().is_empty() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    true
+}
+
 // ---------------------------------------------------------------------------------------------
 // Shared per-helper state.
 
@@ -999,6 +1012,12 @@ impl HelperReader {
         }
     }
 
+    /// Calls the volume `shown` in messages instead of by its path.
+    pub fn named(mut self, shown: impl Into<String>) -> Self {
+        self.location = self.location.take().map(|l| l.named(shown));
+        self
+    }
+
     /// The helper's pid, once it runs.
     pub fn pid(&self) -> Option<u32> {
         self.entry
@@ -1020,7 +1039,7 @@ impl VolumeReader for HelperReader {
             value(&mut args, "--shown", entry.shown.clone());
             let mut fd = None;
             match location {
-                Location::Path(p) => value(&mut args, "--path", p),
+                Location::Path(p) | Location::Named(p, _) => value(&mut args, "--path", p),
                 Location::Open(f) => {
                     args.push("--fd".into());
                     fd = Some(OwnedFd::from(f));
@@ -1045,6 +1064,7 @@ impl VolumeReader for HelperReader {
                 options.zero_granularity.to_string(),
             );
             flag(&mut args, "--no-extents", options.no_extents);
+            flag(&mut args, "--force-share", options.force_share);
             if let Some(n) = options.stream_size {
                 value(&mut args, "--stream-size", n.to_string());
             }
@@ -1169,6 +1189,12 @@ impl HelperWriter {
         }
     }
 
+    /// Calls the volume `shown` in messages instead of by its path.
+    pub fn named(mut self, shown: impl Into<String>) -> Self {
+        self.target = self.target.take().map(|t| t.named(shown));
+        self
+    }
+
     /// The helper's pid, once it runs.
     pub fn pid(&self) -> Option<u32> {
         self.entry
@@ -1207,11 +1233,19 @@ impl VolumeWriter for HelperWriter {
                                 })?),
                                 (None, None) => return Err(Error::Cancelled),
                             };
+                        // Named here, so the name is known whenever the helper dies.
+                        let temp = crate::temp::name(name.as_bytes());
+                        value(
+                            &mut args,
+                            "--temp",
+                            OsString::from_vec(temp.as_bytes().to_vec()),
+                        );
+                        entry.st.lock().unwrap().temp = Some(temp);
                         value(&mut args, "--create", OsString::from_vec(name.into_bytes()));
                         let d = dup(&dir).map_err(|e| Error::io("duplicating a dir fd", e))?;
                         (Some(d), Some(dir))
                     }
-                    WriteTarget::InPlace(Location::Path(p)) => {
+                    WriteTarget::InPlace(Location::Path(p) | Location::Named(p, _)) => {
                         value(&mut args, "--path", p);
                         (None, None)
                     }

@@ -86,6 +86,14 @@ impl Drop for Pair {
     }
 }
 
+/// `options` that may write over an existing destination (files and devices alike).
+pub fn overwriting(options: fdstream::WriterOptions) -> fdstream::WriterOptions {
+    fdstream::WriterOptions {
+        overwrite: true,
+        ..options
+    }
+}
+
 pub fn opts(flags: u8) -> OpenOptions {
     OpenOptions {
         flags,
