@@ -49,7 +49,7 @@ local SPARSE, DIGEST = 0x1, 0x2
 -- Section 4.2, FINISH flags.
 local FLAG_ACK, FLAG_DIGEST = 0x01, 0x02
 -- Section 4.3.
-local OPTIONS_KNOWN = 0x1f
+local OPTIONS_KNOWN = 0x3f
 
 local f = {
     -- Section 2: the Hello record.
@@ -93,11 +93,13 @@ local f = {
     option_no_extents = ProtoField.bool("volstream.open.options.NO_EXTENTS", "NO_EXTENTS", 8, nil,
         0x04, "the source ignores its extent map"),
     option_overwrite = ProtoField.bool("volstream.open.options.OVERWRITE", "OVERWRITE", 8, nil,
-        0x08, "an existing volume may be replaced"),
+        0x08, "an existing volume may be written over"),
     option_no_sparse = ProtoField.bool("volstream.open.options.NO_SPARSE", "NO_SPARSE", 8, nil,
         0x10, "holes are sent as zero DATA"),
+    option_force_share = ProtoField.bool("volstream.open.options.FORCE_SHARE", "FORCE_SHARE", 8,
+        nil, 0x20, "the source may be read while it is in use"),
     option_reserved = ProtoField.uint8("volstream.open.options.reserved", "reserved", base.HEX,
-        nil, 0xe0),
+        nil, 0xc0),
     open_name_len = ProtoField.uint16("volstream.open.name_len", "name_len", base.DEC),
     open_zero_granularity = ProtoField.uint32("volstream.open.zero_granularity",
         "zero_granularity", base.DEC),
@@ -324,6 +326,7 @@ local function dissect_body(tvb, pinfo, t, kind, flags, o, len)
         ot:add(f.option_no_extents, tvb(o + 1, 1))
         ot:add(f.option_overwrite, tvb(o + 1, 1))
         ot:add(f.option_no_sparse, tvb(o + 1, 1))
+        ot:add(f.option_force_share, tvb(o + 1, 1))
         local orsv = ot:add(f.option_reserved, tvb(o + 1, 1))
         if bit32.band(options, bit32.bnot(OPTIONS_KNOWN)) ~= 0 then
             orsv:add_proto_expert_info(e.reserved_options)
@@ -345,7 +348,7 @@ local function dissect_body(tvb, pinfo, t, kind, flags, o, len)
         if options ~= 0 then
             text = text .. " " .. bit_names(options, {
                 { 0x01, "ALLOCATED" }, { 0x02, "DESTINATION_IS_ZERO" }, { 0x04, "NO_EXTENTS" },
-                { 0x08, "OVERWRITE" }, { 0x10, "NO_SPARSE" } })
+                { 0x08, "OVERWRITE" }, { 0x10, "NO_SPARSE" }, { 0x20, "FORCE_SHARE" } })
         end
         if name ~= "" then text = text .. " " .. name end
         return text
