@@ -10,6 +10,8 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 const SIGKILL: i32 = 9;
+const SIGCONT: i32 = 18;
+const SIGSTOP: i32 = 19;
 
 fn unix_listen(dir: &TempDir) -> String {
     format!("unix:{}", dir.join("s.sock").display())
@@ -57,14 +59,18 @@ fn client_killed_mid_upload_leaves_nothing_and_the_server_goes_on() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    // Let data flow, then kill the client without warning.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while temporaries(&pool).is_empty() && Instant::now() < deadline {
+    // Let data flow, then kill the client without warning. The server is stopped meanwhile,
+    // so that a loaded machine cannot finish the transfer before the kill.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while temporaries(&pool).is_empty() {
+        assert!(Instant::now() < deadline, "no temporary appeared");
         std::thread::sleep(Duration::from_millis(5));
     }
     std::thread::sleep(Duration::from_millis(50));
+    kill(server.child.id(), SIGSTOP);
     kill(upload.id(), SIGKILL);
     let _ = upload.wait();
+    kill(server.child.id(), SIGCONT);
 
     assert_eq!(
         wait_fds(server.child.id(), baseline),
@@ -118,13 +124,17 @@ fn client_killed_mid_download_leaves_the_server_serving() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while temporaries(&local).is_empty() && Instant::now() < deadline {
+    // As above: the server stopped, the client killed mid-download.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while temporaries(&local).is_empty() {
+        assert!(Instant::now() < deadline, "no temporary appeared");
         std::thread::sleep(Duration::from_millis(5));
     }
     std::thread::sleep(Duration::from_millis(50));
+    kill(server.child.id(), SIGSTOP);
     kill(download.id(), SIGKILL);
     let _ = download.wait();
+    kill(server.child.id(), SIGCONT);
 
     // The killed client had no chance to clean up its temporary, but nothing appears under
     // the final name.
