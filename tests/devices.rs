@@ -151,7 +151,27 @@ fn devices_follow_the_overwrite_rule_of_files_and_are_sized_at_open() {
         .args(["download", "--overwrite", "--connect", &listen, "vol"])
         .arg(small_dev.arg()));
     assert_eq!(out.status.code(), Some(1), "{:?}", stderr_lines(&out));
-    line_with(&out, "device is 4194304 bytes, volume is 8388608");
+    let line = line_with(&out, "device is 4194304 bytes, volume is 8388608");
+    assert!(line.contains("device too small"), "{line}");
+    assert_eq!(read_all(&small_dev.path), aa(0, 4 * MIB));
+
+    // The same through a server: the reason crosses the wire as DEVICE_TOO_SMALL, not as
+    // "no space left", and the message names the server's volume, not its device path.
+    let small_listen = format!("unix:{}", dir.join("small.sock").display());
+    let device = format!("s={}", small_dev.arg());
+    let small_server = Server::start_with(&pool, &small_listen, &["--device", &device]);
+    let out = run(bin()
+        .args(["upload", "--overwrite", "--connect", &small_listen])
+        .arg(pool.join("vol"))
+        .arg("s"));
+    assert_eq!(out.status.code(), Some(1), "{:?}", stderr_lines(&out));
+    let line = line_with(&out, "device is 4194304 bytes, volume is 8388608");
+    assert!(line.contains("device too small"), "{line}");
+    assert!(
+        !line.contains("no space") && !line.contains(small_dev.arg()),
+        "{line}"
+    );
+    drop(small_server);
     assert_eq!(read_all(&small_dev.path), aa(0, 4 * MIB));
 
     // Larger: written, and the rest is said to be left as it was (and is).

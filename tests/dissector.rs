@@ -740,7 +740,7 @@ fn dissector_names_what_protocol_md_names() {
         .iter()
         .map(|row| (row[0].parse().unwrap(), row[1].clone()))
         .collect();
-    assert_eq!(reasons.len(), 16);
+    assert_eq!(reasons.len(), 17);
     for kind in ["reject", "abort", "goaway"] {
         assert_eq!(value_names(&format!("volstream.{kind}.reason")), reasons);
     }

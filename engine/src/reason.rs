@@ -23,6 +23,8 @@ pub enum Reason {
     ConnectionLost,
     Unsupported,
     GoingAway,
+    /// A block device sink is smaller than the volume (found at open, before any write).
+    DeviceTooSmall,
     Other(u32),
 }
 
@@ -45,6 +47,7 @@ impl Reason {
             Reason::ConnectionLost => 14,
             Reason::Unsupported => 15,
             Reason::GoingAway => 16,
+            Reason::DeviceTooSmall => 17,
             Reason::Other(code) => code,
         }
     }
@@ -67,6 +70,7 @@ impl Reason {
             14 => Reason::ConnectionLost,
             15 => Reason::Unsupported,
             16 => Reason::GoingAway,
+            17 => Reason::DeviceTooSmall,
             other => Reason::Other(other),
         }
     }
@@ -91,6 +95,7 @@ impl fmt::Display for Reason {
             Reason::ConnectionLost => "connection lost",
             Reason::Unsupported => "unsupported",
             Reason::GoingAway => "going away",
+            Reason::DeviceTooSmall => "device too small",
             Reason::Other(code) => return write!(f, "error code {code}"),
         };
         f.write_str(text)

@@ -68,7 +68,7 @@ impl Error {
             Error::NotFound(_) => Reason::NotFound,
             Error::Unsupported(_) => Reason::Unsupported,
             Error::InUse { .. } => Reason::PermissionDenied,
-            Error::TooSmall { .. } => Reason::NoSpace,
+            Error::TooSmall { .. } => Reason::DeviceTooSmall,
             Error::DigestMismatch { .. } => Reason::DigestMismatch,
             Error::Length { .. } => Reason::Protocol,
             Error::Partial { cause, .. } => cause.reason(),
@@ -115,7 +115,10 @@ impl fmt::Display for Error {
                 }
             }
             Error::TooSmall { target, have, need } => {
-                write!(f, "{target}: device is {have} bytes, volume is {need}")
+                write!(
+                    f,
+                    "device too small: {target}: device is {have} bytes, volume is {need}"
+                )
             }
             Error::DigestMismatch { ours, theirs } => write!(
                 f,

@@ -102,7 +102,7 @@ fn loop_device_too_small_is_refused() {
         FileWriter::in_place(&dev.path, overwriting(WriterOptions::default())),
     );
     let e = r.result.unwrap_err();
-    assert_eq!(e.reason, Reason::NoSpace, "{e}");
+    assert_eq!(e.reason, Reason::DeviceTooSmall, "{e}");
     // Served by name, the refusal comes before ACCEPT.
     let pair = Pair::new(
         DirProvider::new(work.path())
@@ -114,5 +114,5 @@ fn loop_device_too_small_is_refused() {
         opts(OpenOptions::OVERWRITE),
         FileReader::open(src.path().join("vol"), ReaderOptions::default()),
     );
-    assert_eq!(r.result.unwrap_err().reason, Reason::NoSpace);
+    assert_eq!(r.result.unwrap_err().reason, Reason::DeviceTooSmall);
 }

@@ -41,7 +41,7 @@ local REASONS = {
     [5] = "PERMISSION_DENIED", [6] = "INVALID_NAME", [7] = "IO", [8] = "NO_SPACE",
     [9] = "DIGEST_MISMATCH", [10] = "CANCELLED", [11] = "TOO_MANY_STREAMS",
     [12] = "FLOW_CONTROL", [13] = "TIMEOUT", [14] = "CONNECTION_LOST", [15] = "UNSUPPORTED",
-    [16] = "GOING_AWAY",
+    [16] = "GOING_AWAY", [17] = "DEVICE_TOO_SMALL",
 }
 
 -- Section 3.2.

@@ -120,8 +120,20 @@ impl fmt::Display for TransferError {
         match self.origin {
             Origin::Local | Origin::Connection => f.write_str(message),
             Origin::Protocol => write!(f, "{reason}: {message}"),
-            Origin::RefusedByPeer => write!(f, "{reason} (refused by peer): {message}"),
-            Origin::AbortedByPeer => write!(f, "{reason} (aborted by peer): {message}"),
+            Origin::RefusedByPeer | Origin::AbortedByPeer => {
+                let how = match self.origin {
+                    Origin::RefusedByPeer => "refused",
+                    _ => "aborted",
+                };
+                // A peer's message may begin with its reason, as a local error's does: say it
+                // once.
+                let category = reason.to_string();
+                let detail = message
+                    .strip_prefix(category.as_str())
+                    .and_then(|m| m.strip_prefix(": "))
+                    .unwrap_or(message);
+                write!(f, "{reason} ({how} by peer): {detail}")
+            }
         }
     }
 }
