@@ -1,6 +1,7 @@
 //! Helpers shared by the benchmark binaries: argument parsing, percentiles, memory volumes.
 
 pub mod delay;
+pub mod floor;
 pub mod loops;
 pub mod probe;
 
@@ -66,6 +67,13 @@ impl Args {
 pub fn die(message: &str) -> ! {
     eprintln!("error: {message}");
     std::process::exit(2)
+}
+
+/// The 1, 5 and 15 minute load averages: wall-clock figures mean little without them.
+pub fn load_average() -> [f64; 3] {
+    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let mut it = text.split_whitespace().map(|x| x.parse().unwrap_or(-1.0));
+    [(); 3].map(|_| it.next().unwrap_or(-1.0))
 }
 
 /// The value below which `p` (0..=1) of `sorted` falls.

@@ -124,6 +124,28 @@ pub fn probe(
     client_config: EngineConfig,
     listen: &Address,
 ) -> ProbeResult {
+    let options = OpenOptions::default();
+    probe_with(
+        bulk,
+        messages,
+        interval,
+        server_config,
+        client_config,
+        listen,
+        options,
+    )
+}
+
+/// [`probe`] with the probe stream's OPEN options (e.g. `OpenOptions::PRIORITY`).
+pub fn probe_with(
+    bulk: u64,
+    messages: u64,
+    interval: Duration,
+    server_config: EngineConfig,
+    client_config: EngineConfig,
+    listen: &Address,
+    options: OpenOptions,
+) -> ProbeResult {
     let epoch = Instant::now();
     let histogram = Arc::new(Mutex::new(
         Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap(),
@@ -155,7 +177,7 @@ pub fn probe(
     let probe = client.upload(
         conn,
         "probe",
-        OpenOptions::default(),
+        options,
         Box::new(ProbeReader {
             shared: Arc::clone(&queue),
             size: messages * MESSAGE as u64,

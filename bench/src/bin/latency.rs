@@ -1,39 +1,81 @@
 //! Latency of small messages on one probe stream while N bulk streams saturate the same
-//! connection in the same direction (see `bench::probe`). Prints JSON.
+//! connection in the same direction (see `bench::probe`). Before each run, the floor of the
+//! socket alone (`bench::floor`: bulk frames back to back, the probe at the next frame
+//! boundary) is measured with the same probe, so each run reports its p99 against a floor taken
+//! under the same machine load. Prints JSON.
 //!
-//! `latency [--bulk 0,100,499] [--messages 2000] [--interval-us 1000] [--repeat 3]`
+//! `latency [--bulk 0,100,499] [--interval-us 1000,5000] [--messages 2000] [--repeat 3]
+//!  [--floor 0|1]`
+//!
+//! A run passes the interactive-latency target when its p99 is at most 1 ms and at most 3x the
+//! floor of the same run.
 
-use bench::probe::{probe, MESSAGE};
-use bench::{socket_path, Args};
+use bench::floor::{latency_floor, FloorConfig};
+use bench::probe::{probe_with, MESSAGE};
+use bench::{load_average, socket_path, Args};
+use engine::proto::OpenOptions;
 use engine::EngineConfig;
 use std::time::Duration;
 
 fn main() {
     engine::memory::keep_freed_buffers();
-    let args = Args::parse(&["bulk", "messages", "interval-us", "repeat"]);
+    let args = Args::parse(&["bulk", "messages", "interval-us", "repeat", "floor"]);
     let bulks = args.list("bulk", &[0, 100, 499]);
+    let intervals = args.list("interval-us", &[1000]);
     let messages: u64 = args.get("messages", 2000);
-    let interval = Duration::from_micros(args.get("interval-us", 1000));
+    let with_floor = args.get::<u8>("floor", 1) != 0;
     // Tails on a 2-vCPU VM move with the scheduler's mood: each case runs several times.
     let repeat: u64 = args.get("repeat", 3);
-    let runs: Vec<String> = bulks
-        .iter()
-        .flat_map(|&n| (0..repeat).map(move |_| n))
-        .map(|n| {
-            let (server, client) = (EngineConfig::default(), EngineConfig::default());
-            probe(
-                n,
-                messages,
-                interval,
-                server,
-                client,
-                &socket_path("latency"),
-            )
-            .json
-        })
-        .collect();
-    println!(
-        "{{\"bench\":\"latency\",\"transport\":\"unix\",\"message_bytes\":{MESSAGE},\"runs\":[{}]}}",
-        runs.join(",")
-    );
+    let options = OpenOptions::default();
+    let mut runs = Vec::new();
+    let mut cases = Vec::new();
+    for &bulk in &bulks {
+        for &interval_us in &intervals {
+            let interval = Duration::from_micros(interval_us);
+            let mut passed = 0;
+            for _ in 0..repeat {
+                let load = load_average()[0];
+                let floor = with_floor.then(|| {
+                    latency_floor(&FloorConfig {
+                        messages,
+                        interval,
+                        ..FloorConfig::default()
+                    })
+                    .json()
+                });
+                let (server, client) = (EngineConfig::default(), EngineConfig::default());
+                let listen = socket_path("latency");
+                let result = probe_with(bulk, messages, interval, server, client, &listen, options);
+                let mut r: serde_json::Value =
+                    serde_json::from_str(&result.json).expect("probe JSON");
+                r["interval_us"] = interval_us.into();
+                r["load_1min"] = load.into();
+                if let Some(floor) = floor {
+                    let floor_p99 = floor["p99_us"].as_u64().unwrap_or(1).max(1);
+                    let ratio = result.p99_us as f64 / floor_p99 as f64;
+                    let pass = result.p99_us <= 1000 && ratio <= 3.0;
+                    passed += pass as u64;
+                    r["floor"] = floor;
+                    r["p99_over_floor"] = ((ratio * 100.0).round() / 100.0).into();
+                    r["pass"] = pass.into();
+                }
+                runs.push(r);
+            }
+            cases.push(serde_json::json!({
+                "bulk_streams": bulk,
+                "interval_us": interval_us,
+                "runs": repeat,
+                "passed": passed,
+            }));
+        }
+    }
+    let out = serde_json::json!({
+        "bench": "latency",
+        "transport": "unix",
+        "message_bytes": MESSAGE,
+        "target": "p99 <= 1000 us and <= 3x the floor of the same run",
+        "cases": cases,
+        "runs": runs,
+    });
+    println!("{out}");
 }
