@@ -76,6 +76,42 @@ pub fn load_average() -> [f64; 3] {
     [(); 3].map(|_| it.next().unwrap_or(-1.0))
 }
 
+/// CPU time and context switches of this process so far (all threads).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Usage {
+    pub user_s: f64,
+    pub sys_s: f64,
+    pub voluntary_switches: u64,
+    pub involuntary_switches: u64,
+}
+
+impl Usage {
+    pub fn now() -> Usage {
+        // SAFETY: getrusage fills the struct it is given.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+        let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        Usage {
+            user_s: secs(ru.ru_utime),
+            sys_s: secs(ru.ru_stime),
+            voluntary_switches: ru.ru_nvcsw as u64,
+            involuntary_switches: ru.ru_nivcsw as u64,
+        }
+    }
+
+    /// What was used since `earlier`, per GiB of `bytes`, as JSON fields.
+    pub fn per_gib_since(&self, earlier: &Usage, bytes: u64) -> serde_json::Value {
+        let gib = bytes as f64 / (1u64 << 30) as f64;
+        let r3 = |x: f64| (x * 1000.0).round() / 1000.0;
+        serde_json::json!({
+            "user_s_per_GiB": r3((self.user_s - earlier.user_s) / gib),
+            "sys_s_per_GiB": r3((self.sys_s - earlier.sys_s) / gib),
+            "switches_per_GiB": ((self.voluntary_switches + self.involuntary_switches
+                - earlier.voluntary_switches - earlier.involuntary_switches) as f64 / gib).round(),
+        })
+    }
+}
+
 /// The value below which `p` (0..=1) of `sorted` falls.
 pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {

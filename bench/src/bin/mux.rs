@@ -5,11 +5,11 @@
 //! With --total (default 8 GiB), each stream moves total/N bytes unless --size is given.
 //!
 //! Each run also copies the same number of bytes over a bare Unix socketpair (256 KiB writes,
-//! the engine's send buffer, no engine): one stream is compared with it, and the most streams
+//! the engine's send buffer, no engine; `--bare 0` skips it): one stream is compared with it, and the most streams
 //! with one stream, in the same run.
 
 use bench::floor::bare_copy;
-use bench::{load_average, percentile, provider, random_bytes, socket_path, Args};
+use bench::{load_average, percentile, provider, random_bytes, socket_path, Args, Usage};
 use engine::proto::OpenOptions;
 use engine::synthetic::DiscardWriter;
 use engine::{Engine, EngineConfig};
@@ -17,13 +17,16 @@ use std::time::{Duration, Instant};
 
 fn main() {
     engine::memory::keep_freed_buffers();
-    let args = Args::parse(&["streams", "size", "total"]);
+    let args = Args::parse(&["streams", "size", "total", "bare"]);
+    // --bare 0 skips the socketpair copies (for profiling the engine alone).
+    let with_bare = args.get::<u8>("bare", 1) != 0;
     let counts = args.list("streams", &[1, 100, 500]);
     let total: u64 = args.get("total", 8 << 30);
     let fixed_size: u64 = args.get("size", 0);
     let block = random_bytes(1 << 20, 42);
     let load = load_average();
-    let mut results = Vec::new();
+    let mut runs = Vec::new();
+    let mut rates = Vec::new();
     let mut bare = Vec::new();
     for &n in &counts {
         let size = if fixed_size > 0 {
@@ -32,33 +35,49 @@ fn main() {
             (total / n).max(4096) & !4095
         };
         // Interleaved with the engine's runs, so both see the same machine.
-        bare.push(bare_copy(n * size, 256 * 1024));
-        results.push(run(n, size, block.clone()));
+        if with_bare {
+            let before = Usage::now();
+            let gbps = bare_copy(n * size, 256 * 1024);
+            let mut b = Usage::now().per_gib_since(&before, n * size);
+            b["GBps"] = round3(gbps).into();
+            bare.push(b);
+        }
+        let (run, gbps) = run(n, size, block.clone());
+        runs.push(run);
+        rates.push(gbps);
     }
-    let bare_gbps = bare.iter().copied().fold(0.0, f64::max);
-    let first = results.first().map(|r| r.1).unwrap_or(0.0);
-    let rows: Vec<String> = results.iter().map(|r| r.0.clone()).collect();
-    let last = results.last().map(|r| r.1).unwrap_or(0.0);
-    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
-    let bare_runs: Vec<String> = bare.iter().map(|g| format!("{g:.3}")).collect();
-    println!(
-        "{{\"bench\":\"mux\",\"transport\":\"unix\",\"load_1min_at_start\":{},\"runs\":[{}],\"bare_socketpair_GBps\":[{}],\"ratio_first_to_bare\":{:.3},\"ratio_last_to_first\":{:.3},\"load_1min_at_end\":{}}}",
-        load[0],
-        rows.join(","),
-        bare_runs.join(","),
-        ratio(first, bare_gbps),
-        ratio(last, first),
-        load_average()[0],
-    );
+    let bare_best = bare
+        .iter()
+        .filter_map(|b| b["GBps"].as_f64())
+        .fold(0.0, f64::max);
+    let ratio = |a: f64, b: f64| if b > 0.0 { round3(a / b) } else { 0.0 };
+    let (first, last) = (rates[0], rates[rates.len() - 1]);
+    let out = serde_json::json!({
+        "bench": "mux",
+        "transport": "unix",
+        "load_1min_at_start": load[0],
+        "runs": runs,
+        "bare_socketpair": bare,
+        // Against the best bare copy of the run: the stricter comparison.
+        "ratio_first_to_bare": ratio(first, bare_best),
+        "ratio_last_to_first": ratio(last, first),
+        "load_1min_at_end": load_average()[0],
+    });
+    println!("{out}");
 }
 
-fn run(streams: u64, size: u64, block: bytes::Bytes) -> (String, f64) {
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+fn run(streams: u64, size: u64, block: bytes::Bytes) -> (serde_json::Value, f64) {
     let (server, server_thread) = Engine::spawn(EngineConfig::default()).unwrap();
     let (_, addr) = server
         .listen(&socket_path("mux"), provider(block, size))
         .unwrap();
     let (client, client_thread) = Engine::spawn(EngineConfig::default()).unwrap();
     let conn = client.connect(&addr).unwrap();
+    let usage = Usage::now();
     let start = Instant::now();
     let receivers: Vec<_> = (0..streams)
         .map(|i| {
@@ -82,19 +101,24 @@ fn run(streams: u64, size: u64, block: bytes::Bytes) -> (String, f64) {
         done.push(start.elapsed().as_secs_f64());
     }
     let elapsed = start.elapsed().as_secs_f64();
+    let bytes = streams * size;
+    let mut row = Usage::now().per_gib_since(&usage, bytes);
     client.shutdown();
     server.shutdown();
     client_thread.join().unwrap();
     server_thread.join().unwrap();
     done.sort_by(f64::total_cmp);
-    let bytes = streams * size;
     let gbps = bytes as f64 / elapsed / 1e9;
-    (
-        format!(
-            "{{\"streams\":{streams},\"bytes_per_stream\":{size},\"seconds\":{elapsed:.3},\"aggregate_GBps\":{gbps:.3},\"completion_p50_s\":{:.3},\"completion_p99_s\":{:.3},\"errors\":{errors}}}",
-            percentile(&done, 0.5),
-            percentile(&done, 0.99)
-        ),
-        gbps,
-    )
+    for (k, v) in [
+        ("streams", serde_json::json!(streams)),
+        ("bytes_per_stream", size.into()),
+        ("seconds", round3(elapsed).into()),
+        ("aggregate_GBps", round3(gbps).into()),
+        ("completion_p50_s", round3(percentile(&done, 0.5)).into()),
+        ("completion_p99_s", round3(percentile(&done, 0.99)).into()),
+        ("errors", errors.into()),
+    ] {
+        row[k] = v;
+    }
+    (row, gbps)
 }
