@@ -71,7 +71,7 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
         (
             arb_stream(),
             prop_oneof![Just(Op::Read), Just(Op::Write)],
-            0u8..=31,
+            0u8..=127,
             any::<u32>(),
             any::<u64>(),
             arb_name()

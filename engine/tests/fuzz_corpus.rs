@@ -403,6 +403,24 @@ fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>, Expect)> {
         no_sparse,
         ends(0, ErrorKind::Protocol),
     ));
+    // The priority class needs the PRIORITY feature from both Hellos.
+    let mut priority_unnegotiated = hello(&plain);
+    priority_unnegotiated.extend(enc(&[Frame::Open {
+        stream: StreamId(1),
+        op: Op::Read,
+        options: OpenOptions {
+            flags: OpenOptions::PRIORITY,
+            zero_granularity: 0,
+        },
+        size: 0,
+        name: "vol".into(),
+    }]));
+    out.push((
+        "handshake",
+        "priority_without_the_feature",
+        priority_unnegotiated,
+        ends(0, ErrorKind::Protocol),
+    ));
     let mut truncated_hello = client(&[]);
     truncated_hello.truncate(20);
     out.push((

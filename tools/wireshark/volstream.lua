@@ -45,11 +45,12 @@ local REASONS = {
 }
 
 -- Section 3.2.
-local SPARSE, DIGEST = 0x1, 0x2
+local SPARSE, DIGEST, PRIORITY = 0x1, 0x2, 0x4
 -- Section 4.2, FINISH flags.
 local FLAG_ACK, FLAG_DIGEST = 0x01, 0x02
 -- Section 4.3.
-local OPTIONS_KNOWN = 0x3f
+local OPTION_PRIORITY = 0x40
+local OPTIONS_KNOWN = 0x7f
 
 local f = {
     -- Section 2: the Hello record.
@@ -62,8 +63,10 @@ local f = {
         "holes may travel as HOLE frames"),
     feature_digest = ProtoField.bool("volstream.hello.features.DIGEST", "DIGEST", 32, nil, DIGEST,
         "a data sender's FINISH carries a CRC-32C the receiver checks"),
+    feature_priority = ProtoField.bool("volstream.hello.features.PRIORITY", "PRIORITY", 32, nil,
+        PRIORITY, "OPEN may put a stream in the priority class"),
     feature_reserved = ProtoField.uint32("volstream.hello.features.reserved", "reserved",
-        base.HEX, nil, 0xfffffffc),
+        base.HEX, nil, 0xfffffff8),
     max_frame = ProtoField.uint32("volstream.hello.max_frame", "max_frame", base.DEC),
     stream_window = ProtoField.uint32("volstream.hello.stream_window", "stream_window", base.DEC),
     conn_window = ProtoField.uint32("volstream.hello.conn_window", "conn_window", base.DEC),
@@ -98,8 +101,10 @@ local f = {
         0x10, "holes are sent as zero DATA"),
     option_force_share = ProtoField.bool("volstream.open.options.FORCE_SHARE", "FORCE_SHARE", 8,
         nil, 0x20, "the source may be read while it is in use"),
+    option_priority = ProtoField.bool("volstream.open.options.PRIORITY", "PRIORITY", 8, nil,
+        OPTION_PRIORITY, "the stream is in the priority class"),
     option_reserved = ProtoField.uint8("volstream.open.options.reserved", "reserved", base.HEX,
-        nil, 0xc0),
+        nil, 0x80),
     open_name_len = ProtoField.uint16("volstream.open.name_len", "name_len", base.DEC),
     open_zero_granularity = ProtoField.uint32("volstream.open.zero_granularity",
         "zero_granularity", base.DEC),
@@ -156,6 +161,8 @@ local e = {
     bad_message = violation("bad_message", "Message is not UTF-8"),
     hole_without_sparse = violation("hole_without_sparse",
         "HOLE frame although SPARSE was not negotiated"),
+    priority_without_feature = violation("priority_without_feature",
+        "OPEN asks for the priority class although PRIORITY was not negotiated"),
     -- Stream errors (section 6.4) and oddities that are not violations.
     empty_content = ProtoExpert.new("volstream.expert.empty_content",
         "DATA or HOLE covering no bytes (aborts the stream)", expert.group.PROTOCOL,
@@ -264,8 +271,9 @@ local function dissect_hello(tvb, pinfo, tree, offset)
     local ft = t:add(f.features, tvb(offset + 12, 4))
     ft:add(f.feature_sparse, tvb(offset + 12, 4))
     ft:add(f.feature_digest, tvb(offset + 12, 4))
+    ft:add(f.feature_priority, tvb(offset + 12, 4))
     local fr = ft:add(f.feature_reserved, tvb(offset + 12, 4))
-    if bit32.band(features, 0xfffffffc) ~= 0 then fr:add_proto_expert_info(e.reserved_features) end
+    if bit32.band(features, 0xfffffff8) ~= 0 then fr:add_proto_expert_info(e.reserved_features) end
     local max_frame = tvb(offset + 16, 4):uint()
     local mitem = t:add(f.max_frame, tvb(offset + 16, 4))
     if max_frame < MIN_MAX_FRAME then mitem:add_proto_expert_info(e.small_max_frame) end
@@ -277,7 +285,8 @@ local function dissect_hello(tvb, pinfo, tree, offset)
     end
     t:add(f.max_streams, tvb(offset + 28, 4))
     hellos[direction_key(pinfo, true)] = { max_frame = max_frame, features = features }
-    local names = bit_names(features, { { SPARSE, "SPARSE" }, { DIGEST, "DIGEST" } })
+    local names = bit_names(features,
+        { { SPARSE, "SPARSE" }, { DIGEST, "DIGEST" }, { PRIORITY, "PRIORITY" } })
     return string.format("Hello v%d..%d features %s max_frame %d", vmin, vmax,
         names == "" and "none" or names, max_frame)
 end
@@ -327,9 +336,18 @@ local function dissect_body(tvb, pinfo, t, kind, flags, o, len)
         ot:add(f.option_overwrite, tvb(o + 1, 1))
         ot:add(f.option_no_sparse, tvb(o + 1, 1))
         ot:add(f.option_force_share, tvb(o + 1, 1))
+        local pitem = ot:add(f.option_priority, tvb(o + 1, 1))
         local orsv = ot:add(f.option_reserved, tvb(o + 1, 1))
         if bit32.band(options, bit32.bnot(OPTIONS_KNOWN)) ~= 0 then
             orsv:add_proto_expert_info(e.reserved_options)
+        end
+        -- Section 4.3: PRIORITY needs the PRIORITY feature from both Hellos.
+        if bit32.band(options, OPTION_PRIORITY) ~= 0 then
+            local ours = hellos[direction_key(pinfo, true)]
+            local theirs = hellos[direction_key(pinfo, false)]
+            if ours and theirs and bit32.band(ours.features, theirs.features, PRIORITY) == 0 then
+                pitem:add_proto_expert_info(e.priority_without_feature)
+            end
         end
         local name_len = tvb(o + 2, 2):uint()
         local nitem = t:add(f.open_name_len, tvb(o + 2, 2))
@@ -348,7 +366,8 @@ local function dissect_body(tvb, pinfo, t, kind, flags, o, len)
         if options ~= 0 then
             text = text .. " " .. bit_names(options, {
                 { 0x01, "ALLOCATED" }, { 0x02, "DESTINATION_IS_ZERO" }, { 0x04, "NO_EXTENTS" },
-                { 0x08, "OVERWRITE" }, { 0x10, "NO_SPARSE" }, { 0x20, "FORCE_SHARE" } })
+                { 0x08, "OVERWRITE" }, { 0x10, "NO_SPARSE" }, { 0x20, "FORCE_SHARE" },
+                { OPTION_PRIORITY, "PRIORITY" } })
         end
         if name ~= "" then text = text .. " " .. name end
         return text

@@ -84,6 +84,9 @@ struct Local {
 /// `send_buffer`s and the connection's `control_backlog` it bounds what a peer that stops
 /// reading makes us hold.
 pub const TRANSMIT_TARGET: usize = 256 * 1024;
+/// The same while an interactive stream is active: two of its frame size, so the socket never
+/// runs dry between writes while an interactive frame waits behind little.
+pub const INTERACTIVE_TRANSMIT_TARGET: usize = 64 * 1024;
 /// Bytes read, and bytes written, per connection per turn before the loop looks at wake-ups
 /// and other connections again. Without it a peer that reads as fast as we write would keep
 /// the loop in one writev loop and starve every source's notification.
@@ -692,8 +695,13 @@ impl Driver {
         self.write_pending = false;
         let mut budget = WRITE_BUDGET;
         loop {
-            if self.out.len() < TRANSMIT_TARGET {
-                self.conn.poll_transmit(now, &mut self.out, TRANSMIT_TARGET);
+            let target = if self.conn.is_interactive(now) {
+                INTERACTIVE_TRANSMIT_TARGET
+            } else {
+                TRANSMIT_TARGET
+            };
+            if self.out.len() < target {
+                self.conn.poll_transmit(now, &mut self.out, target);
                 // Scheduling may free room in stream queues (Writable) or abort streams.
                 self.drain_events(now);
             }

@@ -383,6 +383,7 @@ impl Connection {
         }
         let sent = self.send.poll_transmit(
             &mut self.store,
+            now,
             out,
             limit,
             &mut self.events,
@@ -400,6 +401,13 @@ impl Connection {
             self.stats.frames_out.record_encoded(&control);
             out.push(control);
         }
+    }
+
+    /// Whether an interactive stream was served recently (see `prioritize`): frames are small
+    /// now, and a driver should keep little queued ahead of the socket, since whatever it
+    /// holds is what the next interactive frame waits behind.
+    pub fn is_interactive(&self, now: Instant) -> bool {
+        self.send.prioritize.is_interactive(now)
     }
 
     /// Whether `poll_transmit` has something to give right now.

@@ -64,7 +64,9 @@ impl Features {
     pub const SPARSE: Features = Features(1);
     /// FINISH carries a CRC-32C of the logical content, checked by the receiver.
     pub const DIGEST: Features = Features(2);
-    pub const ALL: Features = Features(3);
+    /// OPEN may put a stream in the priority class (`OpenOptions::PRIORITY`).
+    pub const PRIORITY: Features = Features(4);
+    pub const ALL: Features = Features(7);
 
     pub fn contains(self, other: Features) -> bool {
         self.0 & other.0 == other.0
@@ -186,7 +188,10 @@ impl OpenOptions {
     /// The source may be read although it is in use (a mounted block device), as qemu-img's
     /// `-U`; the copy may then be inconsistent.
     pub const FORCE_SHARE: u8 = 32;
-    const KNOWN: u8 = 63;
+    /// The stream is in the priority class (someone waits on it); only with the PRIORITY
+    /// feature.
+    pub const PRIORITY: u8 = 64;
+    const KNOWN: u8 = 127;
 
     pub fn has(&self, flag: u8) -> bool {
         self.flags & flag != 0

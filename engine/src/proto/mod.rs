@@ -13,7 +13,7 @@
 //! | `counts` | stream ids, and how many streams each side may open |
 //! | `stream` | one stream's state diagram and halves |
 //! | `send`, `recv` | each direction's rules: queueing and framing; receiving and credit return |
-//! | `prioritize` | which stream sends next (deficit round robin) and the connection's credit |
+//! | `prioritize` | which stream sends next (start-time fair queuing, two classes), frame size, the connection's credit |
 //! | `timers` | every deadline: handshake, idle, keepalive, frame, stream stall |
 
 mod config;

@@ -5,7 +5,7 @@
 use super::connection::{Connection, Phase};
 use super::error::ConnError;
 use super::event::{Event, OpenError};
-use super::frame::{self, Frame, Op, OpenOptions, StreamId};
+use super::frame::{self, Features, Frame, Op, OpenOptions, StreamId};
 use super::stream::Stream;
 use crate::reason::Reason;
 
@@ -19,6 +19,11 @@ impl Connection {
         name: String,
     ) -> Result<(), ConnError> {
         self.counts.peer_opens(id)?;
+        if options.has(OpenOptions::PRIORITY) && !self.features().contains(Features::PRIORITY) {
+            return Err(ConnError::Protocol(format!(
+                "OPEN of {id} asks for the priority class, which was not negotiated"
+            )));
+        }
         if self.sent_goaway {
             Frame::Reject {
                 stream: id,
@@ -108,6 +113,11 @@ impl Connection {
             return Err(OpenError::InvalidName);
         }
         let id = self.counts.open_local()?;
+        // The class is a request of ours: a peer that does not know it serves the stream as bulk.
+        let mut options = options;
+        if !self.features().contains(Features::PRIORITY) {
+            options.flags &= !OpenOptions::PRIORITY;
+        }
         let mut stream = Stream::opened(id, op, options, size, self.config.stream_window);
         self.send
             .init(&mut stream, self.features(), self.peer_stream_window());

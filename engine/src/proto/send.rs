@@ -15,7 +15,7 @@ use super::flow::{SendCredit, HOLE_COST};
 use super::frame::{
     self, Features, Frame, FrameCounts, Hello, OpenOptions, StreamId, MIN_MAX_FRAME,
 };
-use super::prioritize::{Prioritize, Sent};
+use super::prioritize::{Policy, Prioritize, Sent};
 use super::store::{Key, Store};
 use super::stream::{Half, SendHalf, Stream};
 use super::transmit::Transmit;
@@ -23,6 +23,7 @@ use crate::reason::Reason;
 use crate::volume::Chunk;
 use bytes::{Bytes, BytesMut};
 use std::collections::VecDeque;
+use std::time::Instant;
 
 /// Zeroes that expanded holes are sent from, so a peer without SPARSE costs no allocation.
 static ZEROES: [u8; 128 * 1024] = [0; 128 * 1024];
@@ -67,6 +68,14 @@ impl SendSide {
     fn set_max_payload(&mut self, peer_max_frame: u32, config: &Config) {
         let peer_max = peer_max_frame as usize - frame::body::DATA_MIN;
         self.max_payload = peer_max.min(config.send_frame as usize).max(1);
+        let interactive = (config.interactive_frame as usize).clamp(1, self.max_payload);
+        self.prioritize.set_policy(Policy {
+            frame: self.max_payload,
+            interactive_frame: interactive,
+            lag: (self.max_payload + frame::DATA_OVERHEAD) as u64,
+            priority_weight: config.priority_weight.max(1) as u64,
+            interactive_linger: config.interactive_linger,
+        });
     }
 
     /// Payload bytes all streams have queued.
@@ -179,19 +188,18 @@ impl SendSide {
     pub fn poll_transmit(
         &mut self,
         store: &mut Store,
+        now: Instant,
         out: &mut Transmit,
         limit: usize,
         events: &mut VecDeque<Event>,
         frames: &mut FrameCounts,
     ) -> u64 {
-        let quantum = (self.max_payload + frame::DATA_OVERHEAD) as i64;
-        let (max_payload, rules) = (self.max_payload, self.rules);
+        let rules = self.rules;
         let (headers, queued_total) = (&mut self.headers, &mut self.queued_total);
         let mut bytes_out = 0;
         self.prioritize
-            .poll(store, quantum, out, limit, |stream, conn_credit, out| {
-                let limit = (max_payload as u64).min(conn_credit) as usize;
-                let sent = encode_frame(headers, queued_total, stream, limit, out, frames);
+            .poll(store, now, out, limit, |stream, max_payload, out| {
+                let sent = encode_frame(headers, queued_total, stream, max_payload, out, frames);
                 bytes_out += sent.wire as u64;
                 // Still open: it did not just send its FINISH.
                 let open = stream.is_open();
