@@ -36,6 +36,8 @@ pub struct Link {
     /// Bytes a side keeps polled ahead of the link (its socket buffer); below it, it asks its
     /// connection for more frames, as the event loop's driver does.
     pub transmit_target: usize,
+    /// The same while the side's connection says an interactive stream is active.
+    pub interactive_target: usize,
 }
 
 impl Default for Link {
@@ -44,7 +46,8 @@ impl Default for Link {
         Link {
             bytes_per_step: 1024 * 1024,
             step: Duration::from_millis(1),
-            transmit_target: 256 * 1024,
+            transmit_target: crate::event_loop::TRANSMIT_TARGET,
+            interactive_target: crate::event_loop::INTERACTIVE_TRANSMIT_TARGET,
         }
     }
 }
@@ -191,18 +194,36 @@ impl Peer {
 
     /// Opens a download of the peer's volume `name` into a sink that behaves as `policy`.
     pub fn download(&mut self, name: &str, policy: SinkPolicy) -> Result<StreamId, OpenError> {
-        let id = self
-            .conn
-            .open_stream(Op::Read, name, OpenOptions::default(), 0)?;
+        self.download_with(name, OpenOptions::default(), policy)
+    }
+
+    /// A download with OPEN options (e.g. `OpenOptions::PRIORITY`).
+    pub fn download_with(
+        &mut self,
+        name: &str,
+        options: OpenOptions,
+        policy: SinkPolicy,
+    ) -> Result<StreamId, OpenError> {
+        let id = self.conn.open_stream(Op::Read, name, options, 0)?;
         self.sinks.insert(id, Sink::new(policy));
         Ok(id)
     }
 
     /// Opens an upload of `volume` as `name`.
     pub fn upload(&mut self, name: &str, volume: Volume) -> Result<StreamId, OpenError> {
+        self.upload_with(name, OpenOptions::default(), volume)
+    }
+
+    /// An upload with OPEN options (e.g. `OpenOptions::PRIORITY`).
+    pub fn upload_with(
+        &mut self,
+        name: &str,
+        options: OpenOptions,
+        volume: Volume,
+    ) -> Result<StreamId, OpenError> {
         let id = self
             .conn
-            .open_stream(Op::Write, name, OpenOptions::default(), volume.size)?;
+            .open_stream(Op::Write, name, options, volume.size)?;
         self.sources.insert(id, Source::new(volume, false));
         Ok(id)
     }
@@ -506,15 +527,22 @@ impl Sink {
 /// Carries one step's worth of bytes from one side to the other, asking the sender for frames
 /// whenever its queue runs below the target, as the event loop's driver does while it writes.
 fn transfer(from: &mut Peer, to: &mut Peer, link: Link, now: Instant) {
+    let target = |from: &Peer| {
+        if from.conn.is_interactive(now) {
+            link.interactive_target
+        } else {
+            link.transmit_target
+        }
+    };
     if to.conn.is_closed() {
         // Its socket is gone: what is written goes nowhere.
-        from.poll(now, link.transmit_target);
+        from.poll(now, target(from));
         from.out = Transmit::default();
         return;
     }
     let mut moved = 0;
     while moved < link.bytes_per_step {
-        from.poll(now, link.transmit_target);
+        from.poll(now, target(from));
         let n = from.carry(to, link.bytes_per_step - moved, now);
         if n == 0 {
             break;

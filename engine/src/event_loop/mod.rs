@@ -13,7 +13,9 @@ pub mod socket;
 pub mod tls;
 mod transport;
 
-pub use driver::{Endpoint, OnDone, Transfer, WakeKey, TRANSMIT_TARGET};
+pub use driver::{
+    Endpoint, OnDone, Transfer, WakeKey, INTERACTIVE_TRANSMIT_TARGET, TRANSMIT_TARGET,
+};
 pub use peer::{CertIdentity, PeerIdentity, UnixPeerPolicy};
 pub use socket::Address;
 pub use tls::{AllowList, Credentials, TlsConfig, TlsError};
