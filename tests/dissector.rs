@@ -379,10 +379,14 @@ fn tshark_sees_what_the_engine_counted() {
     let conn = client
         .connect_blocking(&addr, Duration::from_secs(10))
         .unwrap();
+    // In the priority class: both engines announce PRIORITY, so the dissector must not flag it.
     let download = client.download(
         conn,
         "disk.raw",
-        OpenOptions::default(),
+        OpenOptions {
+            flags: OpenOptions::PRIORITY,
+            ..OpenOptions::default()
+        },
         Box::new(FileWriter::create(
             dir.join("disk.copy"),
             WriterOptions::default(),
@@ -429,9 +433,10 @@ fn tshark_sees_what_the_engine_counted() {
         std::fs::read(pool.join("disk.raw")).unwrap()
     );
 
-    // Peers that break the rules, each on its own connection (tcp.streams 1, 2, 3): a frame
+    // Peers that break the rules, each on its own connection (tcp.streams 1 to 4): a frame
     // with reserved header bits set behind a valid PING in the same segment, a HOLE with an
-    // impossible body length, and a frame longer than the server's max_frame.
+    // impossible body length, a frame longer than the server's max_frame, and an OPEN in the
+    // priority class from a peer whose Hello did not announce PRIORITY.
     let mut reserved = header(8, 9, 0, 0, 0);
     reserved.extend_from_slice(&7u64.to_be_bytes());
     reserved.extend(header(8, 9, 0, 0x0100, 0));
@@ -439,8 +444,14 @@ fn tshark_sees_what_the_engine_counted() {
     let mut short_hole = header(15, 5, 0, 0, 1);
     short_hole.extend_from_slice(&[0; 15]);
     let too_long = header(u32::MAX, 4, 0, 0, 1);
+    let name = b"disk.raw";
+    let mut unnegotiated_priority = header(16 + name.len() as u32, 1, 0, 0, 1);
+    unnegotiated_priority.extend([1, OpenOptions::PRIORITY]);
+    unnegotiated_priority.extend_from_slice(&(name.len() as u16).to_be_bytes());
+    unnegotiated_priority.extend_from_slice(&[0; 12]);
+    unnegotiated_priority.extend_from_slice(name);
     let mut raw_bytes = 0;
-    for frames in [&reserved, &short_hole, &too_long] {
+    for frames in [&reserved, &short_hole, &too_long, &unnegotiated_priority] {
         raw_bytes += raw_peer(&addr, frames);
     }
 
@@ -470,6 +481,8 @@ fn tshark_sees_what_the_engine_counted() {
         "_ws.expert.message",
         "-e",
         "volstream.goaway.reason",
+        "-e",
+        "volstream.open.options.PRIORITY",
     ];
     let common_args = [
         "-n",
@@ -572,12 +585,27 @@ fn tshark_sees_what_the_engine_counted() {
             .collect()
     };
     assert_eq!(flagged(0), BTreeSet::new());
+    // The good connection's priority download, decoded as such (tshark prints a set boolean
+    // as 1 or True).
+    let priority_opens = main
+        .iter()
+        .flat_map(|r| &r.fields[6])
+        .filter(|v| *v == "1" || *v == "True")
+        .count();
+    assert_eq!(
+        priority_opens, 1,
+        "OPENs with the PRIORITY option on tcp.stream 0"
+    );
     let expect = [
         (1, "Reserved header bits are not zero"),
         (2, "Body length impossible for this frame type"),
         (
             3,
             "Frame body exceeds the receiver's max_frame (4294967295 bytes, max_frame 262208)",
+        ),
+        (
+            4,
+            "OPEN asks for the priority class although PRIORITY was not negotiated",
         ),
     ];
     for (stream, text) in expect {
