@@ -85,6 +85,9 @@ impl ConnectArg {
 
 fn main() -> ExitCode {
     engine::memory::keep_freed_buffers();
+    // Thousands of volumes at once need more fds than the historical soft limit of 1024; the
+    // open-volume budget sizes itself to whatever limit is left.
+    fdstream::budget::raise_fd_limit();
     // Quiet unless asked (RUST_LOG): a failed transfer is reported once, in its one line, and
     // warnings about it in between would say the same thing again. Errors are bugs: shown.
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("error")).init();

@@ -107,6 +107,7 @@ pub fn run(args: Settings) -> Result<(), CliError> {
     let options = args.open_options();
     let (done_tx, done_rx) = mpsc::channel();
     let mut pending = Vec::new();
+    let mut transfers = Vec::new();
     for (index, (pair, local)) in args.pairs.iter().zip(locals).enumerate() {
         let count = Counter::default();
         let endpoint = match direction {
@@ -120,21 +121,18 @@ pub fn run(args: Settings) -> Result<(), CliError> {
             })),
         };
         let done = done_tx.clone();
-        engine.submit(
-            conn,
-            Transfer {
-                op: match direction {
-                    Direction::Download => Op::Read,
-                    Direction::Upload => Op::Write,
-                },
-                name: pair.volume.clone(),
-                options,
-                endpoint,
-                on_done: Box::new(move |report| {
-                    let _ = done.send((index, report));
-                }),
+        transfers.push(Transfer {
+            op: match direction {
+                Direction::Download => Op::Read,
+                Direction::Upload => Op::Write,
             },
-        );
+            name: pair.volume.clone(),
+            options,
+            endpoint,
+            on_done: Box::new(move |report| {
+                let _ = done.send((index, report));
+            }),
+        });
         pending.push(Pending {
             volume: pair.volume.clone(),
             file: PathBuf::from(&pair.file),
@@ -142,6 +140,17 @@ pub fn run(args: Settings) -> Result<(), CliError> {
         });
     }
     drop(done_tx);
+    // A download's sink that waits for an open-volume slot would sit on credit the peer has
+    // already spent on it, so no more downloads run at once than the budget has slots; the rest
+    // start as others end. An upload's source waits for its slot before its OPEN, so all go.
+    let in_flight = match direction {
+        Direction::Download => fdstream::budget::capacity(),
+        Direction::Upload => usize::MAX,
+    };
+    let mut queued = transfers.into_iter();
+    for t in queued.by_ref().take(in_flight) {
+        engine.submit(conn, t);
+    }
 
     // Bars go to stderr, so that is the terminal that decides.
     let bars = (args.progress || (std::io::stderr().is_terminal() && !args.json)).then(|| {
@@ -155,15 +164,26 @@ pub fn run(args: Settings) -> Result<(), CliError> {
     let started = Instant::now();
     let mut reports: Vec<Option<TransferReport>> = pending.iter().map(|_| None).collect();
     for _ in 0..pending.len() {
-        let (index, report) = done_rx
-            .recv()
-            .map_err(|_| CliError::Other("event loop ended early".into()))?;
+        let Ok((index, report)) = done_rx.recv() else {
+            // The queued transfers were dropped unstarted after an interrupt.
+            if interrupts.caught().is_some() {
+                break;
+            }
+            return Err(CliError::Other("event loop ended early".into()));
+        };
         if let Some(bars) = &bars {
             bars.finished(index, report.result.is_ok(), report.elapsed);
         }
         reports[index] = Some(report);
+        if interrupts.caught().is_some() {
+            queued.by_ref().for_each(drop);
+        } else if let Some(t) = queued.next() {
+            engine.submit(conn, t);
+        }
     }
     drop(bars);
+    drop(queued);
+    let total = pending.len();
     let reports: Vec<TransferReport> = reports.into_iter().flatten().collect();
     let elapsed = started.elapsed();
     engine.shutdown();
@@ -175,8 +195,8 @@ pub fn run(args: Settings) -> Result<(), CliError> {
     if let Some(signal) = interrupts.caught() {
         return Err(CliError::Interrupted {
             signal,
-            stopped: reports.iter().filter(|r| r.result.is_err()).count(),
-            total: reports.len(),
+            stopped: total - reports.iter().filter(|r| r.result.is_ok()).count(),
+            total,
         });
     }
 

@@ -10,6 +10,7 @@
 //! - [`helper`]: the same readers and writers run in a `volstream-iohelper` process per volume
 //!   (crash isolation, O_DIRECT).
 
+pub mod budget;
 pub mod document;
 pub mod error;
 pub mod extents;

@@ -146,7 +146,31 @@ pub struct JobHandle {
     pool: Arc<Inner>,
 }
 
+/// A [`JobHandle`] that does not keep its job alive: for a job that must wake itself (the
+/// open-volume budget hands it a slot) without a reference cycle.
+#[derive(Clone)]
+pub struct WeakJobHandle {
+    slot: std::sync::Weak<Slot>,
+    pool: std::sync::Weak<Inner>,
+}
+
+impl WeakJobHandle {
+    /// Schedules the job if it and its pool still exist.
+    pub fn schedule(&self) {
+        if let (Some(slot), Some(pool)) = (self.slot.upgrade(), self.pool.upgrade()) {
+            JobHandle { slot, pool }.schedule();
+        }
+    }
+}
+
 impl JobHandle {
+    pub fn downgrade(&self) -> WeakJobHandle {
+        WeakJobHandle {
+            slot: Arc::downgrade(&self.slot),
+            pool: Arc::downgrade(&self.pool),
+        }
+    }
+
     /// Makes sure the job runs (again) soon. Never blocks on the job itself.
     pub fn schedule(&self) {
         let mut state = self.slot.state.lock().unwrap();

@@ -6,10 +6,11 @@
 //! are merged with neighbouring holes (SEEK_HOLE ones too) before they are queued. Every byte
 //! is read once and digested once, on the worker.
 
+use crate::budget;
 use crate::error::Error;
 use crate::extents::{segment_at, Segment};
 use crate::fd::{self, Kind, Location};
-use crate::pool::{Job, JobHandle, Pool, Step};
+use crate::pool::{Job, JobHandle, Pool, Step, WeakJobHandle};
 use crate::zero::{self, Run};
 use engine::proto::OpenOptions;
 use engine::{Chunk, Digest, Notify, VolumeError, VolumeReader};
@@ -19,7 +20,7 @@ use std::io;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::Poll;
 
 /// Bytes read per worker run; offsets of reads are multiples of it (so O_DIRECT fits later).
@@ -183,6 +184,7 @@ impl VolumeReader for FileReader {
             return;
         };
         let pool = self.options.pool.clone().unwrap_or_else(Pool::shared);
+        let me = Arc::new(OnceLock::new());
         let job = pool.register(ReadJob {
             out: Arc::clone(&self.out),
             notify,
@@ -191,7 +193,10 @@ impl VolumeReader for FileReader {
                 &self.options,
                 Arc::clone(&self.bytes_read),
             )),
+            slot: Mutex::default(),
+            me: Arc::clone(&me),
         });
+        let _ = me.set(job.downgrade());
         job.schedule();
         self.job = Some(job);
     }
@@ -254,6 +259,21 @@ struct ReadJob {
     out: Arc<Mutex<Out>>,
     notify: Notify,
     work: Mutex<Work>,
+    /// The volume's place in the process's open-volume budget, held while its file is open.
+    slot: Mutex<budget::Slot>,
+    /// This job, for the budget to wake when it hands over a slot.
+    me: Arc<OnceLock<WeakJobHandle>>,
+}
+
+impl ReadJob {
+    /// Closes the volume and gives its slot back.
+    fn close(&self) {
+        let mut w = self.work.lock().unwrap();
+        w.file = None;
+        w.location = None;
+        drop(w);
+        self.slot.lock().unwrap().release();
+    }
 }
 
 struct Work {
@@ -342,20 +362,28 @@ impl Job for ReadJob {
             let out = self.out.lock().unwrap();
             if out.cancelled || out.error.is_some() || out.ended {
                 drop(out);
-                let mut w = self.work.lock().unwrap();
-                w.file = None;
-                w.location = None;
+                self.close();
                 return Step::Idle;
             }
             if out.full() {
                 return Step::Idle;
             }
         }
-        let result = self.work.lock().unwrap().step();
+        let mut w = self.work.lock().unwrap();
+        if w.file.is_none() {
+            // Not open yet: a slot first, or wait in line for one (the budget wakes this job).
+            let me = self.me.get().expect("set when registered");
+            if !self.slot.lock().unwrap().try_hold(me) {
+                return Step::Idle;
+            }
+        }
+        let result = w.step();
+        drop(w);
         let mut out = self.out.lock().unwrap();
         if out.cancelled {
             return Step::Again;
         }
+        let done = !matches!(&result, Ok(p) if !p.end);
         let step = match result {
             Ok(p) => {
                 if let Some(size) = p.size {
@@ -385,6 +413,10 @@ impl Job for ReadJob {
             }
         };
         drop(out);
+        if done {
+            // Read to the end, or failed: the fd is of no more use, the slot is someone's.
+            self.close();
+        }
         self.notify.notify();
         step
     }

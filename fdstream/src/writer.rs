@@ -6,9 +6,10 @@
 //! A chunk counts as completed, and its flow-control credit goes back to the sender, only when
 //! its work is done, so a sink that must zero its holes slows the sender down.
 
+use crate::budget;
 use crate::error::Error;
 use crate::fd::{self, Kind, Location};
-use crate::pool::{Job, JobHandle, Pool, Step};
+use crate::pool::{Job, JobHandle, Pool, Step, WeakJobHandle};
 use crate::punch::{self, Zeroer};
 use crate::sink;
 use crate::temp;
@@ -21,7 +22,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::Poll;
 
 /// Largest slice of a hole zeroed per worker run, so other streams get a turn.
@@ -181,6 +182,7 @@ impl VolumeWriter for FileWriter {
             return;
         };
         let pool = self.options.pool.clone().unwrap_or_else(Pool::shared);
+        let me = Arc::new(OnceLock::new());
         let job = pool.register(WriteJob {
             out: Arc::clone(&self.out),
             notify,
@@ -190,7 +192,10 @@ impl VolumeWriter for FileWriter {
                 size,
                 Arc::clone(&self.bytes_written),
             )),
+            slot: Mutex::default(),
+            me: Arc::clone(&me),
         });
+        let _ = me.set(job.downgrade());
         job.schedule();
         self.job = Some(job);
     }
@@ -238,6 +243,10 @@ struct WriteJob {
     out: Arc<Mutex<Out>>,
     notify: Notify,
     work: Mutex<Work>,
+    /// The volume's place in the process's open-volume budget, held while its sink is open.
+    slot: Mutex<budget::Slot>,
+    /// This job, for the budget to wake when it hands over a slot.
+    me: Arc<OnceLock<WeakJobHandle>>,
 }
 
 /// The chunks at the front of `queue` to handle in one run: a few, so there are fewer
@@ -399,6 +408,7 @@ impl Job for WriteJob {
             if out.cancelled {
                 drop(out);
                 self.work.lock().unwrap().discard();
+                self.slot.lock().unwrap().release();
                 return Step::Idle;
             }
             if out.outcome.is_some() {
@@ -408,8 +418,16 @@ impl Job for WriteJob {
         };
         let mut w = self.work.lock().unwrap();
         if !opened {
+            // A slot first, or wait in line for one (the budget wakes this job).
+            let me = self.me.get().expect("set when registered");
+            if !self.slot.lock().unwrap().try_hold(me) {
+                return Step::Idle;
+            }
             let r = w.open();
             drop(w);
+            if r.is_err() {
+                self.slot.lock().unwrap().release();
+            }
             let mut out = self.out.lock().unwrap();
             let r = r.map_err(VolumeError::from);
             if let Err(e) = &r {
@@ -429,6 +447,10 @@ impl Job for WriteJob {
             w.discard();
         }
         drop(w);
+        if !matches!(result, Ok(false)) {
+            // Committed (the fd is closed) or discarded: the slot is someone else's now.
+            self.slot.lock().unwrap().release();
+        }
         let mut out = self.out.lock().unwrap();
         for _ in 0..done {
             out.queue.pop_front();
