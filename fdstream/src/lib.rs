@@ -11,6 +11,7 @@
 //!   (crash isolation, O_DIRECT).
 
 pub mod budget;
+mod direct;
 pub mod document;
 pub mod error;
 pub mod extents;

@@ -7,6 +7,7 @@
 //! its work is done, so a sink that must zero its holes slows the sender down.
 
 use crate::budget;
+use crate::direct::{self, DirectWrites};
 use crate::error::Error;
 use crate::fd::{self, Kind, Location};
 use crate::pool::{Job, JobHandle, Pool, Step, WeakJobHandle};
@@ -43,9 +44,10 @@ pub struct WriterOptions {
     pub overwrite: bool,
     /// Skip fdatasync before reporting success (benchmarks only: a crash may lose the data).
     pub no_sync: bool,
-    /// Write with O_DIRECT where buffer, offset and length are aligned (other pieces go
-    /// through the page cache). Where the file system refuses it, writing falls back to
-    /// buffered I/O with a logged warning.
+    /// Write with O_DIRECT: data in unaligned memory through an aligned bounce buffer; the
+    /// pieces O_DIRECT cannot take (an unaligned tail) through the page cache, synced and
+    /// dropped from it at commit, so the copy leaves nothing cached. Where the file system
+    /// refuses O_DIRECT, writing falls back to buffered I/O with a logged warning.
     pub direct: bool,
     /// Workers to use; the process-wide pool when `None`.
     pub pool: Option<Arc<Pool>>,
@@ -399,6 +401,7 @@ struct Work {
     /// O_DIRECT is set on `file` (asked for, and accepted by the file system).
     direct_on: bool,
     align: u64,
+    direct: DirectWrites,
 }
 
 impl Job for WriteJob {
@@ -501,6 +504,7 @@ impl Work {
             bytes_written,
             direct_on: false,
             align: fd::DIRECT_ALIGN,
+            direct: DirectWrites::default(),
         }
     }
 
@@ -656,11 +660,14 @@ impl Work {
                 if at + len > start + written {
                     let skip = (start + written).saturating_sub(at) as usize;
                     let (kind, rest) = (self.kind, &bytes[skip..]);
-                    // The rest may start unaligned: finish it through the page cache.
-                    fd::buffered(file, self.direct_on, || {
+                    // The rest may start unaligned.
+                    let r = if self.direct_on {
+                        let align = self.align;
+                        self.direct.write(file, kind, at + skip as u64, rest, align)
+                    } else {
                         fd::write_full(file, kind, at + skip as u64, rest)
-                    })
-                    .map_err(|e| Error::io(format!("writing {} at {at}", self.shown), e))?;
+                    };
+                    r.map_err(|e| Error::io(format!("writing {} at {at}", self.shown), e))?;
                 }
                 self.digest.update(bytes);
                 at += len;
@@ -693,11 +700,13 @@ impl Work {
         match chunk {
             Chunk::Data { offset, bytes } => {
                 self.check_offset(*offset, bytes.len() as u64)?;
-                let unaligned = self.direct_on && !fd::is_aligned(*offset, bytes, self.align);
-                fd::buffered(file, unaligned, || {
+                let r = if self.direct_on {
+                    self.direct
+                        .write(file, self.kind, *offset, bytes, self.align)
+                } else {
                     fd::write_full(file, self.kind, *offset, bytes)
-                })
-                .map_err(|e| Error::io(format!("writing {} at {offset}", self.shown), e))?;
+                };
+                r.map_err(|e| Error::io(format!("writing {} at {offset}", self.shown), e))?;
                 self.bytes_written
                     .fetch_add(bytes.len() as u64, Ordering::Relaxed);
                 self.digest.update(bytes);
@@ -722,6 +731,7 @@ impl Work {
                     let file = self.file.as_ref().ok_or(Error::Cancelled)?;
                     let (kind, zeroer) = (self.kind, &mut self.zeroer);
                     // Zeroes may be written from a static, unaligned buffer.
+                    self.direct.cached |= self.direct_on;
                     let r = fd::buffered(file, self.direct_on, || {
                         if kind == Kind::Stream {
                             punch::write_zeroes(file, kind, from, n).map(|_| punch::Method::Write)
@@ -808,9 +818,16 @@ impl Work {
             file.set_len(self.size)
                 .map_err(|e| Error::io(format!("setting the size of {shown}"), e))?;
         }
-        if !self.options.no_sync && self.kind != Kind::Stream {
+        // Under --direct what went through the page cache is synced even with no_sync, so
+        // that it can be dropped from the cache: the copy leaves none of it there.
+        let sync = !self.options.no_sync || (self.direct_on && self.direct.cached);
+        if sync && self.kind != Kind::Stream {
             file.sync_data()
                 .map_err(|e| Error::io(format!("syncing {shown}"), e))?;
+        }
+        if self.direct_on {
+            direct::drop_cached(&file)
+                .map_err(|e| Error::io(format!("dropping {shown} from the page cache"), e))?;
         }
         drop(file);
         if let (Some(dir), Some(temp)) = (&self.dir, &self.temp) {
