@@ -42,6 +42,113 @@ fn zero_run_factors() -> &'static [u32; 64] {
     })
 }
 
+/// The CRC register after `data`, by `crc-fast`.
+fn narrow(register: u32, data: &[u8]) -> u32 {
+    let mut d = crc_fast::Digest::new_with_init_state(
+        crc_fast::CrcAlgorithm::Crc32Iscsi,
+        u64::from(register),
+    );
+    d.update(data);
+    !(d.finalize() as u32)
+}
+
+/// x^n mod POLY, bit-reflected.
+fn x_pow(n: u32) -> u32 {
+    let mut b: u32 = 1 << 31;
+    for _ in 0..n {
+        b = if b & 1 != 0 { (b >> 1) ^ POLY } else { b >> 1 };
+    }
+    b
+}
+
+/// CRC-32C of large buffers folded 256 bits at a time with VPCLMULQDQ on AVX2.
+///
+/// `crc-fast` uses wide carry-less multiplication only with AVX-512; on CPUs with VPCLMULQDQ but
+/// no AVX-512 (AMD Zen 3, this project's VM) it runs the three-way `crc32q` loop, ~14 GB/s,
+/// and the sender's and receiver's digests were a quarter of a one-stream transfer's CPU time.
+/// This path is ~1.5x that.
+///
+/// Eight 128-bit lanes hold 128 bytes; each round multiplies every lane forward by 128 bytes
+/// (x^1024 mod P, split over its two 64-bit halves) and adds the next 128 bytes. What is left is
+/// a 128-byte message with the same CRC as everything folded, so the plain `crc32` instruction
+/// finishes it, and the tail, with no Barrett reduction.
+mod wide {
+    use std::sync::OnceLock;
+
+    /// Shorter buffers are not worth the set-up.
+    const MIN: usize = 256;
+    const BLOCK: usize = 128;
+
+    /// Multipliers for one lane half moved forward by `BLOCK` bytes: the carry-less product of
+    /// two bit-reflected operands lands 33 degrees above where the lane reads it, so the first
+    /// (higher) half needs x^(8 BLOCK + 64 - 33) and the second x^(8 BLOCK - 33).
+    fn keys() -> (u64, u64) {
+        static KEYS: OnceLock<(u64, u64)> = OnceLock::new();
+        *KEYS.get_or_init(|| {
+            let fold = 8 * BLOCK as u32;
+            (
+                u64::from(super::x_pow(fold + 31)),
+                u64::from(super::x_pow(fold - 33)),
+            )
+        })
+    }
+
+    /// The register after `data`, or None if the CPU or the length does not suit.
+    #[cfg(target_arch = "x86_64")]
+    pub fn update(register: u32, data: &[u8]) -> Option<u32> {
+        let usable = data.len() >= MIN
+            && std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("vpclmulqdq")
+            && std::arch::is_x86_feature_detected!("pclmulqdq")
+            && std::arch::is_x86_feature_detected!("sse4.2");
+        // SAFETY: the features the function is compiled for were detected just above.
+        usable.then(|| unsafe { fold(register, data, keys()) })
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    pub fn update(_register: u32, _data: &[u8]) -> Option<u32> {
+        None
+    }
+
+    /// `data.len() >= BLOCK`.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,vpclmulqdq,pclmulqdq,sse4.2")]
+    unsafe fn fold(register: u32, data: &[u8], (first, second): (u64, u64)) -> u32 {
+        use std::arch::x86_64::*;
+        debug_assert!(data.len() >= BLOCK);
+        // SAFETY (all loads): every offset read is at most data.len() - 32.
+        let load = |offset: usize| unsafe { _mm256_loadu_si256(data.as_ptr().add(offset).cast()) };
+        let keys = _mm256_set_epi64x(second as i64, first as i64, second as i64, first as i64);
+        let mut lanes = [load(0), load(32), load(64), load(96)];
+        // The register joins the first four bytes: CRC(r, M) = CRC(0, M with r xored in front).
+        lanes[0] = _mm256_xor_si256(lanes[0], _mm256_set_epi64x(0, 0, 0, i64::from(register)));
+        let mut offset = BLOCK;
+        while offset + BLOCK <= data.len() {
+            for (i, lane) in lanes.iter_mut().enumerate() {
+                let high = _mm256_clmulepi64_epi128(*lane, keys, 0x00);
+                let low = _mm256_clmulepi64_epi128(*lane, keys, 0x11);
+                *lane = _mm256_xor_si256(_mm256_xor_si256(high, low), load(offset + 32 * i));
+            }
+            offset += BLOCK;
+        }
+        let mut folded = [0u8; BLOCK];
+        for (i, lane) in lanes.iter().enumerate() {
+            // SAFETY: 32 bytes at 32 * i, within the 128-byte array.
+            unsafe { _mm256_storeu_si256(folded.as_mut_ptr().add(32 * i).cast(), *lane) };
+        }
+        let mut crc = 0u64;
+        let mut words = folded.chunks_exact(8).chain(data[offset..].chunks_exact(8));
+        for word in &mut words {
+            crc = _mm_crc32_u64(crc, u64::from_le_bytes(word.try_into().unwrap()));
+        }
+        let mut crc = crc as u32;
+        for &byte in data[offset..].chunks_exact(8).remainder() {
+            crc = _mm_crc32_u8(crc, byte);
+        }
+        crc
+    }
+}
+
 impl Digest {
     pub fn new() -> Self {
         Self::default()
@@ -49,12 +156,7 @@ impl Digest {
 
     /// Extends the digest with `data`.
     pub fn update(&mut self, data: &[u8]) {
-        let mut d = crc_fast::Digest::new_with_init_state(
-            crc_fast::CrcAlgorithm::Crc32Iscsi,
-            u64::from(!self.crc),
-        );
-        d.update(data);
-        self.crc = d.finalize() as u32;
+        self.crc = !wide::update(!self.crc, data).unwrap_or_else(|| narrow(!self.crc, data));
         self.len += data.len() as u64;
     }
 
@@ -129,6 +231,51 @@ mod tests {
         parts.update_zeroes((1 << 39) - 12_345);
         assert_eq!(whole, parts);
         assert_ne!(whole.value(), Digest::new().value());
+    }
+
+    fn bytes(len: usize, mut seed: u64) -> Vec<u8> {
+        (0..len)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_wide_fold_agrees_with_crc_fast() {
+        if wide::update(0, &[0; 4096]).is_none() {
+            eprintln!("skipping: this CPU lacks AVX2 and VPCLMULQDQ, the wide fold is not used");
+            return;
+        }
+        // Every tail length and round count near the edges, and a transfer-sized buffer.
+        let lens = (256..=520).chain([1000, 4096, 65_536 + 17, 128 << 10, (1 << 20) + 3]);
+        for (i, len) in lens.enumerate() {
+            let data = bytes(len, i as u64 + 1);
+            for register in [0xFFFF_FFFF, 0, 0x1234_5678] {
+                assert_eq!(
+                    wide::update(register, &data),
+                    Some(narrow(register, &data)),
+                    "{len} bytes from register {register:08x}"
+                );
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn split_updates_match_one_crc_fast_pass(
+            data in proptest::collection::vec(proptest::num::u8::ANY, 0..3000),
+            cut in 0usize..3000,
+        ) {
+            let cut = cut.min(data.len());
+            let mut split = Digest::new();
+            split.update(&data[..cut]);
+            split.update(&data[cut..]);
+            proptest::prop_assert_eq!(split.value(), !narrow(!0, &data));
+        }
     }
 
     #[test]
