@@ -331,3 +331,46 @@ fn priority_needs_the_feature_and_falls_back_to_bulk_without_it() {
     );
     assert!(pair.client.closed_with().is_none() && pair.server.closed_with().is_none());
 }
+
+#[test]
+fn control_frames_wait_only_for_bytes_already_handed_to_the_link() {
+    // A PING goes ahead of every stream's frames not yet handed to the socket: its round trip is
+    // the depth of what the sender keeps queued for the link (the transmit target, plus the
+    // frame that crossed it) and the PONG's way back, whether 10 or 1,000 streams are
+    // backlogged. Behind the backlog it would wait `bulk` frame times.
+    for bulk in [10, 1000] {
+        let (mut pair, ids) = pair_with_bulk(bulk);
+        warm_up(&mut pair, &ids, 1);
+        let mut rtts = Vec::new();
+        for _ in 0..5 {
+            let pongs = |pair: &Pair| pair.client.conn.stats().frames_in.get("PONG").unwrap();
+            let before = pongs(&pair);
+            let now = pair.now;
+            pair.client.conn.ping(now);
+            let mut steps = 0;
+            while pongs(&pair) == before {
+                step(&mut pair, &ids);
+                steps += 1;
+                assert!(steps < 100_000, "{bulk} bulk streams: no PONG");
+            }
+            rtts.push(pair.client.conn.stats().rtt.unwrap());
+            // Let the backlog close in behind it again.
+            for _ in 0..64 {
+                step(&mut pair, &ids);
+            }
+        }
+        let link = pair.link;
+        let frame_time = link.step.as_secs_f64() * FRAME_WIRE as f64 / link.bytes_per_step as f64;
+        let queued = (link.transmit_target as u64 + FRAME_WIRE) as f64 / FRAME_WIRE as f64;
+        let worst = rtts
+            .iter()
+            .map(|r| r.as_secs_f64() / frame_time)
+            .fold(0.0, f64::max);
+        println!("{bulk} bulk: PING round trip at most {worst:.2} frame times");
+        assert!(
+            worst <= queued + 1.0,
+            "{bulk} bulk streams: round trips {rtts:?}, frame time {frame_time} s"
+        );
+        assert!(pair.client.closed_with().is_none() && pair.server.closed_with().is_none());
+    }
+}
