@@ -16,7 +16,7 @@ use engine::Digest;
 use proptest::prelude::*;
 use proptest::sample::Index;
 use std::io::IoSlice;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 // ---- strategies ----
 
@@ -466,6 +466,58 @@ proptest! {
             let unreturned = released - granted;
             prop_assert_eq!(credit.available() + rw.buffered() + unreturned, window as u64);
             // Whatever the sender may still send, the receiver accepts; one unit more it refuses.
+            let mut probe = rw;
+            prop_assert_eq!(probe.receive(credit.available()), Ok(()));
+            prop_assert!(probe.receive(1).is_err());
+        }
+    }
+
+    /// A tuned window against a sender that spends what it has, with the sink's pace, the
+    /// round trip and the memory the connection can spare all varying: the books balance
+    /// (credit + held + unreturned = size), the size stays between the initial window and
+    /// both the maximum and the cap, the peer never overruns it, and a sink that has consumed
+    /// everything never leaves the sender without credit.
+    #[test]
+    fn a_tuned_window_stays_bounded_and_live(
+        initial in 8192u32..=4 << 20,
+        max_factor in 1u64..=64,
+        ops in prop::collection::vec(
+            (arb_flow_op(), 0u64..=100_000, prop::option::of(1u64..=200_000), any::<u8>()),
+            0..200,
+        ),
+    ) {
+        let max = initial as u64 * max_factor;
+        let start = Instant::now();
+        let mut now = start;
+        let mut credit = SendCredit::new(initial);
+        let mut rw = RecvWindow::tuned(initial, max);
+        let mut ceiling = initial as u64;
+        for (op, advance_us, rtt_us, cap_share) in ops {
+            now += Duration::from_micros(advance_us);
+            match op {
+                FlowOp::Receive(cost) => {
+                    let cost = cost.min(credit.available());
+                    credit.spend(cost);
+                    prop_assert_eq!(rw.receive(cost), Ok(()));
+                }
+                FlowOp::Release(fraction) => {
+                    let cost = rw.buffered() * fraction as u64 / 255;
+                    // The connection may lend between nothing more and the whole maximum.
+                    let cap = rw.size() + (max - rw.size().min(max)) * cap_share as u64 / 255;
+                    ceiling = ceiling.max(cap.min(max));
+                    let rtt = rtt_us.map(Duration::from_micros);
+                    if let Some(increment) = rw.release_at(cost, now, rtt, cap) {
+                        prop_assert!(increment as u64 * 2 >= rw.size());
+                        prop_assert_eq!(credit.grant(increment), Ok(()));
+                    }
+                    if rw.buffered() == 0 {
+                        prop_assert!(credit.available() > 0, "everything consumed, no credit");
+                    }
+                }
+            }
+            prop_assert!(rw.size() >= initial as u64 && rw.size() <= max);
+            prop_assert!(rw.size() <= ceiling, "grew past every cap given");
+            prop_assert!(credit.available() + rw.buffered() <= rw.size());
             let mut probe = rw;
             prop_assert_eq!(probe.receive(credit.available()), Ok(()));
             prop_assert!(probe.receive(1).is_err());

@@ -3,7 +3,10 @@
 //! The receiver grants credit; the sender spends it on DATA (one unit per payload byte) and HOLE
 //! frames (a fixed [`HOLE_COST`], because a hole costs the sink work even though it costs the
 //! wire nothing). Credit flows back only as the sink finishes chunks, and only once half a
-//! window has accumulated (as h2 and yamux do) so WINDOW frames stay rare.
+//! window has accumulated (as h2 and yamux do) so WINDOW frames stay rare. A receive window
+//! may tune its own size to the path ([`RecvWindow::tuned`]).
+
+use std::time::{Duration, Instant};
 
 /// Credit a HOLE frame costs, whatever its length.
 pub const HOLE_COST: u64 = 4096;
@@ -47,15 +50,22 @@ impl SendCredit {
     }
 }
 
-/// The receiving side of a window: what the peer may still send, and what the sink has
-/// consumed but we have not yet granted back.
+/// The receiving side of a window: what the peer may still send, what the sink has consumed
+/// but we have not yet granted back, and the size the window is moving to.
+///
+/// `outstanding + buffered + unreturned == size` always holds. A window grows by granting more
+/// than was consumed, and shrinks by keeping back consumed credit until it reaches its target:
+/// credit already granted is never taken back, so shrinking takes effect as the sink catches
+/// up, and the peer sees nothing but WINDOW increments either way.
 #[derive(Debug, Clone, Copy)]
 pub struct RecvWindow {
-    window: u64,
+    size: u64,
+    target: u64,
     /// Granted to the peer and not yet used by it.
     outstanding: u64,
     /// Consumed by the sink, not yet granted back.
     unreturned: u64,
+    tuning: Option<Tuning>,
 }
 
 /// The peer sent more than it was granted.
@@ -65,13 +75,50 @@ pub struct WindowExceeded {
     pub outstanding: u64,
 }
 
+/// How a window sizes itself to the path (see [`RecvWindow::tuned`]).
+#[derive(Debug, Clone, Copy)]
+struct Tuning {
+    min: u64,
+    max: u64,
+    /// When the previous WINDOW went out; `None` until the first one.
+    last_update: Option<Instant>,
+}
+
 impl RecvWindow {
+    /// A window of fixed size.
     pub fn new(window: u32) -> Self {
         RecvWindow {
-            window: window as u64,
+            size: window as u64,
+            target: window as u64,
             outstanding: window as u64,
             unreturned: 0,
+            tuning: None,
         }
+    }
+
+    /// A window that starts at `initial` (what the peer was told in the handshake) and sizes
+    /// itself between that and `max` from the round trip and the rate at which its credit is
+    /// consumed, each time it sends credit back ([`RecvWindow::release_at`]):
+    ///
+    /// - If half the window was used and consumed within two round trips of the previous
+    ///   return, the window rather than the sink or the link is what limits the sender: it
+    ///   doubles. (A sink that keeps up with a window-limited sender returns half a window
+    ///   every half round trip; one that keeps up with the link, every `size / 2 / rate`.) So
+    ///   the window settles at four to eight times the bytes consumed per round trip, enough
+    ///   to cover the path's bandwidth-delay product with room for bursts.
+    /// - If the window is more than eight times what the consumption rate needs per round
+    ///   trip, the sink (or the sender) is slow: the window aims at four times that, no less
+    ///   than `initial`, so a slow sink stops holding memory a fast one would need.
+    ///
+    /// Without a round-trip sample the window keeps its size.
+    pub fn tuned(initial: u32, max: u64) -> Self {
+        let mut w = RecvWindow::new(initial);
+        w.tuning = Some(Tuning {
+            min: initial as u64,
+            max: max.max(initial as u64).min(MAX_CREDIT),
+            last_update: None,
+        });
+        w
     }
 
     /// Accounts for a frame that arrived.
@@ -87,10 +134,52 @@ impl RecvWindow {
     }
 
     /// Accounts for credit the sink has consumed; returns an increment to send back once half a
-    /// window has accumulated.
+    /// window has accumulated. The size does not change.
     pub fn release(&mut self, cost: u64) -> Option<u32> {
         self.unreturned += cost;
-        if self.unreturned * 2 < self.window {
+        self.absorb();
+        self.grant()
+    }
+
+    /// As [`RecvWindow::release`], and a tuned window that is about to send credit back first
+    /// resizes itself (see [`RecvWindow::tuned`]) with the round trip `rtt`, growing to at
+    /// most `cap` (the share of memory the caller can give it now, never above its maximum).
+    pub fn release_at(
+        &mut self,
+        cost: u64,
+        now: Instant,
+        rtt: Option<Duration>,
+        cap: u64,
+    ) -> Option<u32> {
+        self.unreturned += cost;
+        self.absorb();
+        if self.unreturned * 2 < self.size {
+            return None;
+        }
+        if let Some(tuning) = &mut self.tuning {
+            let wanted = tuning.resize(now, self.unreturned, self.size, rtt);
+            if wanted > self.size {
+                let grown = wanted.min(cap).max(self.size);
+                self.unreturned += grown - self.size;
+                self.size = grown;
+                self.target = grown;
+            } else {
+                self.target = wanted;
+                self.absorb();
+            }
+        }
+        self.grant()
+    }
+
+    /// Keeps back consumed credit while the window is larger than its target.
+    fn absorb(&mut self) {
+        let cut = self.unreturned.min(self.size.saturating_sub(self.target));
+        self.size -= cut;
+        self.unreturned -= cut;
+    }
+
+    fn grant(&mut self) -> Option<u32> {
+        if self.unreturned == 0 || self.unreturned * 2 < self.size {
             return None;
         }
         let increment = self.unreturned;
@@ -101,7 +190,37 @@ impl RecvWindow {
 
     /// Bytes received and not yet consumed: what this window makes us hold.
     pub fn buffered(&self) -> u64 {
-        self.window - self.outstanding - self.unreturned
+        self.size - self.outstanding - self.unreturned
+    }
+
+    /// The window's current size: the most the peer may have sent that the sink has not
+    /// consumed.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+}
+
+impl Tuning {
+    /// The size a window of `size` that is about to return `consumed` credit should have.
+    fn resize(&mut self, now: Instant, consumed: u64, size: u64, rtt: Option<Duration>) -> u64 {
+        let Some(last) = self.last_update.replace(now) else {
+            return size;
+        };
+        let Some(rtt) = rtt.filter(|r| !r.is_zero()) else {
+            return size;
+        };
+        let interval = now
+            .saturating_duration_since(last)
+            .max(Duration::from_micros(1));
+        if interval < 2 * rtt {
+            return size.saturating_mul(2).min(self.max).max(size);
+        }
+        // Bytes consumed per round trip at the rate seen since the last return.
+        let per_rtt = (consumed as u128 * rtt.as_nanos() / interval.as_nanos()) as u64;
+        if size > per_rtt.saturating_mul(8) {
+            return per_rtt.saturating_mul(4).clamp(self.min, size);
+        }
+        size
     }
 
     /// Credit granted to the peer and not yet used by it: what it may still send.
@@ -170,6 +289,7 @@ impl super::Connection {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::VecDeque;
 
     #[test]
     fn receiving_beyond_the_grant_is_refused() {
@@ -201,5 +321,143 @@ mod tests {
         assert_eq!(c.grant(1), Err(CreditOverflow));
         c.spend(10);
         assert!(c.grant(10).is_ok());
+    }
+
+    /// A sender and a receiver `rtt` apart over a link of `rate` bytes/s, the sink consuming
+    /// `sink` bytes/s, simulated in steps of `rtt / 50` for `rtts` round trips; returns the
+    /// window's largest and last size and the most the receiver held.
+    struct Path {
+        window: RecvWindow,
+        now: Instant,
+        credit: u64,
+        /// (arrival time, bytes) in flight each way.
+        data: VecDeque<(Instant, u64)>,
+        grants: VecDeque<(Instant, u64)>,
+        held: u64,
+        peak_held: u64,
+        peak_size: u64,
+        delivered: u64,
+    }
+
+    impl Path {
+        fn new(initial: u32, max: u64) -> Self {
+            Path {
+                window: RecvWindow::tuned(initial, max),
+                now: Instant::now(),
+                credit: initial as u64,
+                data: VecDeque::new(),
+                grants: VecDeque::new(),
+                held: 0,
+                peak_held: 0,
+                peak_size: initial as u64,
+                delivered: 0,
+            }
+        }
+
+        fn run(&mut self, rtt: Duration, rate: u64, sink: u64, rtts: u32) {
+            let step = rtt / 50;
+            let per_step = |r: u64| (r as u128 * step.as_nanos() / 1_000_000_000) as u64;
+            for _ in 0..rtts * 50 {
+                self.now += step;
+                while self.grants.front().is_some_and(|g| g.0 <= self.now) {
+                    self.credit += self.grants.pop_front().unwrap().1;
+                }
+                let sent = self.credit.min(per_step(rate));
+                if sent > 0 {
+                    self.credit -= sent;
+                    self.data.push_back((self.now + rtt / 2, sent));
+                }
+                while self.data.front().is_some_and(|d| d.0 <= self.now) {
+                    let n = self.data.pop_front().unwrap().1;
+                    self.window
+                        .receive(n)
+                        .expect("the sender spends only its credit");
+                    self.held += n;
+                    self.delivered += n;
+                }
+                self.peak_held = self.peak_held.max(self.held);
+                let consumed = self.held.min(per_step(sink));
+                self.held -= consumed;
+                if let Some(inc) = self
+                    .window
+                    .release_at(consumed, self.now, Some(rtt), u64::MAX)
+                {
+                    self.grants.push_back((self.now + rtt / 2, inc as u64));
+                }
+                self.peak_size = self.peak_size.max(self.window.size());
+                assert_eq!(self.window.buffered(), self.held);
+            }
+        }
+    }
+
+    #[test]
+    fn a_tuned_window_grows_to_the_path_and_shrinks_for_a_slow_sink() {
+        let rtt = Duration::from_millis(20);
+        let rate = 200_000_000; // BDP 4 MB
+        let mut p = Path::new(256 << 10, 64 << 20);
+        p.run(rtt, rate, rate * 2, 60);
+        let bdp = rate * 20 / 1000;
+        assert!(
+            p.peak_size >= bdp,
+            "grew to {} for a BDP of {bdp}",
+            p.peak_size
+        );
+        assert!(p.window.size() <= 64 << 20);
+        // The sink slows to 1% of the link: the window comes back down.
+        let grown = p.window.size();
+        p.run(rtt, rate, rate / 100, 200);
+        assert!(
+            p.window.size() < grown / 4,
+            "{} after slowing, {grown} before",
+            p.window.size()
+        );
+        assert!(
+            p.window.size() >= 256 << 10,
+            "never below the initial window"
+        );
+    }
+
+    #[test]
+    fn a_tuned_window_stops_at_its_maximum_and_holds_no_more() {
+        let rtt = Duration::from_millis(50);
+        let mut p = Path::new(1 << 20, 8 << 20);
+        p.run(rtt, 1_000_000_000, 2_000_000_000, 50);
+        assert_eq!(p.peak_size, 8 << 20);
+        assert!(p.peak_held <= 8 << 20);
+    }
+
+    #[test]
+    fn a_window_without_a_round_trip_keeps_its_size() {
+        let t = Instant::now();
+        let mut w = RecvWindow::tuned(1000, 1 << 20);
+        for i in 0..10 {
+            w.receive(1000).unwrap();
+            assert_eq!(
+                w.release_at(1000, t + Duration::from_micros(i), None, u64::MAX),
+                Some(1000)
+            );
+        }
+        assert_eq!(w.size(), 1000);
+    }
+
+    #[test]
+    fn growth_stops_at_the_cap_the_caller_gives() {
+        let t = Instant::now();
+        let rtt = Some(Duration::from_millis(10));
+        let mut w = RecvWindow::tuned(1000, 1 << 20);
+        w.receive(1000).unwrap();
+        assert_eq!(
+            w.release_at(1000, t, rtt, u64::MAX),
+            Some(1000),
+            "first return: no sample"
+        );
+        w.receive(1000).unwrap();
+        // Returned again within two round trips: wants 2000, the cap allows 1500.
+        assert_eq!(
+            w.release_at(1000, t + Duration::from_millis(1), rtt, 1500),
+            Some(1500)
+        );
+        assert_eq!(w.size(), 1500);
+        assert_eq!(w.buffered(), 0);
     }
 }
