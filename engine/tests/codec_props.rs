@@ -490,7 +490,7 @@ proptest! {
         let start = Instant::now();
         let mut now = start;
         let mut credit = SendCredit::new(initial);
-        let mut rw = RecvWindow::tuned(initial, max);
+        let mut rw = RecvWindow::new(initial);
         let mut ceiling = initial as u64;
         for (op, advance_us, rtt_us, cap_share) in ops {
             now += Duration::from_micros(advance_us);
@@ -1093,7 +1093,7 @@ fn out_of_order_chunk_returns_connection_credit_once() {
         ) as u64;
     }
     assert_eq!(chunks, 1);
-    conn.release(StreamId(3), 1);
+    conn.release(StreamId(3), 1, now);
     assert_eq!(conn.stats().recv_buffered, 0);
     let returned: u64 = sent_frames(&mut conn, now, &mut hello_seen)
         .iter()

@@ -379,7 +379,7 @@ impl Driver {
     }
 
     /// Passes a writer's progress on: credit for finished chunks, and the verdict at the end.
-    fn progress(&mut self, key: u64, _now: Instant) {
+    fn progress(&mut self, key: u64, now: Instant) {
         // A failed sink's verdict stays failed; asking again would report it again for every
         // chunk that was already queued behind the failure.
         let Some(local) = self.locals.get_mut(&key).filter(|l| l.failure.is_none()) else {
@@ -392,7 +392,7 @@ impl Driver {
         let fresh = progress.completed.saturating_sub(local.released);
         local.released = progress.completed;
         if fresh > 0 {
-            self.conn.release(stream, fresh);
+            self.conn.release(stream, fresh, now);
         }
         match progress.outcome {
             Some(Ok(())) => self.conn.stream_verified(stream),
@@ -667,6 +667,10 @@ impl Driver {
             }
         }
         self.drain_events(now);
+        // PONGs arrive with input; each may raise the estimate of the path.
+        if let Some(bytes) = self.conn.poll_buffer_hint() {
+            self.transport.socket.fit_buffers(bytes);
+        }
     }
 
     /// Ends the connection for a transport failure: TLS (with the reason, to both users) or

@@ -240,6 +240,64 @@ impl Socket {
         }
     }
 
+    /// Lets a TCP socket's kernel buffers hold `bytes` of payload each way (the path's
+    /// bandwidth-delay product as the connection estimates it) where the kernel's autotuning
+    /// would stop short and the kernel lets us set more. A sender's buffer must hold a round
+    /// trip of unacknowledged bytes and a receiver's advertises about half its size as TCP's
+    /// window, and Linux autotunes each only up to net.ipv4.tcp_wmem / tcp_rmem's maximum
+    /// (4 MiB and 6 MiB by default: 80 MB/s at 50 ms). Setting a size ends autotuning for that
+    /// buffer, and the kernel caps what is set at net.core.wmem_max / rmem_max, so a buffer is
+    /// set only when that gives it more than autotuning could. Unix sockets keep [`tune`].
+    ///
+    /// [`tune`]: Socket::tune
+    pub fn fit_buffers(&self, bytes: u64) {
+        let Socket::Tcp(s) = self else {
+            return;
+        };
+        let limits = buffer_limits();
+        for (option, name, autotune_max, set_max) in [
+            (
+                libc::SO_SNDBUF,
+                "SO_SNDBUF",
+                limits.tcp_wmem_max,
+                limits.wmem_max,
+            ),
+            (
+                libc::SO_RCVBUF,
+                "SO_RCVBUF",
+                limits.tcp_rmem_max,
+                limits.rmem_max,
+            ),
+        ] {
+            let fd = s.as_raw_fd();
+            let Some(current) = getsockopt_int(fd, option) else {
+                continue;
+            };
+            let Some(value) = buffer_to_set(bytes, current, autotune_max, set_max) else {
+                continue;
+            };
+            let v = value.min(i32::MAX as u64) as libc::c_int;
+            // SAFETY: setsockopt reads `v` for the given length; the fd is open.
+            let r = unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    option,
+                    (&v as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if r != 0 {
+                log::debug!("{name}: {}", io::Error::last_os_error());
+                continue;
+            }
+            log::debug!(
+                "{name} {current} -> {:?} for a path of {bytes} bytes",
+                getsockopt_int(fd, option)
+            );
+        }
+    }
+
     fn source(&mut self) -> &mut dyn Source {
         match self {
             Socket::Unix(s) => s,
@@ -303,9 +361,104 @@ impl Socket {
     }
 }
 
+/// What the kernel lets a socket's buffers reach: by autotuning, and by setting them.
+#[derive(Debug, Clone, Copy)]
+struct BufferLimits {
+    tcp_wmem_max: u64,
+    tcp_rmem_max: u64,
+    wmem_max: u64,
+    rmem_max: u64,
+}
+
+/// Read once from /proc/sys (a virtual file system, no disk); Linux's defaults where missing.
+fn buffer_limits() -> BufferLimits {
+    static LIMITS: std::sync::OnceLock<BufferLimits> = std::sync::OnceLock::new();
+    *LIMITS.get_or_init(|| {
+        let read = |path: &str, field: usize, default: u64| {
+            std::fs::read_to_string(path)
+                .ok()
+                .and_then(|s| s.split_whitespace().nth(field)?.parse().ok())
+                .unwrap_or(default)
+        };
+        BufferLimits {
+            tcp_wmem_max: read("/proc/sys/net/ipv4/tcp_wmem", 2, 4 << 20),
+            tcp_rmem_max: read("/proc/sys/net/ipv4/tcp_rmem", 2, 6 << 20),
+            wmem_max: read("/proc/sys/net/core/wmem_max", 0, 212_992),
+            rmem_max: read("/proc/sys/net/core/rmem_max", 0, 212_992),
+        }
+    })
+}
+
+fn getsockopt_int(fd: i32, option: libc::c_int) -> Option<u64> {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `v`; the fd is open.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            option,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    (r == 0 && v >= 0).then_some(v as u64)
+}
+
+/// The value to set a socket buffer to so that it holds `bytes` of payload, or `None` where
+/// setting would not help: it already does, autotuning (up to `autotune_max`) will get there,
+/// or what the kernel allows setting (it doubles the value, capped at `set_max`, for its own
+/// bookkeeping) is no more than autotuning reaches anyway. `current` is what the kernel
+/// reports now.
+fn buffer_to_set(bytes: u64, current: u64, autotune_max: u64, set_max: u64) -> Option<u64> {
+    // The kernel's buffer counts overhead too; room for twice the payload keeps TCP's window
+    // (half the receive buffer at the default tcp_adv_win_scale) at the path's size.
+    let wanted = bytes.saturating_mul(2);
+    if current >= wanted || autotune_max >= wanted {
+        return None;
+    }
+    let value = bytes.min(set_max);
+    (value * 2 > current.max(autotune_max)).then_some(value)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn buffers_are_set_only_where_that_beats_autotuning() {
+        const M: u64 = 1 << 20;
+        // 6 MB path, this machine's limits: the send side autotunes to 4 MiB only, setting
+        // gives 8 MiB; the receive side autotunes to 32 MiB and is left alone.
+        assert_eq!(buffer_to_set(6 * M, M, 4 * M, 4 * M), Some(4 * M));
+        assert_eq!(buffer_to_set(6 * M, M, 32 * M, 4 * M), None);
+        // A small path needs nothing.
+        assert_eq!(buffer_to_set(M, 256 << 10, 4 * M, 4 * M), None);
+        // Stock limits (rmem_max 208 KiB): setting would lock the buffer small.
+        assert_eq!(buffer_to_set(6 * M, M, 4 * M, 212_992), None);
+        // Already big enough.
+        assert_eq!(buffer_to_set(2 * M, 4 * M, M, 64 * M), None);
+        // Room to set what is wanted.
+        assert_eq!(buffer_to_set(8 * M, M, 4 * M, 64 * M), Some(8 * M));
+    }
+
+    #[test]
+    fn a_tcp_socket_gets_the_buffers_the_path_needs_where_the_kernel_allows() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let s = Socket::Tcp(TcpStream::from_std(c));
+        let fd = s.raw_fd();
+        let before = getsockopt_int(fd, libc::SO_SNDBUF).unwrap();
+        let limits = buffer_limits();
+        let path = 64 << 20;
+        s.fit_buffers(path);
+        let after = getsockopt_int(fd, libc::SO_SNDBUF).unwrap();
+        match buffer_to_set(path, before, limits.tcp_wmem_max, limits.wmem_max) {
+            Some(v) => assert_eq!(after, v * 2, "set, and the kernel doubled it"),
+            None => assert_eq!(after, before, "left to autotuning"),
+        }
+        eprintln!("SO_SNDBUF {before} -> {after} for a 64 MiB path ({limits:?})");
+    }
 
     #[test]
     fn addresses_parse_and_a_bare_port_is_loopback() {

@@ -15,6 +15,17 @@ pub struct Config {
     pub stream_window: u32,
     /// Credit granted to the whole connection.
     pub conn_window: u32,
+    /// The most a stream's receive window grows to as it sizes itself to the path (it starts
+    /// at `stream_window`; see `flow::RecvWindow`): what one stalled sink can hold at most.
+    pub max_stream_window: u32,
+    /// The most the connection's receive window grows to (from `conn_window`): the cap on
+    /// received data held for all sinks together. Stream windows together grow past
+    /// `stream_window` by at most half of it, so streams that grew and then stalled cannot
+    /// take the whole connection window from the others.
+    pub max_conn_window: u32,
+    /// While streams are open, PING this often: windows size themselves with the smallest
+    /// round trip seen.
+    pub rtt_interval: Duration,
     /// Streams the peer may have open towards us at once.
     pub max_streams: u32,
     /// Largest DATA payload we send (also bounded by the peer's `max_frame`) while no
@@ -61,7 +72,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         // What one connection can make us hold is about max_frame + 64 KiB of input,
-        // conn_window of received data, and TRANSMIT_TARGET + control_backlog + send_buffer per
+        // max_conn_window of received data, and TRANSMIT_TARGET + control_backlog + send_buffer per
         // sending stream of output: a few MiB by default, and max_streams bounds the streams.
         Config {
             features: Features::ALL,
@@ -69,6 +80,10 @@ impl Default for Config {
             max_frame: 256 * 1024 + 64,
             stream_window: 2 * 1024 * 1024,
             conn_window: 32 * 1024 * 1024,
+            // 16 MiB per stream fills about 330 MB/s at 50 ms; 64 MiB, 1.3 GB/s on the whole.
+            max_stream_window: 16 * 1024 * 1024,
+            max_conn_window: 64 * 1024 * 1024,
+            rtt_interval: Duration::from_secs(1),
             max_streams: 1024,
             send_frame: 128 * 1024,
             interactive_frame: 32 * 1024,

@@ -65,6 +65,12 @@ pub struct Connection {
     /// The unanswered PING's data and when it went out, and the data last used.
     pub(super) ping_sent: Option<(u64, Instant)>,
     pub(super) ping_counter: u64,
+    /// When the previous PONG came and the bytes moved by then: the rate over each interval
+    /// between PONGs times the smallest round trip estimates the path's bandwidth-delay
+    /// product; the largest estimate is offered to the driver for the socket's buffers.
+    pub(super) rate_mark: Option<(Instant, u64)>,
+    pub(super) buffer_hint: u64,
+    hinted: u64,
     pub(super) stats: ConnStats,
     /// Why the connection ended, once it has.
     error: Option<ConnError>,
@@ -88,7 +94,7 @@ impl Connection {
             store: Store::default(),
             counts: Counts::new(side, config.max_streams),
             send: SendSide::new(&config),
-            recv: RecvSide::new(config.conn_window),
+            recv: RecvSide::new(&config),
             sent_goaway: false,
             peer_goaway: false,
             events: VecDeque::new(),
@@ -96,6 +102,9 @@ impl Connection {
             input_paused: false,
             ping_sent: None,
             ping_counter: 0,
+            rate_mark: None,
+            buffer_hint: 0,
+            hinted: 0,
             stats: ConnStats::default(),
             error: None,
             config,
@@ -132,8 +141,25 @@ impl Connection {
     pub fn stats(&self) -> ConnStats {
         let mut stats = self.stats;
         stats.recv_buffered = self.recv.buffered();
+        (
+            stats.peak_recv_buffered,
+            stats.recv_window,
+            stats.peak_recv_window,
+        ) = self.recv.peaks();
         stats.send_queued = (self.control.len() + self.send.queued()) as u64;
         stats
+    }
+
+    /// A size for the socket's kernel buffers, each way, whenever the estimate of the path's
+    /// bandwidth-delay product has grown by a quarter since the last one (never below what
+    /// kernels give anyway): see `Socket::fit_buffers`.
+    pub fn poll_buffer_hint(&mut self) -> Option<u64> {
+        const FLOOR: u64 = 256 * 1024;
+        if self.buffer_hint < FLOOR || self.buffer_hint <= self.hinted + self.hinted / 4 {
+            return None;
+        }
+        self.hinted = self.buffer_hint;
+        Some(self.hinted)
     }
 
     /// Open streams, in both directions.
@@ -633,5 +659,73 @@ mod tests {
         }
         assert_eq!(sent, 200 * pong_len, "every PING answered once");
         assert!(!conn.is_closed());
+    }
+
+    /// The frames a connection sends now.
+    fn sent(conn: &mut Connection, now: Instant) -> Vec<Frame> {
+        let mut out = Transmit::default();
+        conn.poll_transmit(now, &mut out, usize::MAX);
+        let mut slices = [std::io::IoSlice::new(&[]); 64];
+        let n = out.io_slices(&mut slices);
+        let mut bytes = BytesMut::new();
+        for s in &slices[..n] {
+            bytes.extend_from_slice(s);
+        }
+        let mut frames = Vec::new();
+        while let Some(f) = Frame::decode(&mut bytes, u32::MAX).unwrap() {
+            frames.push(f);
+        }
+        frames
+    }
+
+    #[test]
+    fn the_round_trip_is_probed_while_streams_are_open() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut conn = established(Config::default(), t0);
+        // Without streams nothing is probed (the keepalive is much later).
+        assert!(conn.poll_timeout().unwrap() > t0 + ms(5000));
+        conn.handle_timeout(t0 + ms(10));
+        assert!(sent(&mut conn, t0 + ms(10)).is_empty());
+        // A stream opens: the probe is due at once.
+        let mut open = BytesMut::new();
+        Frame::Open {
+            stream: StreamId(1),
+            op: crate::proto::frame::Op::Write,
+            options: Default::default(),
+            size: 1 << 20,
+            name: "v".into(),
+        }
+        .encode(&mut open);
+        let t1 = t0 + ms(100);
+        conn.input_buffer().extend_from_slice(&open);
+        conn.handle_input(t1);
+        assert!(conn.poll_timeout().unwrap() <= t1);
+        conn.handle_timeout(t1);
+        assert_eq!(sent(&mut conn, t1), vec![Frame::Ping { data: 1 }]);
+        // Its answer is the round trip, and the smallest so far.
+        let mut pong = BytesMut::new();
+        Frame::Pong { data: 1 }.encode(&mut pong);
+        conn.input_buffer().extend_from_slice(&pong);
+        conn.handle_input(t1 + ms(20));
+        assert_eq!(conn.stats().min_rtt, Some(ms(20)));
+        // The next probe comes an interval later, not before.
+        let interval = conn.config().rtt_interval;
+        conn.handle_timeout(t1 + interval - ms(1));
+        assert!(sent(&mut conn, t1 + interval).is_empty());
+        conn.handle_timeout(t1 + interval);
+        assert_eq!(
+            sent(&mut conn, t1 + interval),
+            vec![Frame::Ping { data: 2 }]
+        );
+        // A slower answer is the latest round trip, not the smallest.
+        conn.input_buffer().extend_from_slice(&{
+            let mut b = BytesMut::new();
+            Frame::Pong { data: 2 }.encode(&mut b);
+            b
+        });
+        conn.handle_input(t1 + interval + ms(50));
+        assert_eq!(conn.stats().rtt, Some(ms(50)));
+        assert_eq!(conn.stats().min_rtt, Some(ms(20)));
     }
 }

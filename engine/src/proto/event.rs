@@ -70,12 +70,21 @@ pub enum OpenError {
 pub struct ConnStats {
     pub bytes_in: u64,
     pub bytes_out: u64,
-    /// Credit-bearing bytes received and not yet consumed by sinks, over all streams.
+    /// Credit-bearing bytes received and not yet consumed by sinks, over all streams, now and
+    /// at most.
     pub recv_buffered: u64,
+    pub peak_recv_buffered: u64,
+    /// The connection's receive window, now and at its largest.
+    pub recv_window: u64,
+    pub peak_recv_window: u64,
     pub streams_completed: u64,
     pub streams_aborted: u64,
-    /// Last PING round trip.
+    /// Last PING round trip, and the smallest (what windows size themselves with).
     pub rtt: Option<Duration>,
+    pub min_rtt: Option<Duration>,
+    /// Bytes moved (both ways) per smallest round trip, over the last interval between PONGs:
+    /// the path's bandwidth-delay product as far as this connection used it.
+    pub path_bdp: u64,
     /// Bytes waiting to be sent that this connection holds: control frames not yet handed to
     /// the driver, plus DATA queued by the streams' sources. The driver's own transmit queue
     /// comes on top.

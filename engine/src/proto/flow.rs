@@ -65,7 +65,10 @@ pub struct RecvWindow {
     outstanding: u64,
     /// Consumed by the sink, not yet granted back.
     unreturned: u64,
-    tuning: Option<Tuning>,
+    /// The size the peer was told at first; a window never shrinks below it.
+    min: u64,
+    /// When credit last went back, once it has (see [`RecvWindow::release_at`]).
+    last_update: Option<Instant>,
 }
 
 /// The peer sent more than it was granted.
@@ -75,30 +78,12 @@ pub struct WindowExceeded {
     pub outstanding: u64,
 }
 
-/// How a window sizes itself to the path (see [`RecvWindow::tuned`]).
-#[derive(Debug, Clone, Copy)]
-struct Tuning {
-    min: u64,
-    max: u64,
-    /// When the previous WINDOW went out; `None` until the first one.
-    last_update: Option<Instant>,
-}
-
 impl RecvWindow {
-    /// A window of fixed size.
-    pub fn new(window: u32) -> Self {
-        RecvWindow {
-            size: window as u64,
-            target: window as u64,
-            outstanding: window as u64,
-            unreturned: 0,
-            tuning: None,
-        }
-    }
-
-    /// A window that starts at `initial` (what the peer was told in the handshake) and sizes
-    /// itself between that and `max` from the round trip and the rate at which its credit is
-    /// consumed, each time it sends credit back ([`RecvWindow::release_at`]):
+    /// A window of `window` bytes, the size the peer was told in the handshake. It keeps that
+    /// size when credit goes back with [`RecvWindow::release`]; with
+    /// [`RecvWindow::release_at`] it sizes itself between that and the cap given from the
+    /// round trip and the rate at which its credit is consumed, each time it sends credit
+    /// back:
     ///
     /// - If half the window was used and consumed within two round trips of the previous
     ///   return, the window rather than the sink or the link is what limits the sender: it
@@ -108,17 +93,18 @@ impl RecvWindow {
     ///   to cover the path's bandwidth-delay product with room for bursts.
     /// - If the window is more than eight times what the consumption rate needs per round
     ///   trip, the sink (or the sender) is slow: the window aims at four times that, no less
-    ///   than `initial`, so a slow sink stops holding memory a fast one would need.
+    ///   than `window`, so a slow sink stops holding memory a fast one would need.
     ///
     /// Without a round-trip sample the window keeps its size.
-    pub fn tuned(initial: u32, max: u64) -> Self {
-        let mut w = RecvWindow::new(initial);
-        w.tuning = Some(Tuning {
-            min: initial as u64,
-            max: max.max(initial as u64).min(MAX_CREDIT),
+    pub fn new(window: u32) -> Self {
+        RecvWindow {
+            size: window as u64,
+            target: window as u64,
+            outstanding: window as u64,
+            unreturned: 0,
+            min: window as u64,
             last_update: None,
-        });
-        w
+        }
     }
 
     /// Accounts for a frame that arrived.
@@ -141,9 +127,9 @@ impl RecvWindow {
         self.grant()
     }
 
-    /// As [`RecvWindow::release`], and a tuned window that is about to send credit back first
-    /// resizes itself (see [`RecvWindow::tuned`]) with the round trip `rtt`, growing to at
-    /// most `cap` (the share of memory the caller can give it now, never above its maximum).
+    /// As [`RecvWindow::release`], and a window about to send credit back first resizes itself
+    /// (see [`RecvWindow::new`]) with the round trip `rtt`, growing to at most `cap` (its
+    /// maximum, or the share of memory the caller can give it now if that is less).
     pub fn release_at(
         &mut self,
         cost: u64,
@@ -156,17 +142,15 @@ impl RecvWindow {
         if self.unreturned * 2 < self.size {
             return None;
         }
-        if let Some(tuning) = &mut self.tuning {
-            let wanted = tuning.resize(now, self.unreturned, self.size, rtt);
-            if wanted > self.size {
-                let grown = wanted.min(cap).max(self.size);
-                self.unreturned += grown - self.size;
-                self.size = grown;
-                self.target = grown;
-            } else {
-                self.target = wanted;
-                self.absorb();
-            }
+        let wanted = self.resize(now, rtt);
+        if wanted > self.size {
+            let grown = wanted.min(cap.min(MAX_CREDIT)).max(self.size);
+            self.unreturned += grown - self.size;
+            self.size = grown;
+            self.target = grown;
+        } else {
+            self.target = wanted;
+            self.absorb();
         }
         self.grant()
     }
@@ -198,11 +182,15 @@ impl RecvWindow {
     pub fn size(&self) -> u64 {
         self.size
     }
-}
 
-impl Tuning {
-    /// The size a window of `size` that is about to return `consumed` credit should have.
-    fn resize(&mut self, now: Instant, consumed: u64, size: u64, rtt: Option<Duration>) -> u64 {
+    /// How far the window has grown past the size the peer was first told.
+    pub fn grown(&self) -> u64 {
+        self.size - self.min
+    }
+
+    /// The size this window should have, now that it is about to return `unreturned`.
+    fn resize(&mut self, now: Instant, rtt: Option<Duration>) -> u64 {
+        let (size, consumed) = (self.size, self.unreturned);
         let Some(last) = self.last_update.replace(now) else {
             return size;
         };
@@ -213,7 +201,7 @@ impl Tuning {
             .saturating_duration_since(last)
             .max(Duration::from_micros(1));
         if interval < 2 * rtt {
-            return size.saturating_mul(2).min(self.max).max(size);
+            return size.saturating_mul(2);
         }
         // Bytes consumed per round trip at the rate seen since the last return.
         let per_rtt = (consumed as u128 * rtt.as_nanos() / interval.as_nanos()) as u64;
@@ -337,12 +325,13 @@ mod tests {
         peak_held: u64,
         peak_size: u64,
         delivered: u64,
+        max: u64,
     }
 
     impl Path {
         fn new(initial: u32, max: u64) -> Self {
             Path {
-                window: RecvWindow::tuned(initial, max),
+                window: RecvWindow::new(initial),
                 now: Instant::now(),
                 credit: initial as u64,
                 data: VecDeque::new(),
@@ -351,6 +340,7 @@ mod tests {
                 peak_held: 0,
                 peak_size: initial as u64,
                 delivered: 0,
+                max,
             }
         }
 
@@ -380,7 +370,7 @@ mod tests {
                 self.held -= consumed;
                 if let Some(inc) = self
                     .window
-                    .release_at(consumed, self.now, Some(rtt), u64::MAX)
+                    .release_at(consumed, self.now, Some(rtt), self.max)
                 {
                     self.grants.push_back((self.now + rtt / 2, inc as u64));
                 }
@@ -429,7 +419,7 @@ mod tests {
     #[test]
     fn a_window_without_a_round_trip_keeps_its_size() {
         let t = Instant::now();
-        let mut w = RecvWindow::tuned(1000, 1 << 20);
+        let mut w = RecvWindow::new(1000);
         for i in 0..10 {
             w.receive(1000).unwrap();
             assert_eq!(
@@ -444,7 +434,7 @@ mod tests {
     fn growth_stops_at_the_cap_the_caller_gives() {
         let t = Instant::now();
         let rtt = Some(Duration::from_millis(10));
-        let mut w = RecvWindow::tuned(1000, 1 << 20);
+        let mut w = RecvWindow::new(1000);
         w.receive(1000).unwrap();
         assert_eq!(
             w.release_at(1000, t, rtt, u64::MAX),

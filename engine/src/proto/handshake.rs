@@ -87,6 +87,8 @@ impl Connection {
         self.peer = Some(peer);
         self.phase = Phase::Open;
         self.timers.stop(Timer::Handshake);
+        // The first round trip is measured as soon as there are streams to size windows for.
+        self.timers.set(Timer::RttProbe, now);
         self.heard(now);
         log::debug!(
             "{:?} handshake done: version {}, features {:#x}",

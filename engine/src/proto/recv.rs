@@ -6,6 +6,7 @@
 //! which is aborted before the sink sees the chunk. Credit goes back as the sink finishes
 //! chunks ([`RecvSide::release`]), never before.
 
+use super::config::Config;
 use super::connection::Connection;
 use super::error::ConnError;
 use super::event::Event;
@@ -15,6 +16,7 @@ use super::stream::{Half, Stream};
 use crate::reason::Reason;
 use crate::volume::Chunk;
 use bytes::{Bytes, BytesMut};
+use std::time::{Duration, Instant};
 
 /// What the connection does with a frame the rules let through.
 #[derive(Debug)]
@@ -25,16 +27,31 @@ pub(crate) enum Verdict {
     Abort(String),
 }
 
+/// The connection window, and the memory budget windows grow within.
 #[derive(Debug)]
 pub(crate) struct RecvSide {
     /// The connection window we granted the peer.
     window: RecvWindow,
+    max_window: u64,
+    max_stream_window: u64,
+    /// How far the windows of receiving streams have grown past `stream_window`, together,
+    /// and how far they may.
+    stream_growth: u64,
+    growth_budget: u64,
+    peak_buffered: u64,
+    peak_window: u64,
 }
 
 impl RecvSide {
-    pub fn new(conn_window: u32) -> Self {
+    pub fn new(config: &Config) -> Self {
         RecvSide {
-            window: RecvWindow::new(conn_window),
+            window: RecvWindow::new(config.conn_window),
+            max_window: config.max_conn_window as u64,
+            max_stream_window: config.max_stream_window as u64,
+            stream_growth: 0,
+            growth_budget: config.max_conn_window as u64 / 2,
+            peak_buffered: 0,
+            peak_window: config.conn_window as u64,
         }
     }
 
@@ -49,6 +66,11 @@ impl RecvSide {
         self.window.outstanding()
     }
 
+    /// (now, at most) of what `buffered` counts, and of the connection window's size.
+    pub fn peaks(&self) -> (u64, u64, u64) {
+        (self.peak_buffered, self.window.size(), self.peak_window)
+    }
+
     /// Charges a DATA or HOLE frame of `cost` to the connection window.
     pub fn charge(&mut self, id: StreamId, cost: u64) -> Result<(), ConnError> {
         self.window.receive(cost).map_err(|e| {
@@ -56,7 +78,9 @@ impl RecvSide {
                 "{id} sent {} credit with {} left on the connection",
                 e.cost, e.outstanding
             ))
-        })
+        })?;
+        self.peak_buffered = self.peak_buffered.max(self.window.buffered());
+        Ok(())
     }
 
     /// A DATA or HOLE frame for a live stream, already charged to the connection.
@@ -85,6 +109,8 @@ impl RecvSide {
         stream.progress += 1;
         let stats = &mut stream.stats;
         stats.peak_buffered = stats.peak_buffered.max(buffered);
+        stats.window = recv.window.size();
+        stats.peak_window = stats.peak_window.max(stats.window);
         match &chunk {
             Chunk::Data { .. } => {
                 stats.wire_bytes += (frame::DATA_OVERHEAD as u64) + len;
@@ -133,11 +159,19 @@ impl RecvSide {
     }
 
     /// The sink finished `chunks` more chunks: their credit goes back to the stream and the
-    /// connection (as WINDOW frames into `control`, once half a window has accumulated).
-    pub fn release(&mut self, stream: &mut Stream, chunks: u64, control: &mut BytesMut) {
+    /// connection (as WINDOW frames into `control`, once half a window has accumulated), and
+    /// both windows size themselves to the round trip `rtt` and the sink's pace.
+    pub fn release(
+        &mut self,
+        stream: &mut Stream,
+        chunks: u64,
+        now: Instant,
+        rtt: Option<Duration>,
+        control: &mut BytesMut,
+    ) {
         stream.progress += 1;
         let id = stream.id;
-        let Some(recv) = stream.recv_half() else {
+        let Half::Recv(recv) = &mut stream.half else {
             return;
         };
         let mut cost = 0;
@@ -150,14 +184,28 @@ impl RecvSide {
         if cost == 0 {
             return;
         }
-        if let Some(increment) = recv.window.release(cost) {
+        let before = recv.window.grown();
+        let spare = self.growth_budget.saturating_sub(self.stream_growth);
+        let cap = self.max_stream_window.min(recv.window.size() + spare);
+        if let Some(increment) = recv.window.release_at(cost, now, rtt, cap) {
             Frame::Window {
                 stream: id,
                 increment,
             }
             .encode(control);
         }
-        self.release_connection(cost, control);
+        self.stream_growth = self.stream_growth + recv.window.grown() - before;
+        let stats = &mut stream.stats;
+        stats.window = recv.window.size();
+        stats.peak_window = stats.peak_window.max(stats.window);
+        if let Some(increment) = self.window.release_at(cost, now, rtt, self.max_window) {
+            Frame::Window {
+                stream: StreamId::CONNECTION,
+                increment,
+            }
+            .encode(control);
+        }
+        self.peak_window = self.peak_window.max(self.window.size());
     }
 
     /// Connection credit consumed without a stream to account it to.
@@ -175,6 +223,7 @@ impl RecvSide {
     /// window.
     pub fn forget(&mut self, stream: &Stream, control: &mut BytesMut) {
         if let Half::Recv(recv) = &stream.half {
+            self.stream_growth -= recv.window.grown();
             let held: u64 = recv.unconsumed.iter().sum();
             if held > 0 {
                 self.release_connection(held, control);
@@ -260,10 +309,11 @@ impl Connection {
     }
 
     /// The sink of a receiving stream finished `chunks` more chunks; their credit goes back.
-    pub fn release(&mut self, id: StreamId, chunks: u64) {
+    pub fn release(&mut self, id: StreamId, chunks: u64, now: Instant) {
         if let Some(key) = self.store.find(id) {
+            let rtt = self.stats.min_rtt;
             self.recv
-                .release(&mut self.store[key], chunks, &mut self.control);
+                .release(&mut self.store[key], chunks, now, rtt, &mut self.control);
         }
     }
 

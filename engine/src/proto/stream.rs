@@ -49,6 +49,10 @@ pub struct StreamStats {
     pub wire_bytes: u64,
     /// Most credit-bearing bytes held at the receiver at once (receiving streams only).
     pub peak_buffered: u64,
+    /// The receive window's size when the stream ended, and its largest (receiving streams
+    /// only; windows size themselves to the path, see `flow::RecvWindow`).
+    pub window: u64,
+    pub peak_window: u64,
 }
 
 /// The half of a stream that sends DATA/HOLE/FINISH.
@@ -209,13 +213,6 @@ impl Stream {
             Half::Recv(_) => None,
         }
     }
-
-    pub fn recv_half(&mut self) -> Option<&mut RecvHalf> {
-        match &mut self.half {
-            Half::Recv(r) => Some(r),
-            Half::Send(_) => None,
-        }
-    }
 }
 
 impl Half {
@@ -266,7 +263,7 @@ mod tests {
     fn a_receiver_verifies_only_after_finish() {
         let mut s = Stream::requested(StreamId(2), Op::Write, OpenOptions::default(), 10, 100);
         assert_eq!(s.size, 10);
-        assert!(s.recv_half().is_some());
+        assert!(matches!(s.half, Half::Recv(_)));
         assert_eq!(s.recv_finish(), Err(Illegal), "FINISH before accept()");
         s.accept().unwrap();
         assert_eq!(s.reject(), Err(Illegal));

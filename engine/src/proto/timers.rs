@@ -7,6 +7,8 @@
 //! - `Frame`: a frame whose first bytes arrived must complete in time (slowloris).
 //! - `StreamCheck`: when to look for streams that stopped making progress; counts only while
 //!   there are streams.
+//! - `RttProbe`: when to PING to measure the round trip the windows size themselves with;
+//!   armed when the handshake is done, counts only while there are streams.
 
 use super::connection::{Connection, Phase};
 use super::error::ConnError;
@@ -22,10 +24,16 @@ pub(crate) enum Timer {
     Keepalive,
     Frame,
     StreamCheck,
+    RttProbe,
 }
 
 impl Timer {
-    const COUNT: usize = 5;
+    const COUNT: usize = 6;
+
+    /// Deadlines that only matter while the connection has streams.
+    fn needs_streams(i: usize) -> bool {
+        i == Timer::StreamCheck as usize || i == Timer::RttProbe as usize
+    }
 }
 
 #[derive(Debug, Default, Clone)]
@@ -54,12 +62,13 @@ impl Timers {
         self.at[timer as usize].is_some_and(|at| at <= now)
     }
 
-    /// The earliest armed deadline; the stream check only when there are streams to check.
+    /// The earliest armed deadline; the stream check and the RTT probe only when there are
+    /// streams.
     pub fn next(&self, has_streams: bool) -> Option<Instant> {
         self.at
             .iter()
             .enumerate()
-            .filter(|&(i, _)| has_streams || i != Timer::StreamCheck as usize)
+            .filter(|&(i, _)| has_streams || !Timer::needs_streams(i))
             .filter_map(|(_, at)| *at)
             .min()
     }
@@ -70,12 +79,29 @@ impl Connection {
     pub(super) fn on_pong(&mut self, data: u64, now: Instant) {
         if let Some((sent_data, at)) = self.ping_sent {
             if sent_data == data {
-                self.stats.rtt = Some(now.saturating_duration_since(at));
+                let rtt = now.saturating_duration_since(at);
+                self.stats.rtt = Some(rtt);
+                // The smallest sample is the path's own delay; bigger ones waited in queues
+                // (ours, the peer's, the network's) that a larger window would only fill.
+                self.stats.min_rtt = Some(self.stats.min_rtt.map_or(rtt, |m| m.min(rtt)));
+                self.estimate_path(now);
                 self.ping_sent = None;
                 let next = now + self.config.keepalive_interval;
                 self.timers.set(Timer::Keepalive, next);
             }
         }
+    }
+
+    /// Bytes moved each way since the previous PONG, per smallest round trip.
+    fn estimate_path(&mut self, now: Instant) {
+        let moved = self.stats.bytes_in + self.stats.bytes_out;
+        if let (Some((at, before)), Some(rtt)) = (self.rate_mark, self.stats.min_rtt) {
+            let interval = now.saturating_duration_since(at).as_nanos().max(1);
+            let bdp = (moved - before) as u128 * rtt.as_nanos() / interval;
+            self.stats.path_bdp = bdp.min(u64::MAX as u128) as u64;
+            self.buffer_hint = self.buffer_hint.max(self.stats.path_bdp);
+        }
+        self.rate_mark = Some((now, moved));
     }
 
     /// A complete frame (or the Hello) arrived: the peer is alive.
@@ -131,8 +157,16 @@ impl Connection {
             ))
         } else {
             self.keepalive(now);
-            if self.phase == Phase::Open && self.timers.is_expired(Timer::StreamCheck, now) {
-                self.check_stalled_streams(now);
+            if self.phase == Phase::Open && !self.store.is_empty() {
+                if self.timers.is_expired(Timer::StreamCheck, now) {
+                    self.check_stalled_streams(now);
+                }
+                if self.timers.is_expired(Timer::RttProbe, now) {
+                    // At most one PING is outstanding; a keepalive one measures as well.
+                    self.ping(now);
+                    self.timers
+                        .set(Timer::RttProbe, now + self.config.rtt_interval);
+                }
             }
             return;
         };
