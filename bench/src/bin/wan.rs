@@ -4,7 +4,10 @@
 //! round trip and stream count. Prints JSON.
 //!
 //! `wan [--rtt-ms 0,1,10,50] [--streams 1,16] [--rate 125000000] [--size 536870912]
-//!  [--runs 1] [--dir /var/tmp/volstream-wan] [--stream-window N] [--conn-window N]`
+//!  [--runs 1] [--dir /var/tmp/volstream-wan] [--stream-window N] [--conn-window N]
+//!  [--max-stream-window N] [--max-conn-window N]`
+//! (the window options set the engine's initial windows and the maxima they may grow to; a
+//! maximum equal to the initial window turns growth off)
 //!
 //! `--rate` caps each direction of each proxied connection in bytes per second (0: uncapped);
 //! `--size` is the total per case, split evenly across the streams. The raw copy is the
@@ -45,13 +48,19 @@ fn names(streams: u64) -> Vec<String> {
 /// Creates (once; a stamp marks a complete set) the source files for `streams`.
 fn ensure_sources(dir: &Path, streams: u64, size: u64) {
     let each = size / streams;
-    let stamp = dir.join(format!(".s{streams}-{each}.done"));
-    if stamp.exists() {
+    let stamp = dir.join(format!(".s{streams}.done"));
+    let complete = std::fs::read_to_string(&stamp).ok() == Some(each.to_string())
+        && names(streams)
+            .iter()
+            .all(|n| dir.join(n).metadata().is_ok_and(|m| m.len() == each));
+    if complete {
         return;
     }
+    let _ = std::fs::remove_file(&stamp);
     for (i, name) in names(streams).iter().enumerate() {
         eprintln!("wan: creating {name}");
         let f = File::create(dir.join(name)).expect("create source");
+        f.set_len(each).unwrap();
         let mut pos = 0;
         while pos < each {
             let n = (each - pos).min(16 * MIB);
@@ -60,7 +69,11 @@ fn ensure_sources(dir: &Path, streams: u64, size: u64) {
             pos += n;
         }
     }
-    File::create(stamp).unwrap();
+    std::fs::write(stamp, each.to_string()).unwrap();
+}
+
+fn sync() {
+    let _ = Command::new("sync").status();
 }
 
 /// Reads a file once so that every tool starts from a warm cache.
@@ -312,13 +325,14 @@ impl Volstream {
                 self.client.download(conn, n, options, Box::new(writer))
             })
             .collect();
-        let mut peak_buffered = 0;
+        let (mut peak_buffered, mut peak_window) = (0, 0);
         for rx in pending {
             let report = rx
                 .recv_timeout(Duration::from_secs(1200))
                 .map_err(|_| "volstream timed out".to_owned())?;
             report.result.map_err(|e| e.to_string())?;
             peak_buffered = peak_buffered.max(report.stats.peak_buffered);
+            peak_window = peak_window.max(report.stats.peak_window);
         }
         let secs = start.elapsed().as_secs_f64();
         let stats = self.client.stats(conn).ok().flatten();
@@ -327,7 +341,11 @@ impl Volstream {
             secs,
             json!({
                 "peak_stream_buffered": peak_buffered,
-                "ping_rtt_ms": stats.and_then(|s| s.rtt).map(|d| d.as_secs_f64() * 1e3),
+                "peak_stream_window": peak_window,
+                "peak_conn_window": stats.map(|s| s.peak_recv_window),
+                "peak_conn_buffered": stats.map(|s| s.peak_recv_buffered),
+                "min_rtt_ms": stats.and_then(|s| s.min_rtt).map(|d| d.as_secs_f64() * 1e3),
+                "path_bdp": stats.map(|s| s.path_bdp),
             }),
         ))
     }
@@ -360,6 +378,8 @@ fn main() {
         "dir",
         "stream-window",
         "conn-window",
+        "max-stream-window",
+        "max-conn-window",
     ]);
     let rtts = args.list("rtt-ms", &[0, 1, 10, 50]);
     let stream_counts = args.list("streams", &[1, 16]);
@@ -371,6 +391,9 @@ fn main() {
     let mut config = EngineConfig::default();
     config.connection.stream_window = args.get("stream-window", config.connection.stream_window);
     config.connection.conn_window = args.get("conn-window", config.connection.conn_window);
+    let c = &mut config.connection;
+    c.max_stream_window = args.get("max-stream-window", c.max_stream_window);
+    c.max_conn_window = args.get("max-conn-window", c.max_conn_window);
 
     let src = dir.join("src");
     let out = dir.join("out");
@@ -382,6 +405,7 @@ fn main() {
             warm(&src.join(name));
         }
     }
+    sync();
 
     let volstream = Volstream::start(&config, &src);
     let raw = raw_server(src.clone());
@@ -416,6 +440,9 @@ fn main() {
                         for n in &names {
                             let _ = std::fs::remove_file(out.join(n));
                         }
+                        // Untimed: the previous copy's dirty pages would otherwise throttle
+                        // this one's writes while the kernel writes them back.
+                        sync();
                         match run() {
                             Ok((s, e)) => {
                                 seconds.push(s);
@@ -500,6 +527,8 @@ fn main() {
         "fsync": false,
         "stream_window": config.connection.stream_window,
         "conn_window": config.connection.conn_window,
+        "max_stream_window": config.connection.max_stream_window,
+        "max_conn_window": config.connection.max_conn_window,
         "cpus": thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "cases": cases,
     });

@@ -563,16 +563,28 @@ mod tests {
         b
     }
 
-    fn established(config: Config, now: Instant) -> Connection {
+    /// A server connection whose handshake just completed; its Hello and first PING (the
+    /// round-trip probe) have gone out, the PING is unanswered.
+    fn handshaken(config: Config, now: Instant) -> Connection {
         let mut conn = Connection::new(Side::Server, config, now);
         let hello = client_hello();
         conn.input_buffer().extend_from_slice(&hello);
         conn.handle_input(now);
         assert!(conn.is_established());
-        // Our own Hello goes out first; the tests look at what follows it.
+        // Our own Hello goes out first, then the PING; the tests look at what follows.
         let mut out = Transmit::default();
         conn.poll_transmit(now, &mut out, usize::MAX);
-        assert_eq!(out.len(), HELLO_LEN);
+        assert_eq!(out.len(), HELLO_LEN + frame::HEADER_LEN + 8);
+        conn
+    }
+
+    /// A connection past its handshake and its first round trip, with nothing left to send.
+    fn established(config: Config, now: Instant) -> Connection {
+        let mut conn = handshaken(config, now);
+        let mut pong = BytesMut::new();
+        Frame::Pong { data: 1 }.encode(&mut pong);
+        conn.input_buffer().extend_from_slice(&pong);
+        conn.handle_input(now);
         conn
     }
 
@@ -682,12 +694,18 @@ mod tests {
     fn the_round_trip_is_probed_while_streams_are_open() {
         let t0 = Instant::now();
         let ms = Duration::from_millis;
-        let mut conn = established(Config::default(), t0);
-        // Without streams nothing is probed (the keepalive is much later).
+        // The first probe went with the handshake, while nothing else was in flight.
+        let mut conn = handshaken(Config::default(), t0);
+        let mut pong = BytesMut::new();
+        Frame::Pong { data: 1 }.encode(&mut pong);
+        conn.input_buffer().extend_from_slice(&pong);
+        conn.handle_input(t0 + ms(20));
+        assert_eq!(conn.stats().min_rtt, Some(ms(20)));
+        // Then, without streams, nothing is probed (the keepalive is much later).
         assert!(conn.poll_timeout().unwrap() > t0 + ms(5000));
-        conn.handle_timeout(t0 + ms(10));
-        assert!(sent(&mut conn, t0 + ms(10)).is_empty());
-        // A stream opens: the probe is due at once.
+        conn.handle_timeout(t0 + ms(1500));
+        assert!(sent(&mut conn, t0 + ms(1500)).is_empty());
+        // A stream opens: the next probe is due at once.
         let mut open = BytesMut::new();
         Frame::Open {
             stream: StreamId(1),
@@ -697,18 +715,18 @@ mod tests {
             name: "v".into(),
         }
         .encode(&mut open);
-        let t1 = t0 + ms(100);
+        let t1 = t0 + ms(2000);
         conn.input_buffer().extend_from_slice(&open);
         conn.handle_input(t1);
         assert!(conn.poll_timeout().unwrap() <= t1);
         conn.handle_timeout(t1);
-        assert_eq!(sent(&mut conn, t1), vec![Frame::Ping { data: 1 }]);
-        // Its answer is the round trip, and the smallest so far.
+        assert_eq!(sent(&mut conn, t1), vec![Frame::Ping { data: 2 }]);
+        // Its answer is the latest round trip, and the smallest so far.
         let mut pong = BytesMut::new();
-        Frame::Pong { data: 1 }.encode(&mut pong);
+        Frame::Pong { data: 2 }.encode(&mut pong);
         conn.input_buffer().extend_from_slice(&pong);
-        conn.handle_input(t1 + ms(20));
-        assert_eq!(conn.stats().min_rtt, Some(ms(20)));
+        conn.handle_input(t1 + ms(15));
+        assert_eq!(conn.stats().min_rtt, Some(ms(15)));
         // The next probe comes an interval later, not before.
         let interval = conn.config().rtt_interval;
         conn.handle_timeout(t1 + interval - ms(1));
@@ -716,16 +734,16 @@ mod tests {
         conn.handle_timeout(t1 + interval);
         assert_eq!(
             sent(&mut conn, t1 + interval),
-            vec![Frame::Ping { data: 2 }]
+            vec![Frame::Ping { data: 3 }]
         );
         // A slower answer is the latest round trip, not the smallest.
         conn.input_buffer().extend_from_slice(&{
             let mut b = BytesMut::new();
-            Frame::Pong { data: 2 }.encode(&mut b);
+            Frame::Pong { data: 3 }.encode(&mut b);
             b
         });
         conn.handle_input(t1 + interval + ms(50));
         assert_eq!(conn.stats().rtt, Some(ms(50)));
-        assert_eq!(conn.stats().min_rtt, Some(ms(20)));
+        assert_eq!(conn.stats().min_rtt, Some(ms(15)));
     }
 }

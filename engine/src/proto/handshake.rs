@@ -87,9 +87,12 @@ impl Connection {
         self.peer = Some(peer);
         self.phase = Phase::Open;
         self.timers.stop(Timer::Handshake);
-        // The first round trip is measured as soon as there are streams to size windows for.
-        self.timers.set(Timer::RttProbe, now);
         self.heard(now);
+        // The first round trip is measured at once, ahead of any OPEN: nothing else is in
+        // flight, so it measures the path and not a queue (see `timers`).
+        self.ping(now);
+        self.timers
+            .set(Timer::RttProbe, now + self.config.rtt_interval);
         log::debug!(
             "{:?} handshake done: version {}, features {:#x}",
             self.side,

@@ -7,8 +7,10 @@
 //! - `Frame`: a frame whose first bytes arrived must complete in time (slowloris).
 //! - `StreamCheck`: when to look for streams that stopped making progress; counts only while
 //!   there are streams.
-//! - `RttProbe`: when to PING to measure the round trip the windows size themselves with;
-//!   armed when the handshake is done, counts only while there are streams.
+//! - `RttProbe`: when to PING again to measure the round trip the windows size themselves
+//!   with. The first PING goes out with the handshake, while nothing else is in flight, so it
+//!   measures the path and not a queue; later ones only while there are streams (or until
+//!   a first answer came).
 
 use super::connection::{Connection, Phase};
 use super::error::ConnError;
@@ -33,6 +35,11 @@ impl Timer {
     /// Deadlines that only matter while the connection has streams.
     fn needs_streams(i: usize) -> bool {
         i == Timer::StreamCheck as usize || i == Timer::RttProbe as usize
+    }
+
+    /// Deadlines that matter in any case (the RTT probe: until the first sample).
+    fn wanted(i: usize, has_streams: bool, probe_anyway: bool) -> bool {
+        has_streams || !Timer::needs_streams(i) || (probe_anyway && i == Timer::RttProbe as usize)
     }
 }
 
@@ -63,12 +70,12 @@ impl Timers {
     }
 
     /// The earliest armed deadline; the stream check and the RTT probe only when there are
-    /// streams.
-    pub fn next(&self, has_streams: bool) -> Option<Instant> {
+    /// streams, or the probe also without them when `probe_anyway`.
+    pub fn next(&self, has_streams: bool, probe_anyway: bool) -> Option<Instant> {
         self.at
             .iter()
             .enumerate()
-            .filter(|&(i, _)| has_streams || !Timer::needs_streams(i))
+            .filter(|&(i, _)| Timer::wanted(i, has_streams, probe_anyway))
             .filter_map(|(_, at)| *at)
             .min()
     }
@@ -135,7 +142,8 @@ impl Connection {
 
     /// When `handle_timeout` must be called next.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.timers.next(!self.store.is_empty())
+        self.timers
+            .next(!self.store.is_empty(), self.stats.min_rtt.is_none())
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
@@ -157,11 +165,13 @@ impl Connection {
             ))
         } else {
             self.keepalive(now);
-            if self.phase == Phase::Open && !self.store.is_empty() {
-                if self.timers.is_expired(Timer::StreamCheck, now) {
+            let has_streams = !self.store.is_empty();
+            if self.phase == Phase::Open {
+                if has_streams && self.timers.is_expired(Timer::StreamCheck, now) {
                     self.check_stalled_streams(now);
                 }
-                if self.timers.is_expired(Timer::RttProbe, now) {
+                let probe = has_streams || self.stats.min_rtt.is_none();
+                if probe && self.timers.is_expired(Timer::RttProbe, now) {
                     // At most one PING is outstanding; a keepalive one measures as well.
                     self.ping(now);
                     self.timers
@@ -219,14 +229,29 @@ mod tests {
         let t0 = Instant::now();
         let s = Duration::from_secs(1);
         let mut timers = Timers::default();
-        assert_eq!(timers.next(true), None);
+        assert_eq!(timers.next(true, false), None);
         timers.set(Timer::Idle, t0 + 3 * s);
         timers.set(Timer::StreamCheck, t0 + s);
         timers.set(Timer::Keepalive, t0 + 2 * s);
-        assert_eq!(timers.next(true), Some(t0 + s));
-        assert_eq!(timers.next(false), Some(t0 + 2 * s), "no streams to check");
+        assert_eq!(timers.next(true, false), Some(t0 + s));
+        assert_eq!(
+            timers.next(false, false),
+            Some(t0 + 2 * s),
+            "no streams to check"
+        );
         timers.stop(Timer::Keepalive);
-        assert_eq!(timers.next(false), Some(t0 + 3 * s));
+        assert_eq!(timers.next(false, false), Some(t0 + 3 * s));
+        timers.set(Timer::RttProbe, t0);
+        assert_eq!(
+            timers.next(false, false),
+            Some(t0 + 3 * s),
+            "no streams to probe for"
+        );
+        assert_eq!(
+            timers.next(false, true),
+            Some(t0),
+            "the first probe goes anyway"
+        );
         assert!(timers.is_expired(Timer::Idle, t0 + 3 * s));
         assert!(!timers.is_expired(Timer::Keepalive, t0 + 3 * s), "stopped");
     }
