@@ -170,12 +170,15 @@ pub struct Peer {
     sources: HashMap<StreamId, Source>,
     sinks: HashMap<StreamId, Sink>,
     step: u64,
+    /// The simulated time of the current step.
+    now: Instant,
 }
 
 impl Peer {
     fn new(side: Side, config: Config, now: Instant) -> Peer {
         Peer {
             conn: Connection::new(side, config, now),
+            now,
             out: Transmit::default(),
             sent: Vec::new(),
             tap: BytesMut::new(),
@@ -252,7 +255,7 @@ impl Peer {
         };
         let n = chunks.min(sink.pending);
         sink.pending -= n;
-        self.conn.release(id, n);
+        self.conn.release(id, n, self.now);
         self.drain_events();
     }
 
@@ -601,6 +604,7 @@ impl Pair {
         let (now, link) = (self.now, self.link);
         for peer in [&mut self.client, &mut self.server] {
             peer.step = self.steps;
+            peer.now = now;
         }
         transfer(&mut self.client, &mut self.server, link, now);
         transfer(&mut self.server, &mut self.client, link, now);
