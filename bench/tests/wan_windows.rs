@@ -248,10 +248,13 @@ fn a_stream_window_grows_to_the_path_and_shrinks_when_its_sink_slows() {
     let rate = 100_000_000;
     let bdp = rate * 2 * DELAY.as_millis() as u64 / 1000; // 2 MB
     let size = 48 * MIB;
-    let wan = Wan::new(config(256 << 10, 32 << 20, 128 << 20), rate, size);
+    let max = 8 << 20;
+    let wan = Wan::new(config(256 << 10, max, 128 << 20), rate, size);
     let (mut sink, _) = PacedSink::new(Pace::new(u64::MAX));
-    // Fast until the last 8 MiB, then a sink of 4 MB/s: 2.5% of the link.
-    sink.switch = Some((size - 8 * MIB, 4_000_000));
+    // Fast until the last 14 MiB, then a sink of 8 MB/s (8% of the link). A window resizes
+    // when it returns credit, at half its size, and comes down as the sink consumes what was
+    // granted before: 14 MiB covers one return of the largest window and its whole descent.
+    sink.switch = Some((size - 14 * MIB, 8_000_000));
     let report = wait(wan.download("big", Box::new(sink)));
     report.result.expect("the download verifies");
     let s = report.stats;
@@ -263,7 +266,7 @@ fn a_stream_window_grows_to_the_path_and_shrinks_when_its_sink_slows() {
         s.peak_buffered >> 10
     );
     assert!(s.peak_window >= bdp, "the window grew to the path's BDP");
-    assert!(s.peak_window <= 32 << 20, "and no further than its maximum");
+    assert!(s.peak_window <= max as u64, "and no further than its maximum");
     assert!(
         s.window * 4 <= s.peak_window,
         "the slow sink brought it back down"
