@@ -266,7 +266,10 @@ fn a_stream_window_grows_to_the_path_and_shrinks_when_its_sink_slows() {
         s.peak_buffered >> 10
     );
     assert!(s.peak_window >= bdp, "the window grew to the path's BDP");
-    assert!(s.peak_window <= max as u64, "and no further than its maximum");
+    assert!(
+        s.peak_window <= max as u64,
+        "and no further than its maximum"
+    );
     assert!(
         s.window * 4 <= s.peak_window,
         "the slow sink brought it back down"
