@@ -1,14 +1,16 @@
 //! The handshake against scripted peers on real sockets: wrong versions, wrong magic, silence.
 
 use bytes::BytesMut;
-use engine::proto::frame::{Hello, HELLO_LEN};
-use engine::proto::{Config, Features, OpenOptions, Reason};
+use engine::proto::frame::{Frame, Hello, HELLO_LEN};
+use engine::proto::{Config, Features, Op, OpenOptions, Reason, StreamId};
 use engine::synthetic::{Synthetic, SyntheticProvider};
-use engine::{Address, Engine, EngineConfig};
-use std::io::{Read, Write};
+use engine::{
+    Address, Engine, EngineConfig, OpenRequest, Provider, VolumeError, VolumeReader, VolumeWriter,
+};
+use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 fn socket_path(tag: &str) -> std::path::PathBuf {
     let path = std::env::temp_dir().join(format!("volstream-hs-{}-{tag}", std::process::id()));
@@ -127,5 +129,137 @@ fn server_refuses_a_peer_with_another_version_and_keeps_serving() {
     client.shutdown();
     server.shutdown();
     client_thread.join().unwrap();
+    thread.join().unwrap();
+}
+
+/// A provider whose opens wait until the test lets them through (or a minute passes): the
+/// server's loop is busy opening a volume for as long as the test wants.
+struct GatedProvider {
+    inner: SyntheticProvider,
+    open: Arc<(Mutex<bool>, Condvar)>,
+}
+
+impl Provider for GatedProvider {
+    fn open_read(&self, request: &OpenRequest) -> Result<Box<dyn VolumeReader>, VolumeError> {
+        let (lock, cv) = &*self.open;
+        let guard = lock.lock().unwrap();
+        let _ = cv
+            .wait_timeout_while(guard, Duration::from_secs(60), |open| !*open)
+            .unwrap();
+        self.inner.open_read(request)
+    }
+
+    fn open_write(&self, request: &OpenRequest) -> Result<Box<dyn VolumeWriter>, VolumeError> {
+        self.inner.open_write(request)
+    }
+}
+
+/// Reads until `buf` holds `len` bytes, for at most `within`.
+fn read_bytes_until(
+    sock: &mut UnixStream,
+    buf: &mut BytesMut,
+    len: usize,
+    within: Duration,
+) -> bool {
+    let deadline = Instant::now() + within;
+    let mut chunk = [0u8; 4096];
+    while buf.len() < len && Instant::now() < deadline {
+        match sock.read(&mut chunk) {
+            Ok(0) => return false,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) => panic!("read: {e}"),
+        }
+    }
+    buf.len() >= len
+}
+
+/// Reads frames (after the server's Hello) until one matches, for at most `within`.
+fn read_frame_until(
+    sock: &mut UnixStream,
+    buf: &mut BytesMut,
+    within: Duration,
+    until: impl Fn(&Frame) -> bool,
+) -> bool {
+    let deadline = Instant::now() + within;
+    let mut chunk = [0u8; 4096];
+    while Instant::now() < deadline {
+        while let Some(frame) = Frame::decode(buf, 1 << 20).expect("the server's frames decode") {
+            if until(&frame) {
+                return true;
+            }
+        }
+        match sock.read(&mut chunk) {
+            Ok(0) => return false,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) => panic!("read: {e}"),
+        }
+    }
+    false
+}
+
+/// The PING a side sends with its handshake sizes the peer's windows by the round trip it
+/// measures, so the answer must not wait behind work the same input caused: here the OPEN
+/// that arrives with the PING keeps the server's loop in the provider until the PONG has
+/// been read. A server that answered only after handling all of its input never would.
+#[test]
+fn a_ping_is_answered_before_the_opens_that_came_with_it_are_handled() {
+    let path = socket_path("pong-first");
+    let mut inner = SyntheticProvider::default();
+    inner.insert("v", Synthetic::new(4, 100_000, 0.0));
+    let open = Arc::new((Mutex::new(false), Condvar::new()));
+    let provider = GatedProvider {
+        inner,
+        open: open.clone(),
+    };
+    let (server, thread) = Engine::spawn(EngineConfig::default()).unwrap();
+    server
+        .listen(&Address::Unix(path.clone()), Arc::new(provider))
+        .unwrap();
+
+    let mut sock = UnixStream::connect(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let mut input = hello(1, 1);
+    let mut frames = BytesMut::new();
+    Frame::Ping { data: 77 }.encode(&mut frames);
+    Frame::Open {
+        stream: StreamId(1),
+        op: Op::Read,
+        options: OpenOptions::default(),
+        size: 0,
+        name: "v".into(),
+    }
+    .encode(&mut frames);
+    input.extend_from_slice(&frames);
+    sock.write_all(&input).unwrap();
+
+    // The server's Hello, then its PONG, both while the open waits.
+    let mut buf = BytesMut::new();
+    let hello_came = read_bytes_until(&mut sock, &mut buf, HELLO_LEN, Duration::from_secs(30));
+    let answered = hello_came && {
+        let _ = buf.split_to(HELLO_LEN);
+        read_frame_until(&mut sock, &mut buf, Duration::from_secs(30), |f| {
+            *f == Frame::Pong { data: 77 }
+        })
+    };
+    // Let the open through either way, so that the server can stop.
+    *open.0.lock().unwrap() = true;
+    open.1.notify_all();
+    assert!(
+        answered,
+        "no Hello and PONG while the server was opening the volume"
+    );
+    // The open then goes ahead as usual.
+    assert!(
+        read_frame_until(&mut sock, &mut buf, Duration::from_secs(30), |f| matches!(
+            f,
+            Frame::Accept { stream, .. } if *stream == StreamId(1)
+        )),
+        "the download was accepted once the open finished"
+    );
+    drop(sock);
+    server.shutdown();
     thread.join().unwrap();
 }

@@ -651,6 +651,7 @@ impl Driver {
                     }
                     self.conn.record_bytes_in(n);
                     self.conn.handle_input(now);
+                    self.send_control(now);
                     self.drain_events(now);
                     budget = budget.saturating_sub(n);
                     if budget == 0 {
@@ -709,49 +710,8 @@ impl Driver {
                 // Scheduling may free room in stream queues (Writable) or abort streams.
                 self.drain_events(now);
             }
-            if !self.writable {
+            if !self.write_once(now, &mut budget) {
                 break;
-            }
-            // TLS records of the handshake or alerts go out even with no frames to send.
-            match self.transport.flush() {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.writable = false;
-                    break;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    self.fail_io(e);
-                    self.drain_events(now);
-                    self.out = Transmit::default();
-                    break;
-                }
-            }
-            if self.out.is_empty() || !self.transport.accepts_plaintext() {
-                break;
-            }
-            if budget == 0 {
-                self.write_pending = true;
-                break;
-            }
-            let mut slices = [IoSlice::new(&[]); IOV_MAX];
-            let n = self.out.io_slices(&mut slices);
-            match self.transport.write_vectored(&slices[..n]) {
-                Ok(written) => {
-                    self.out.advance(written);
-                    budget = budget.saturating_sub(written);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.writable = false;
-                    break;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    self.fail_io(e);
-                    self.drain_events(now);
-                    self.out = Transmit::default();
-                    break;
-                }
             }
         }
         if self.input_stalled && self.conn.input_room() > 0 {
@@ -767,6 +727,76 @@ impl Driver {
                 self.transport.close();
             }
             self.finished = true;
+        }
+    }
+
+    /// Sends the control frames that input just produced (a PONG above all) before the events
+    /// that input also produced are handled: opening volumes for a batch of OPENs can keep the
+    /// loop for milliseconds, and a PONG held behind that makes the peer's round trip, which
+    /// sizes its windows, look longer than the path. One write; what the socket does not take
+    /// goes with the next flush. Only while the transmit queue has room, as in `flush`: a peer
+    /// that sends PINGs and reads nothing fills the connection's control backlog, which pauses
+    /// its input, rather than our queue. Not while that backlog holds input paused, either:
+    /// `flush` drains it and resumes reading (edge-triggered readiness will not).
+    fn send_control(&mut self, now: Instant) {
+        if self.writable
+            && !self.conn.is_input_paused()
+            && self.out.len() < TRANSMIT_TARGET
+            && self.conn.poll_control(&mut self.out)
+        {
+            let mut budget = WRITE_BUDGET;
+            self.write_once(now, &mut budget);
+        }
+    }
+
+    /// One write of the transmit queue (TLS records first). False once nothing more can be
+    /// written now: the socket is full, the queue is empty, the budget is spent or the
+    /// connection failed.
+    fn write_once(&mut self, now: Instant, budget: &mut usize) -> bool {
+        if !self.writable {
+            return false;
+        }
+        // TLS records of the handshake or alerts go out even with no frames to send.
+        match self.transport.flush() {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.writable = false;
+                return false;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return true,
+            Err(e) => {
+                self.fail_io(e);
+                self.drain_events(now);
+                self.out = Transmit::default();
+                return false;
+            }
+        }
+        if self.out.is_empty() || !self.transport.accepts_plaintext() {
+            return false;
+        }
+        if *budget == 0 {
+            self.write_pending = true;
+            return false;
+        }
+        let mut slices = [IoSlice::new(&[]); IOV_MAX];
+        let n = self.out.io_slices(&mut slices);
+        match self.transport.write_vectored(&slices[..n]) {
+            Ok(written) => {
+                self.out.advance(written);
+                *budget = budget.saturating_sub(written);
+                true
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.writable = false;
+                false
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => true,
+            Err(e) => {
+                self.fail_io(e);
+                self.drain_events(now);
+                self.out = Transmit::default();
+                false
+            }
         }
     }
 

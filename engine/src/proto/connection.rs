@@ -420,6 +420,15 @@ impl Connection {
         self.flush_control(out);
     }
 
+    /// Only the control frames `poll_transmit` would give first (PONGs, WINDOWs, FINISH
+    /// acknowledgements, ...), for a driver that sends them at once, ahead of work it is about
+    /// to do; true if there were any.
+    pub fn poll_control(&mut self, out: &mut Transmit) -> bool {
+        let any = !self.control.is_empty();
+        self.flush_control(out);
+        any
+    }
+
     fn flush_control(&mut self, out: &mut Transmit) {
         if !self.control.is_empty() {
             let control = self.control.split().freeze();
