@@ -50,6 +50,18 @@ pub enum Error {
     Cancelled,
     /// An iohelper process failed: it died, hung, or broke the helper protocol.
     Helper(String),
+    /// An NBD connection failed: the server refused the handshake or broke the protocol.
+    Nbd {
+        context: String,
+        source: nbd::Error,
+    },
+    /// An NBD server failed a command.
+    NbdCommand {
+        context: String,
+        source: nbd::CommandError,
+    },
+    /// qemu-img or qemu-nbd failed, or could not be run.
+    Qemu(String),
 }
 
 impl Error {
@@ -74,6 +86,26 @@ impl Error {
             Error::Partial { cause, .. } => cause.reason(),
             Error::Cancelled => Reason::Cancelled,
             Error::Helper(_) => Reason::Io,
+            Error::Nbd { source, .. } => match source {
+                nbd::Error::Refused { reply, .. } if *reply == nbd::wire::REP_ERR_UNKNOWN => {
+                    Reason::NotFound
+                }
+                nbd::Error::Refused { reply, .. }
+                    if *reply == nbd::wire::REP_ERR_POLICY
+                        || *reply == nbd::wire::REP_ERR_TLS_REQD =>
+                {
+                    Reason::PermissionDenied
+                }
+                nbd::Error::Unsupported(_) | nbd::Error::Invalid(_) => Reason::Unsupported,
+                _ => Reason::Io,
+            },
+            Error::NbdCommand { source, .. } => match source.errno {
+                nbd::wire::ENOSPC => Reason::NoSpace,
+                nbd::wire::EPERM => Reason::PermissionDenied,
+                nbd::wire::ENOTSUP => Reason::Unsupported,
+                _ => Reason::Io,
+            },
+            Error::Qemu(_) => Reason::Io,
         }
     }
 }
@@ -133,6 +165,11 @@ impl fmt::Display for Error {
             ),
             Error::Cancelled => f.write_str("cancelled"),
             Error::Helper(m) => f.write_str(m),
+            Error::Nbd { context, source } => write!(f, "{context}: {source}"),
+            Error::NbdCommand { context, source } => {
+                write!(f, "{context}: the NBD server failed it: {source}")
+            }
+            Error::Qemu(m) => f.write_str(m),
         }
     }
 }
@@ -142,6 +179,8 @@ impl std::error::Error for Error {
         match self {
             Error::Io { source, .. } => Some(source),
             Error::Partial { cause, .. } => Some(cause.as_ref()),
+            Error::Nbd { source, .. } => Some(source),
+            Error::NbdCommand { source, .. } => Some(source),
             _ => None,
         }
     }

@@ -11,12 +11,14 @@
 //!   (crash isolation, O_DIRECT).
 
 pub mod budget;
+pub mod copy;
 mod direct;
 pub mod document;
 pub mod error;
 pub mod extents;
 mod fd;
 pub mod helper;
+pub mod nbd;
 pub mod pool;
 pub mod provider;
 pub mod punch;
@@ -26,6 +28,7 @@ pub mod temp;
 pub mod writer;
 pub mod zero;
 
+pub use self::nbd::{NbdReader, NbdWriter};
 pub use error::Error;
 pub use extents::{extents, extents_of, Extent, ExtentKind};
 pub use fd::{block_device_size, read_stream, AlignedBuf};

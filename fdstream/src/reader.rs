@@ -44,7 +44,7 @@ pub fn read_ahead_bytes() -> u64 {
 }
 
 /// Bytes to read in one run: smaller while the process holds a lot of read-ahead.
-fn read_unit() -> u64 {
+pub(crate) fn read_unit() -> u64 {
     if AHEAD_TOTAL.load(Ordering::Relaxed) > GLOBAL_AHEAD / 2 {
         SMALL_READ
     } else {
@@ -126,9 +126,22 @@ impl Out {
     }
 }
 
+/// The synchronous work behind a [`FileReader`]: each `step` opens the volume or produces the
+/// next chunks. Files and devices are one kind; NBD exports ([`crate::nbd`]) another.
+pub(crate) trait Produce: Send {
+    fn step(&mut self) -> Result<Produced, Error>;
+    /// Whether the volume's fd or connection is open (it holds a slot of the open-volume
+    /// budget then).
+    fn is_open(&self) -> bool;
+    /// Calls the volume `shown` in messages (before the first step).
+    fn rename(&mut self, _shown: String) {}
+    /// Drops the volume's fd or connection (the stream ended or was cancelled).
+    fn close(&mut self);
+}
+
 /// A volume source read off the loop thread. See the module docs.
 pub struct FileReader {
-    location: Option<Location>,
+    producer: Option<Box<dyn Produce>>,
     options: ReaderOptions,
     out: Arc<Mutex<Out>>,
     job: Option<JobHandle>,
@@ -157,8 +170,22 @@ impl FileReader {
     }
 
     fn new(location: Location, options: ReaderOptions) -> Self {
+        let bytes_read = Arc::default();
+        let work = Work::new(location, &options, Arc::clone(&bytes_read));
         FileReader {
-            location: Some(location),
+            producer: Some(Box::new(work)),
+            options,
+            out: Arc::default(),
+            job: None,
+            bytes_read,
+        }
+    }
+
+    /// A reader whose chunks come from `producer`, with the queueing, read-ahead bounds and
+    /// cancellation of file readers.
+    pub(crate) fn with_producer(producer: Box<dyn Produce>, options: ReaderOptions) -> Self {
+        FileReader {
+            producer: Some(producer),
             options,
             out: Arc::default(),
             job: None,
@@ -168,7 +195,9 @@ impl FileReader {
 
     /// Calls the volume `shown` in messages instead of by its path.
     pub fn named(mut self, shown: impl Into<String>) -> Self {
-        self.location = self.location.take().map(|l| l.named(shown));
+        if let Some(p) = &mut self.producer {
+            p.rename(shown.into());
+        }
         self
     }
 
@@ -180,7 +209,7 @@ impl FileReader {
 
 impl VolumeReader for FileReader {
     fn start(&mut self, notify: Notify) {
-        let Some(location) = self.location.take() else {
+        let Some(producer) = self.producer.take() else {
             return;
         };
         let pool = self.options.pool.clone().unwrap_or_else(Pool::shared);
@@ -188,11 +217,7 @@ impl VolumeReader for FileReader {
         let job = pool.register(ReadJob {
             out: Arc::clone(&self.out),
             notify,
-            work: Mutex::new(Work::new(
-                location,
-                &self.options,
-                Arc::clone(&self.bytes_read),
-            )),
+            work: Mutex::new(producer),
             slot: Mutex::default(),
             me: Arc::clone(&me),
         });
@@ -258,7 +283,7 @@ impl Drop for FileReader {
 struct ReadJob {
     out: Arc<Mutex<Out>>,
     notify: Notify,
-    work: Mutex<Work>,
+    work: Mutex<Box<dyn Produce>>,
     /// The volume's place in the process's open-volume budget, held while its file is open.
     slot: Mutex<budget::Slot>,
     /// This job, for the budget to wake when it hands over a slot.
@@ -268,10 +293,7 @@ struct ReadJob {
 impl ReadJob {
     /// Closes the volume and gives its slot back.
     fn close(&self) {
-        let mut w = self.work.lock().unwrap();
-        w.file = None;
-        w.location = None;
-        drop(w);
+        self.work.lock().unwrap().close();
         self.slot.lock().unwrap().release();
     }
 }
@@ -370,7 +392,7 @@ impl Job for ReadJob {
             }
         }
         let mut w = self.work.lock().unwrap();
-        if w.file.is_none() {
+        if !w.is_open() {
             // Not open yet: a slot first, or wait in line for one (the budget wakes this job).
             let me = self.me.get().expect("set when registered");
             if !self.slot.lock().unwrap().try_hold(me) {
@@ -427,6 +449,25 @@ fn no_size(shown: &str) -> Error {
         "{shown} is a pipe or character device, whose length is not known before it is read: \
          it must be given"
     ))
+}
+
+impl Produce for Work {
+    fn step(&mut self) -> Result<Produced, Error> {
+        Work::step(self)
+    }
+
+    fn is_open(&self) -> bool {
+        self.file.is_some()
+    }
+
+    fn rename(&mut self, shown: String) {
+        self.location = self.location.take().map(|l| l.named(shown));
+    }
+
+    fn close(&mut self) {
+        self.file = None;
+        self.location = None;
+    }
 }
 
 impl Work {

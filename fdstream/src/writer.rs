@@ -86,8 +86,25 @@ struct Out {
 }
 
 /// A volume sink written off the loop thread. See the module docs.
+/// The synchronous work behind a [`FileWriter`]: open the sink, then handle chunks in order.
+/// Files and devices are one kind; NBD exports ([`crate::nbd`]) another.
+pub(crate) trait Consume: Send {
+    fn open(&mut self) -> Result<(), Error>;
+    /// Handles chunks from the front of `batch` in order: how many were completed (their
+    /// credit may go back to the sender), and whether the volume was committed. A chunk not
+    /// completed comes back at the front of the next batch.
+    fn handle_batch(&mut self, batch: &[Chunk]) -> (usize, Result<bool, Error>);
+    /// Calls the volume `shown` in messages (before `open`).
+    fn rename(&mut self, _shown: String) {}
+    /// Closes the sink; nothing half-written stays under a final name.
+    fn discard(&mut self);
+}
+
+/// Builds the consumer once the volume's size is known.
+pub(crate) type MakeConsumer = Box<dyn FnOnce(u64) -> Box<dyn Consume> + Send>;
+
 pub struct FileWriter {
-    target: Option<WriteTarget>,
+    make: Option<MakeConsumer>,
     options: WriterOptions,
     out: Arc<Mutex<Out>>,
     job: Option<JobHandle>,
@@ -151,8 +168,24 @@ impl FileWriter {
     }
 
     fn new(target: WriteTarget, options: WriterOptions) -> Self {
+        let bytes_written: Arc<AtomicU64> = Arc::default();
+        let (opts, counter) = (options.clone(), Arc::clone(&bytes_written));
         FileWriter {
-            target: Some(target),
+            make: Some(Box::new(move |size| {
+                Box::new(Work::new(target, opts, size, counter)) as Box<dyn Consume>
+            })),
+            options,
+            out: Arc::default(),
+            job: None,
+            bytes_written,
+        }
+    }
+
+    /// A writer whose chunks go to the consumer `make` builds, with the queueing, batching
+    /// and cancellation of file writers.
+    pub(crate) fn with_consumer(make: MakeConsumer, options: WriterOptions) -> Self {
+        FileWriter {
+            make: Some(make),
             options,
             out: Arc::default(),
             job: None,
@@ -162,7 +195,14 @@ impl FileWriter {
 
     /// Calls the volume `shown` in messages instead of by its path.
     pub fn named(mut self, shown: impl Into<String>) -> Self {
-        self.target = self.target.take().map(|t| t.named(shown));
+        let shown = shown.into();
+        if let Some(make) = self.make.take() {
+            self.make = Some(Box::new(move |size| {
+                let mut consumer = make(size);
+                consumer.rename(shown);
+                consumer
+            }));
+        }
         self
     }
 
@@ -180,7 +220,7 @@ impl FileWriter {
 
 impl VolumeWriter for FileWriter {
     fn start(&mut self, size: u64, notify: Notify) {
-        let Some(target) = self.target.take() else {
+        let Some(make) = self.make.take() else {
             return;
         };
         let pool = self.options.pool.clone().unwrap_or_else(Pool::shared);
@@ -188,12 +228,7 @@ impl VolumeWriter for FileWriter {
         let job = pool.register(WriteJob {
             out: Arc::clone(&self.out),
             notify,
-            work: Mutex::new(Work::new(
-                target,
-                self.options.clone(),
-                size,
-                Arc::clone(&self.bytes_written),
-            )),
+            work: Mutex::new(make(size)),
             slot: Mutex::default(),
             me: Arc::clone(&me),
         });
@@ -244,7 +279,7 @@ impl Drop for FileWriter {
 struct WriteJob {
     out: Arc<Mutex<Out>>,
     notify: Notify,
-    work: Mutex<Work>,
+    work: Mutex<Box<dyn Consume>>,
     /// The volume's place in the process's open-volume budget, held while its sink is open.
     slot: Mutex<budget::Slot>,
     /// This job, for the budget to wake when it hands over a slot.
@@ -475,6 +510,21 @@ impl Job for WriteJob {
         drop(out);
         self.notify.notify();
         step
+    }
+}
+
+impl Consume for Work {
+    fn open(&mut self) -> Result<(), Error> {
+        Work::open(self)
+    }
+    fn handle_batch(&mut self, batch: &[Chunk]) -> (usize, Result<bool, Error>) {
+        Work::handle_batch(self, batch)
+    }
+    fn discard(&mut self) {
+        Work::discard(self)
+    }
+    fn rename(&mut self, shown: String) {
+        self.target = self.target.take().map(|t| t.named(shown));
     }
 }
 

@@ -322,9 +322,12 @@ impl Client {
 
     /// At least this many bytes must be in `input` for `decode` to make progress (a hint for a
     /// reader that wants to read a whole chunk at once).
+    /// Never more than the message at the front holds, so a reader that waits for this many
+    /// bytes never waits for bytes the server has no reason to send.
     pub fn needed(&self, input: &BytesMut) -> usize {
         if input.len() < 4 {
-            return STRUCTURED_HEADER_LEN;
+            // The shortest message there is.
+            return SIMPLE_REPLY_LEN;
         }
         match be32(&input[..4]) {
             SIMPLE_REPLY_MAGIC if input.len() >= SIMPLE_REPLY_LEN => {
@@ -340,7 +343,7 @@ impl Client {
                 STRUCTURED_HEADER_LEN + be32(&input[16..20]) as usize
             }
             SIMPLE_REPLY_MAGIC => SIMPLE_REPLY_LEN,
-            _ => STRUCTURED_HEADER_LEN,
+            _ => SIMPLE_REPLY_LEN,
         }
     }
 

@@ -314,3 +314,39 @@ fn simple_replies_from_a_server_without_structured_replies() {
     assert!(done);
     assert_eq!(got, &disk.data[..16384]);
 }
+
+#[test]
+fn needed_never_asks_past_the_message_at_the_front() {
+    // A simple reply (16 bytes), a NONE chunk (20) and a data chunk: at every prefix of each,
+    // the client asks for no more than the whole message.
+    let mut c = nbd::Client::new(session(&[0]).client.export().clone(), 4);
+    let flush = c.send(Command::Flush).unwrap();
+    let read = c
+        .send(Command::Read {
+            offset: 0,
+            len: 100,
+        })
+        .unwrap();
+    let mut simple = bytes::BytesMut::new();
+    simple.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+    simple.extend_from_slice(&0u32.to_be_bytes());
+    simple.extend_from_slice(&flush.to_be_bytes());
+    let mut data = bytes::BytesMut::new();
+    data.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    data.extend_from_slice(&REPLY_FLAG_DONE.to_be_bytes());
+    data.extend_from_slice(&REPLY_TYPE_OFFSET_DATA.to_be_bytes());
+    data.extend_from_slice(&read.to_be_bytes());
+    data.extend_from_slice(&108u32.to_be_bytes());
+    data.extend_from_slice(&0u64.to_be_bytes());
+    data.extend_from_slice(&[7; 100]);
+    for msg in [&simple, &data] {
+        for n in 0..msg.len() {
+            let prefix = bytes::BytesMut::from(&msg[..n]);
+            assert!(
+                c.needed(&prefix) <= msg.len(),
+                "prefix {n} of {}",
+                msg.len()
+            );
+        }
+    }
+}
