@@ -5,6 +5,7 @@
 
 mod demo;
 mod destinations;
+mod endpoint;
 mod error;
 mod interrupt;
 mod options;

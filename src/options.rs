@@ -53,10 +53,15 @@ pub struct DownloadArgs {
     /// another program (the copy may then be inconsistent); without it that is refused.
     #[arg(short = 'U', long)]
     force_share: bool,
+    /// For a qcow2 overlay: only its own clusters, what its backing files hold as holes.
+    #[arg(long)]
+    top_only: bool,
     #[command(flatten)]
     output: OutputArgs,
     /// VOLUME FILE pairs: the server's VOLUME is written to the local FILE (`-` is stdout;
-    /// then every message goes to stderr).
+    /// then every message goes to stderr). Either may be an NBD export
+    /// (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH); pairs whose VOLUME is one
+    /// are copied here, without --connect.
     #[arg(value_name = "VOLUME FILE")]
     pairs: Vec<String>,
 }
@@ -106,7 +111,9 @@ pub struct UploadArgs {
     #[command(flatten)]
     output: OutputArgs,
     /// FILE VOLUME pairs: the local FILE (`-` is stdin, with --size) becomes the server's
-    /// VOLUME.
+    /// VOLUME. Either may be an NBD export (nbd://HOST[:PORT]/EXPORT,
+    /// nbd+unix:///EXPORT?socket=PATH); pairs whose VOLUME is one are copied here, without
+    /// --connect.
     #[arg(value_name = "FILE VOLUME")]
     pairs: Vec<String>,
 }
@@ -151,6 +158,8 @@ pub struct Settings {
     pub iohelper: bool,
     pub direct: bool,
     pub force_share: bool,
+    /// Downloads: only a qcow2 overlay's own clusters.
+    pub top_only: bool,
     pub progress: bool,
     pub json: bool,
     pub pairs: Vec<Pair>,
@@ -174,6 +183,7 @@ impl DownloadArgs {
             iohelper: self.iohelper,
             direct: self.direct,
             force_share: self.force_share,
+            top_only: self.top_only,
             progress: self.output.progress,
             json: self.output.json,
             pairs,
@@ -199,6 +209,7 @@ impl UploadArgs {
             iohelper: self.iohelper,
             direct: self.direct,
             force_share: self.force_share,
+            top_only: false,
             progress: self.output.progress,
             json: self.output.json,
             pairs,

@@ -30,8 +30,9 @@ pub struct ExtentsArgs {
     /// One JSON object per extent.
     #[arg(long)]
     json: bool,
-    /// A local file or block device, or with --connect a volume name.
-    #[arg(value_name = "FILE|VOLUME")]
+    /// A local file or block device, an NBD export (nbd://HOST[:PORT]/EXPORT,
+    /// nbd+unix:///EXPORT?socket=PATH), or with --connect a volume name.
+    #[arg(value_name = "FILE|URI|VOLUME")]
     target: String,
 }
 
@@ -43,12 +44,36 @@ struct VolumeLine<'a> {
     allocated: u64,
 }
 
-/// One extent of `extents --json`.
+/// One extent of `extents --json`. Maps of NBD exports with allocation depth and of qemu
+/// images carry what `qemu-img map --output=json` says too: `depth` (0 the top layer),
+/// `present`, `zero`, `data`.
 #[derive(serde::Serialize)]
-struct ExtentLine<'a> {
+struct ExtentLine {
     offset: u64,
     length: u64,
-    kind: &'a str,
+    kind: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    depth: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    present: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    zero: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<bool>,
+}
+
+impl ExtentLine {
+    fn plain(offset: u64, length: u64, kind: String) -> Self {
+        ExtentLine {
+            offset,
+            length,
+            kind,
+            depth: None,
+            present: None,
+            zero: None,
+            data: None,
+        }
+    }
 }
 
 /// A decimal field of a server's document.
@@ -118,41 +143,88 @@ pub fn list(args: ListArgs) -> Result<(), CliError> {
 }
 
 pub fn extents(args: ExtentsArgs) -> Result<(), CliError> {
-    let lines: Vec<(u64, u64, String)> = match &args.connect {
+    let lines: Vec<ExtentLine> = match &args.connect {
         Some(addr) => {
             let addr: Address = addr.parse().map_err(CliError::Usage)?;
             let mut config = EngineConfig::default();
             args.tls
                 .apply(&addr, Role::Client, Default::default(), &mut config)?;
             let text = fetch(&addr, config, Op::Extents, &args.target)?;
-            rows(&text, 3)?
-                .into_iter()
-                .map(|r| Ok((number(r[0])?, number(r[1])?, r[2].to_owned())))
+            text.lines()
+                .map(remote_line)
                 .collect::<Result<_, CliError>>()?
         }
-        None => {
-            let path = PathBuf::from(&args.target);
-            fdstream::extents(&path)
-                .map_err(|e| CliError::Other(format!("{}: {e}", path.display())))?
-                .into_iter()
-                .map(|e| (e.offset, e.len, format!("{:?}", e.kind).to_lowercase()))
-                .collect()
-        }
+        None => match crate::endpoint::nbd_uri(&args.target)? {
+            Some(uri) => fdstream::nbd::map(&uri)
+                .map_err(|e| CliError::Other(format!("{uri}: {e}")))?
+                .iter()
+                .map(|s| ExtentLine {
+                    offset: s.offset,
+                    length: s.len,
+                    kind: s.kind().to_string(),
+                    depth: s.depth.and_then(|d| d.checked_sub(1)),
+                    present: s.present(),
+                    zero: s.depth.map(|_| s.zero()),
+                    data: s.depth.map(|_| s.data()),
+                })
+                .collect(),
+            None => {
+                let path = PathBuf::from(&args.target);
+                fdstream::extents(&path)
+                    .map_err(|e| CliError::Other(format!("{}: {e}", path.display())))?
+                    .into_iter()
+                    .map(|e| {
+                        ExtentLine::plain(e.offset, e.len, format!("{:?}", e.kind).to_lowercase())
+                    })
+                    .collect()
+            }
+        },
     };
     if args.json {
-        for (offset, length, kind) in lines {
-            let line = ExtentLine {
-                offset,
-                length,
-                kind: &kind,
-            };
+        for line in lines {
             say!("{}", json(&line));
         }
         return Ok(());
     }
-    say!("{:>16} {:>16} KIND", "OFFSET", "LENGTH");
-    for (offset, len, kind) in lines {
-        say!("{offset:>16} {len:>16} {kind}");
+    let layered = lines.iter().any(|l| l.present.is_some());
+    if layered {
+        say!("{:>16} {:>16} {:>5} KIND", "OFFSET", "LENGTH", "DEPTH");
+    } else {
+        say!("{:>16} {:>16} KIND", "OFFSET", "LENGTH");
+    }
+    for l in lines {
+        if layered {
+            let depth = l.depth.map_or("-".to_string(), |d| d.to_string());
+            say!("{:>16} {:>16} {depth:>5} {}", l.offset, l.length, l.kind);
+        } else {
+            say!("{:>16} {:>16} {}", l.offset, l.length, l.kind);
+        }
     }
     Ok(())
+}
+
+/// A line of a server's allocation map: `offset TAB length TAB kind`, and for layered images
+/// `TAB depth TAB present TAB zero TAB data` (depth `-` where unknown; flags 0 or 1).
+fn remote_line(line: &str) -> Result<ExtentLine, CliError> {
+    let bad = || CliError::Other(format!("malformed line from server: {line:?}"));
+    let f: Vec<&str> = line.split('\t').collect();
+    if f.len() != 3 && f.len() != 7 {
+        return Err(bad());
+    }
+    let mut l = ExtentLine::plain(number(f[0])?, number(f[1])?, f[2].to_string());
+    if f.len() == 7 {
+        let flag = |s: &str| match s {
+            "0" => Ok(false),
+            "1" => Ok(true),
+            _ => Err(bad()),
+        };
+        l.depth = match f[3] {
+            "-" => None,
+            d => Some(d.parse().map_err(|_| bad())?),
+        };
+        l.present = Some(flag(f[4])?);
+        l.zero = Some(flag(f[5])?);
+        l.data = Some(flag(f[6])?);
+    }
+    Ok(l)
 }

@@ -22,6 +22,10 @@ pub struct ServeArgs {
     /// Also serve a block device under a name (repeatable).
     #[arg(long = "device", value_name = "NAME=/dev/PATH")]
     devices: Vec<String>,
+    /// Also serve an NBD export under a name (repeatable): nbd://HOST[:PORT]/EXPORT or
+    /// nbd+unix:///EXPORT?socket=PATH.
+    #[arg(long = "nbd-volume", value_name = "NAME=URI")]
+    nbd_volumes: Vec<String>,
     /// Where to listen: unix:PATH, tcp:HOST:PORT, tcp:PORT (loopback), or tls:HOST:PORT.
     #[arg(long, value_name = "ADDR")]
     listen: String,
@@ -128,6 +132,16 @@ pub fn run(args: ServeArgs) -> Result<(), CliError> {
             )));
         };
         provider = provider.with_device(name, path);
+    }
+    for spec in &args.nbd_volumes {
+        let (name, uri) = spec
+            .split_once('=')
+            .filter(|(n, _)| !n.is_empty())
+            .ok_or_else(|| CliError::Usage(format!("--nbd-volume {spec:?}: expected NAME=URI")))?;
+        let uri = crate::endpoint::nbd_uri(uri)?.ok_or_else(|| {
+            CliError::Usage(format!("--nbd-volume {spec:?}: {uri:?} is not an NBD URI"))
+        })?;
+        provider = provider.with_nbd_volume(name, uri);
     }
     match provider.remove_stale_temporaries() {
         Ok(removed) if !removed.is_empty() => {

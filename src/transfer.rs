@@ -1,13 +1,15 @@
 //! `download` and `upload`: every pair runs concurrently over one connection.
 
+use crate::endpoint::nbd_uri;
 use crate::error::CliError;
 use crate::interrupt::Interrupts;
 use crate::options::{Direction, Settings};
 use crate::out::{json, say, tell};
 use crate::progress::{Bars, Counter, CountingReader, CountingWriter};
-use engine::event_loop::{Endpoint, Transfer};
-use engine::proto::{Op, OpenOptions};
-use engine::{Engine, TransferReport};
+use engine::event_loop::{Endpoint, Origin, Transfer};
+use engine::proto::{Op, OpenOptions, StreamStats};
+use engine::{Engine, TransferError, TransferReport, VolumeReader, VolumeWriter};
+use fdstream::nbd::{NbdReader, NbdWriter, SourceOptions};
 use fdstream::{
     AnyReader, AnyWriter, Backend, FileReader, FileWriter, HelperOptions, HelperReader,
     HelperWriter, ReaderOptions, WriterOptions,
@@ -17,7 +19,8 @@ use std::io::IsTerminal;
 use std::os::fd::AsFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 impl Settings {
@@ -71,6 +74,8 @@ enum Local {
     Path(PathBuf),
     /// Our stdin (upload) or stdout (download), named `-` or by a path that is it.
     Stdio(File),
+    /// An NBD export.
+    Nbd(nbd::Uri),
 }
 
 pub fn run(args: Settings) -> Result<(), CliError> {
@@ -87,52 +92,104 @@ pub fn run(args: Settings) -> Result<(), CliError> {
         .map(|p| (p.volume.as_str(), Path::new(&p.file)))
         .collect();
     crate::destinations::refuse_duplicates(direction, &named)?;
-    let addr = args.connect.address()?;
+    // A pair whose volume side is an NBD export is copied on this host; only pairs with a
+    // server volume need the connection.
+    let volumes = args
+        .pairs
+        .iter()
+        .map(|p| nbd_uri(&p.volume))
+        .collect::<Result<Vec<_>, _>>()?;
     let interrupts = Interrupts::block()?;
-    let (engine, thread) = Engine::spawn(args.connect.engine_config(&addr)?)
-        .map_err(|e| CliError::Other(format!("cannot start the event loop: {e}")))?;
-    let handle = engine.clone();
-    interrupts.watch(move || handle.shutdown());
-    let conn = engine
-        .connect_blocking(&addr, Duration::from_secs(10))
-        .map_err(|e| match interrupts.caught() {
-            Some(signal) => CliError::Interrupted {
-                signal,
-                stopped: 0,
-                total: 0,
-            },
-            None => CliError::Connect(format!("cannot connect to {addr}: {e}")),
-        })?;
+    // Local copies look at this between chunks; transfers stop with the event loop.
+    let stop = Arc::new(AtomicBool::new(false));
+    let engine = if volumes.iter().any(Option::is_none) {
+        let addr = args.connect.address()?;
+        let (engine, thread) = Engine::spawn(args.connect.engine_config(&addr)?)
+            .map_err(|e| CliError::Other(format!("cannot start the event loop: {e}")))?;
+        let (handle, flag) = (engine.clone(), Arc::clone(&stop));
+        interrupts.watch(move || {
+            flag.store(true, Ordering::SeqCst);
+            handle.shutdown();
+        });
+        let conn = engine
+            .connect_blocking(&addr, Duration::from_secs(10))
+            .map_err(|e| match interrupts.caught() {
+                Some(signal) => CliError::Interrupted {
+                    signal,
+                    stopped: 0,
+                    total: 0,
+                },
+                None => CliError::Connect(format!("cannot connect to {addr}: {e}")),
+            })?;
+        Some((engine, thread, conn))
+    } else {
+        let flag = Arc::clone(&stop);
+        interrupts.watch(move || flag.store(true, Ordering::SeqCst));
+        None
+    };
 
     let options = args.open_options();
     let (done_tx, done_rx) = mpsc::channel();
     let mut pending = Vec::new();
     let mut transfers = Vec::new();
-    for (index, (pair, local)) in args.pairs.iter().zip(locals).enumerate() {
+    for (index, ((pair, local), volume)) in args.pairs.iter().zip(locals).zip(volumes).enumerate() {
         let count = Counter::default();
-        let endpoint = match direction {
-            Direction::Download => Endpoint::Writer(Box::new(CountingWriter {
-                inner: download_sink(&args, local)?,
-                count: count.clone(),
-            })),
-            Direction::Upload => Endpoint::Reader(Box::new(CountingReader {
-                inner: upload_source(&args, local),
-                count: count.clone(),
-            })),
-        };
         let done = done_tx.clone();
-        transfers.push(Transfer {
-            op: match direction {
-                Direction::Download => Op::Read,
-                Direction::Upload => Op::Write,
-            },
-            name: pair.volume.clone(),
-            options,
-            endpoint,
-            on_done: Box::new(move |report| {
-                let _ = done.send((index, report));
-            }),
-        });
+        let on_done = move |report| {
+            let _ = done.send((index, report));
+        };
+        match volume {
+            Some(uri) => {
+                let (reader, writer): (Box<dyn VolumeReader>, Box<dyn VolumeWriter>) =
+                    match direction {
+                        Direction::Download => (
+                            nbd_source(&args, uri),
+                            Box::new(CountingWriter {
+                                inner: download_sink(&args, local)?,
+                                count: count.clone(),
+                            }),
+                        ),
+                        Direction::Upload => (
+                            Box::new(CountingReader {
+                                inner: upload_source(&args, local),
+                                count: count.clone(),
+                            }),
+                            Box::new(NbdWriter::new(uri, writer_options(&args))),
+                        ),
+                    };
+                // On this host: no credit waits on its slots, so it starts now.
+                local_copy(
+                    pair.volume.clone(),
+                    direction,
+                    reader,
+                    writer,
+                    Arc::clone(&stop),
+                    on_done,
+                );
+            }
+            None => {
+                let endpoint = match direction {
+                    Direction::Download => Endpoint::Writer(Box::new(CountingWriter {
+                        inner: download_sink(&args, local)?,
+                        count: count.clone(),
+                    })),
+                    Direction::Upload => Endpoint::Reader(Box::new(CountingReader {
+                        inner: upload_source(&args, local),
+                        count: count.clone(),
+                    })),
+                };
+                transfers.push(Transfer {
+                    op: match direction {
+                        Direction::Download => Op::Read,
+                        Direction::Upload => Op::Write,
+                    },
+                    name: pair.volume.clone(),
+                    options,
+                    endpoint,
+                    on_done: Box::new(on_done),
+                });
+            }
+        }
         pending.push(Pending {
             volume: pair.volume.clone(),
             file: PathBuf::from(&pair.file),
@@ -148,8 +205,10 @@ pub fn run(args: Settings) -> Result<(), CliError> {
         Direction::Upload => usize::MAX,
     };
     let mut queued = transfers.into_iter();
-    for t in queued.by_ref().take(in_flight) {
-        engine.submit(conn, t);
+    if let Some((engine, _, conn)) = &engine {
+        for t in queued.by_ref().take(in_flight) {
+            engine.submit(*conn, t);
+        }
     }
 
     // Bars go to stderr, so that is the terminal that decides.
@@ -177,8 +236,10 @@ pub fn run(args: Settings) -> Result<(), CliError> {
         reports[index] = Some(report);
         if interrupts.caught().is_some() {
             queued.by_ref().for_each(drop);
-        } else if let Some(t) = queued.next() {
-            engine.submit(conn, t);
+        } else if let Some((engine, _, conn)) = &engine {
+            if let Some(t) = queued.next() {
+                engine.submit(*conn, t);
+            }
         }
     }
     drop(bars);
@@ -186,8 +247,10 @@ pub fn run(args: Settings) -> Result<(), CliError> {
     let total = pending.len();
     let reports: Vec<TransferReport> = reports.into_iter().flatten().collect();
     let elapsed = started.elapsed();
-    engine.shutdown();
-    let _ = thread.join();
+    if let Some((engine, thread, _)) = engine {
+        engine.shutdown();
+        let _ = thread.join();
+    }
     // Failed transfers remove their temporaries on the workers and in their helpers; let
     // them before exiting.
     fdstream::Pool::shared().wait_idle(Duration::from_secs(10));
@@ -244,6 +307,9 @@ pub fn run(args: Settings) -> Result<(), CliError> {
 /// A pair's local side, checked: `-` (or a path that is our stdin or stdout) is that stream,
 /// and a pipe to upload needs `--size`.
 fn local(args: &Settings, file: &str) -> Result<Local, CliError> {
+    if let Some(uri) = nbd_uri(file)? {
+        return Ok(Local::Nbd(uri));
+    }
     let (stdio, name) = match args.direction {
         Direction::Download => (std::io::stdout().as_fd().try_clone_to_owned(), "stdout"),
         Direction::Upload => (std::io::stdin().as_fd().try_clone_to_owned(), "stdin"),
@@ -272,6 +338,7 @@ fn local(args: &Settings, file: &str) -> Result<Local, CliError> {
         let meta = match &local {
             Local::Stdio(f) => f.metadata().ok(),
             Local::Path(p) => std::fs::metadata(p).ok(),
+            Local::Nbd(_) => None,
         };
         let ft = meta.map(|m| m.file_type());
         if ft.is_some_and(|t| t.is_fifo() || t.is_char_device() || t.is_socket()) {
@@ -297,7 +364,68 @@ fn upload_size(args: &Settings, p: &Pending) -> Option<u64> {
     }
 }
 
-fn upload_source(args: &Settings, local: Local) -> AnyReader {
+/// An NBD export read on this host (in process: its I/O is a socket, which a helper process
+/// would not isolate better).
+fn nbd_source(args: &Settings, uri: nbd::Uri) -> Box<dyn VolumeReader> {
+    Box::new(NbdReader::new(
+        uri,
+        SourceOptions {
+            no_extents: args.no_extents,
+            top_only: args.top_only,
+            zero_granularity: args.sparse_size,
+        },
+        ReaderOptions::default(),
+    ))
+}
+
+/// A pair with no server volume: copied on this host and reported like a transfer.
+fn local_copy(
+    name: String,
+    direction: Direction,
+    reader: Box<dyn VolumeReader>,
+    writer: Box<dyn VolumeWriter>,
+    stop: Arc<AtomicBool>,
+    on_done: impl FnOnce(TransferReport) + Send + 'static,
+) {
+    std::thread::spawn(move || {
+        let started = Instant::now();
+        let result = fdstream::copy::copy_until(reader, writer, &stop);
+        let stats = result.as_ref().cloned().unwrap_or_default();
+        on_done(TransferReport {
+            name,
+            op: match direction {
+                Direction::Download => Op::Read,
+                Direction::Upload => Op::Write,
+            },
+            size: stats.size,
+            stats: StreamStats {
+                data_bytes: stats.data_bytes,
+                hole_bytes: stats.hole_bytes,
+                ..StreamStats::default()
+            },
+            elapsed: started.elapsed(),
+            // Both ends are this host's: whichever failed describes itself.
+            result: result.map(|_| ()).map_err(|e| TransferError {
+                reason: e.reason,
+                message: e.message,
+                origin: Origin::Local,
+            }),
+        });
+    });
+}
+
+fn writer_options(args: &Settings) -> WriterOptions {
+    WriterOptions {
+        allocated: args.allocated,
+        destination_is_zero: args.destination_is_zero,
+        overwrite: args.overwrite,
+        no_sync: args.no_sync,
+        direct: args.direct,
+        ..WriterOptions::default()
+    }
+}
+
+fn upload_source(args: &Settings, local: Local) -> Box<dyn VolumeReader> {
     let options = ReaderOptions {
         zero_granularity: args.sparse_size,
         no_extents: args.no_extents,
@@ -307,39 +435,39 @@ fn upload_source(args: &Settings, local: Local) -> AnyReader {
         ..ReaderOptions::default()
     };
     match (local, args.backend()) {
-        (Local::Path(p), backend) => backend.reader(p, options),
-        (Local::Stdio(f), Backend::InProcess) => AnyReader::File(FileReader::from_file(f, options)),
-        (Local::Stdio(f), Backend::Helper(h)) => {
-            AnyReader::Helper(HelperReader::from_file(f, options, h))
+        (Local::Path(p), backend) => Box::new(backend.reader(p, options)),
+        (Local::Stdio(f), Backend::InProcess) => {
+            Box::new(AnyReader::File(FileReader::from_file(f, options)))
         }
+        (Local::Stdio(f), Backend::Helper(h)) => {
+            Box::new(AnyReader::Helper(HelperReader::from_file(f, options, h)))
+        }
+        (Local::Nbd(uri), _) => nbd_source(args, uri),
     }
 }
 
-fn download_sink(args: &Settings, local: Local) -> Result<AnyWriter, CliError> {
-    let options = WriterOptions {
-        allocated: args.allocated,
-        destination_is_zero: args.destination_is_zero,
-        overwrite: args.overwrite,
-        no_sync: args.no_sync,
-        direct: args.direct,
-        ..WriterOptions::default()
-    };
+fn download_sink(args: &Settings, local: Local) -> Result<Box<dyn VolumeWriter>, CliError> {
+    let options = writer_options(args);
     let backend = args.backend();
     let file = match local {
         Local::Path(p) => p,
         Local::Stdio(f) => {
             return Ok(match backend {
-                Backend::InProcess => AnyWriter::File(FileWriter::from_file(f, options)),
-                Backend::Helper(h) => AnyWriter::Helper(HelperWriter::from_file(f, options, h)),
+                Backend::InProcess => Box::new(AnyWriter::File(FileWriter::from_file(f, options))),
+                Backend::Helper(h) => {
+                    Box::new(AnyWriter::Helper(HelperWriter::from_file(f, options, h)))
+                }
             })
         }
+        // An export is a device: written in place.
+        Local::Nbd(uri) => return Ok(Box::new(NbdWriter::new(uri, options))),
     };
     let meta = std::fs::metadata(&file).ok();
     let is_special = meta
         .as_ref()
         .is_some_and(|m| m.file_type().is_block_device() || m.file_type().is_fifo());
     if is_special || (args.in_place && meta.is_some()) {
-        return Ok(backend.in_place(&file, options));
+        return Ok(Box::new(backend.in_place(&file, options)));
     }
     if args.in_place {
         return Err(CliError::Usage(format!(
@@ -347,7 +475,7 @@ fn download_sink(args: &Settings, local: Local) -> Result<AnyWriter, CliError> {
             file.display()
         )));
     }
-    Ok(backend.create(&file, options))
+    Ok(Box::new(backend.create(&file, options)))
 }
 
 /// One transfer of `--json`.

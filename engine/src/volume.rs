@@ -147,3 +147,41 @@ pub trait VolumeWriter: Send {
     /// The stream ended without a verified FINISH: nothing may appear under the final name.
     fn cancel(&mut self) {}
 }
+
+/// A boxed source is a source: hosts pick readers of several kinds at run time.
+impl<R: VolumeReader + ?Sized> VolumeReader for Box<R> {
+    fn start(&mut self, notify: Notify) {
+        (**self).start(notify)
+    }
+    fn poll_size(&mut self) -> Poll<Result<u64, VolumeError>> {
+        (**self).poll_size()
+    }
+    fn poll_chunk(&mut self) -> Poll<Result<Chunk, VolumeError>> {
+        (**self).poll_chunk()
+    }
+    fn poll_failure(&mut self) -> Option<VolumeError> {
+        (**self).poll_failure()
+    }
+    fn cancel(&mut self) {
+        (**self).cancel()
+    }
+}
+
+/// A boxed sink is a sink.
+impl<W: VolumeWriter + ?Sized> VolumeWriter for Box<W> {
+    fn start(&mut self, size: u64, notify: Notify) {
+        (**self).start(size, notify)
+    }
+    fn poll_ready(&mut self) -> Poll<Result<(), VolumeError>> {
+        (**self).poll_ready()
+    }
+    fn write(&mut self, chunk: Chunk) {
+        (**self).write(chunk)
+    }
+    fn poll_progress(&mut self) -> WriteProgress {
+        (**self).poll_progress()
+    }
+    fn cancel(&mut self) {
+        (**self).cancel()
+    }
+}

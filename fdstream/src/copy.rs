@@ -5,7 +5,9 @@
 //! The calling thread only waits; the reading and writing happen where the reader and writer
 //! do them (pool workers).
 
+use engine::Reason;
 use engine::{Chunk, Notify, VolumeError, VolumeReader, VolumeWriter};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -43,9 +45,20 @@ impl Signal {
 /// Copies `reader` into `writer`; the writer verifies the reader's digest before it reports
 /// success. On failure both are cancelled (nothing appears under a new file's name).
 pub fn copy(
+    reader: Box<dyn VolumeReader>,
+    writer: Box<dyn VolumeWriter>,
+) -> Result<CopyStats, VolumeError> {
+    copy_until(reader, writer, &AtomicBool::new(false))
+}
+
+/// [`copy`], cancelled (as a failure, [`Reason::Cancelled`]) once `stop` is set: how a signal
+/// stops a local copy with its temporary removed. Looked at every wait, so within a tick.
+pub fn copy_until(
     mut reader: Box<dyn VolumeReader>,
     mut writer: Box<dyn VolumeWriter>,
+    stop: &AtomicBool,
 ) -> Result<CopyStats, VolumeError> {
+    let stopped = || VolumeError::new(Reason::Cancelled, "interrupted");
     let started = Instant::now();
     let signal = Arc::new(Signal::default());
     let s = Arc::clone(&signal);
@@ -60,6 +73,10 @@ pub fn copy(
         match reader.poll_size() {
             Poll::Ready(Ok(size)) => break size,
             Poll::Ready(Err(e)) => return Err(e),
+            Poll::Pending if stop.load(Ordering::SeqCst) => {
+                reader.cancel();
+                return Err(stopped());
+            }
             Poll::Pending => signal.wait(tick),
         }
     };
@@ -70,6 +87,11 @@ pub fn copy(
             Poll::Ready(Err(e)) => {
                 reader.cancel();
                 return Err(e);
+            }
+            Poll::Pending if stop.load(Ordering::SeqCst) => {
+                reader.cancel();
+                writer.cancel();
+                return Err(stopped());
             }
             Poll::Pending => signal.wait(tick),
         }
@@ -99,6 +121,9 @@ pub fn copy(
                 return Ok(stats);
             }
             Some(Err(e)) => return fail(&mut reader, &mut writer, e),
+            None if stop.load(Ordering::SeqCst) => {
+                return fail(&mut reader, &mut writer, stopped())
+            }
             None => {}
         }
         let mut moved = false;

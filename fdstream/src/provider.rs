@@ -38,6 +38,7 @@ pub struct DirProvider {
     dir: Arc<OwnedFd>,
     path: PathBuf,
     devices: HashMap<String, PathBuf>,
+    nbd_volumes: HashMap<String, nbd::Uri>,
     pool: Option<Arc<Pool>>,
     no_sync: bool,
     direct: bool,
@@ -52,6 +53,7 @@ impl DirProvider {
             dir: Arc::new(fd::open_dir(&path)?),
             path,
             devices: HashMap::new(),
+            nbd_volumes: HashMap::new(),
             pool: None,
             no_sync: false,
             direct: false,
@@ -62,6 +64,12 @@ impl DirProvider {
     /// Also serves the block device at `path` under `name` (written in place).
     pub fn with_device(mut self, name: impl Into<String>, path: impl Into<PathBuf>) -> Self {
         self.devices.insert(name.into(), path.into());
+        self
+    }
+
+    /// Also serves the NBD export at `uri` under `name` (read through it, written in place).
+    pub fn with_nbd_volume(mut self, name: impl Into<String>, uri: nbd::Uri) -> Self {
+        self.nbd_volumes.insert(name.into(), uri);
         self
     }
 
@@ -103,7 +111,7 @@ impl DirProvider {
     /// The served volumes with their sizes and allocation. Blocks (stats every file); call it
     /// off the loop thread.
     pub fn list(&self) -> io::Result<Vec<VolumeInfo>> {
-        list_volumes(&self.path, &self.devices)
+        list_volumes(&self.path, &self.devices, &self.nbd_volumes)
     }
 
     /// A volume as messages to peers call it: by its name, never by a path on this host.
@@ -115,8 +123,9 @@ impl DirProvider {
 impl Provider for DirProvider {
     fn open_list(&self, _request: &OpenRequest) -> Result<Box<dyn VolumeReader>, VolumeError> {
         let (path, devices) = (self.path.clone(), self.devices.clone());
+        let exports = self.nbd_volumes.clone();
         Ok(self.document(move || {
-            let volumes = list_volumes(&path, &devices).map_err(|e| {
+            let volumes = list_volumes(&path, &devices, &exports).map_err(|e| {
                 log::warn!("listing {}: {e}", path.display());
                 Error::io("listing the volumes", e)
             })?;
@@ -129,6 +138,17 @@ impl Provider for DirProvider {
     }
 
     fn open_extents(&self, request: &OpenRequest) -> Result<Box<dyn VolumeReader>, VolumeError> {
+        if let Some(uri) = self.nbd_volumes.get(&request.name) {
+            let uri = uri.clone();
+            return Ok(self.document(move || {
+                let map = crate::nbd::map(&uri)?;
+                Ok(Bytes::from(
+                    map.iter()
+                        .map(|s| crate::nbd::map_line(s, None))
+                        .collect::<String>(),
+                ))
+            }));
+        }
         let shown = self.shown(&request.name);
         let open: Box<dyn FnOnce() -> io::Result<File> + Send> = match self
             .devices
@@ -166,6 +186,18 @@ impl Provider for DirProvider {
         let mut options = ReaderOptions::from_open(&request.options);
         options.pool = self.pool.clone();
         options.direct = self.direct;
+        if let Some(uri) = self.nbd_volumes.get(&request.name) {
+            let source = crate::nbd::SourceOptions {
+                no_extents: options.no_extents,
+                zero_granularity: options.zero_granularity,
+                top_only: false,
+            };
+            return Ok(Box::new(crate::nbd::NbdReader::new(
+                uri.clone(),
+                source,
+                options,
+            )));
+        }
         if let Some(path) = self.devices.get(&request.name) {
             let shown = self.shown(&request.name);
             return Ok(match &self.backend {
@@ -206,6 +238,9 @@ impl Provider for DirProvider {
         options.pool = self.pool.clone();
         options.no_sync = self.no_sync;
         options.direct = self.direct;
+        if let Some(uri) = self.nbd_volumes.get(&request.name) {
+            return Ok(Box::new(crate::nbd::NbdWriter::new(uri.clone(), options)));
+        }
         if let Some(path) = self.devices.get(&request.name) {
             let shown = self.shown(&request.name);
             return Ok(match &self.backend {
@@ -236,7 +271,11 @@ impl Provider for DirProvider {
     }
 }
 
-fn list_volumes(path: &Path, devices: &HashMap<String, PathBuf>) -> io::Result<Vec<VolumeInfo>> {
+fn list_volumes(
+    path: &Path,
+    devices: &HashMap<String, PathBuf>,
+    exports: &HashMap<String, nbd::Uri>,
+) -> io::Result<Vec<VolumeInfo>> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(path)? {
         let entry = entry?;
@@ -271,6 +310,19 @@ fn list_volumes(path: &Path, devices: &HashMap<String, PathBuf>) -> io::Result<V
                 continue;
             }
         };
+        out.push(VolumeInfo {
+            name: name.clone(),
+            size,
+            allocated: size,
+            device: true,
+        });
+    }
+    for (name, uri) in exports {
+        // An export that cannot be reached is listed with size 0 rather than hiding the rest.
+        let size = crate::nbd::export_size(uri).unwrap_or_else(|e| {
+            log::warn!("listing {name}: {e}");
+            0
+        });
         out.push(VolumeInfo {
             name: name.clone(),
             size,

@@ -382,3 +382,73 @@ pub fn line_with(o: &Output, needle: &str) -> String {
         .cloned()
         .unwrap_or_else(|| panic!("no stderr line contains {needle:?}: {lines:?}"))
 }
+/// Whether `tool` runs; prints why a test skips when not.
+pub fn have(tool: &str) -> bool {
+    let ok = Command::new(tool)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("skipping: {tool} is not installed");
+    }
+    ok
+}
+
+/// An NBD server process on a Unix socket (nbdkit or qemu-nbd), killed and reaped on drop.
+pub struct NbdPeer {
+    pub child: Child,
+    pub sock: PathBuf,
+}
+
+impl NbdPeer {
+    fn start(mut cmd: Command, sock: &Path) -> NbdPeer {
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let t = Instant::now();
+        // The socket file appears at bind, before listen: wait for a connection.
+        while std::os::unix::net::UnixStream::connect(sock).is_err() {
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "NBD server never listened"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        NbdPeer {
+            child,
+            sock: sock.to_path_buf(),
+        }
+    }
+
+    pub fn nbdkit(sock: &Path, args: &[&str]) -> NbdPeer {
+        let mut c = Command::new("nbdkit");
+        c.args(["-f", "-U"]).arg(sock).args(args);
+        NbdPeer::start(c, sock)
+    }
+
+    /// `-t`: persistent (the probe for the socket is a client too).
+    pub fn qemu_nbd(sock: &Path, args: &[&str], image: &Path) -> NbdPeer {
+        let mut c = Command::new("qemu-nbd");
+        c.args(["-t", "-k"]).arg(sock).args(args).arg(image);
+        NbdPeer::start(c, sock)
+    }
+
+    pub fn uri(&self) -> String {
+        format!("nbd+unix:///?socket={}", self.sock.display())
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for NbdPeer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -31,6 +31,26 @@ impl Status {
     pub fn data(&self) -> bool {
         self.flags & STATE_HOLE == 0
     }
+
+    /// Allocated in some layer of the chain (known only with allocation depth).
+    pub fn present(&self) -> Option<bool> {
+        self.depth.map(|d| d > 0)
+    }
+
+    /// What the range is, in the words `volstream extents` uses: with allocation depth
+    /// `data` (the top layer's), `backing` (a lower layer's), `zero` (allocated, reads as
+    /// zero) or `unallocated` (in no layer); without it `data`, `zero` or `hole`.
+    pub fn kind(&self) -> &'static str {
+        match self.depth {
+            Some(0) => "unallocated",
+            Some(_) if self.zero() => "zero",
+            Some(1) => "data",
+            Some(_) => "backing",
+            None if !self.data() => "hole",
+            None if self.zero() => "zero",
+            None => "data",
+        }
+    }
 }
 
 /// Joins the replies of one BLOCK_STATUS request: consecutive statuses from `offset`, as far
@@ -102,23 +122,14 @@ impl Gather {
     }
 }
 
-/// The allocation map of a whole export, asked a range at a time. With `depth`, the server's
-/// `qemu:allocation-depth` too (an error if it has none).
-pub fn map(uri: &Uri, depth: bool) -> Result<Vec<Status>, Error> {
-    let mut contexts = vec![CONTEXT_BASE_ALLOCATION];
-    if depth {
-        contexts.push(CONTEXT_ALLOCATION_DEPTH);
-    }
+/// The allocation map of a whole export, asked a range at a time, with the server's
+/// `qemu:allocation-depth` where it has one. Blocks the calling thread.
+pub fn map(uri: &Uri) -> Result<Vec<Status>, Error> {
+    let contexts = [CONTEXT_BASE_ALLOCATION, CONTEXT_ALLOCATION_DEPTH];
     let mut conn = Conn::open(uri, &contexts, 2)?;
     let export = conn.export().clone();
     let base_id = export.context(CONTEXT_BASE_ALLOCATION);
     let depth_id = export.context(CONTEXT_ALLOCATION_DEPTH);
-    if depth && depth_id.is_none() {
-        return Err(Error::Unsupported(format!(
-            "{}: the server has no qemu:allocation-depth",
-            conn.shown()
-        )));
-    }
     let mut out: Vec<Status> = Vec::new();
     let mut pos = 0;
     while pos < export.size {
@@ -151,6 +162,13 @@ pub fn map(uri: &Uri, depth: bool) -> Result<Vec<Status>, Error> {
                 }
                 let base = g.base.unwrap_or_default();
                 combine(pos, &base, g.depth.as_deref())
+                    .into_iter()
+                    .map(|s| Status {
+                        len: s.len.min(export.size - s.offset),
+                        ..s
+                    })
+                    .filter(|s| s.len > 0)
+                    .collect()
             }
         };
         // The client checked that a reply covers at least one byte.
