@@ -8,6 +8,7 @@ mod destinations;
 mod endpoint;
 mod error;
 mod interrupt;
+mod metrics;
 mod options;
 mod out;
 mod progress;

@@ -77,6 +77,9 @@ pub struct ServeArgs {
     /// Seconds a stream may make no progress before it is aborted.
     #[arg(long, value_name = "SECS", default_value_t = 300)]
     stream_timeout: u64,
+    /// Answer HTTP GET /metrics (Prometheus text format) on tcp:HOST:PORT.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
 }
 
 impl ServeArgs {
@@ -223,6 +226,15 @@ pub fn run(args: ServeArgs) -> Result<(), CliError> {
         .listen(&addr, Arc::new(provider))
         .map_err(|e| CliError::Connect(format!("cannot listen on {addr}: {e}")))?;
     crate::out::tell!("volstream: serving {} on {bound}", args.pool.display());
+    if let Some(spec) = &args.metrics {
+        let at = crate::metrics::serve(spec, engine.handle())?;
+        if !at.ip().is_loopback() {
+            crate::out::tell!(
+                "volstream: warning: metrics on {at} without authentication name the volumes and peers"
+            );
+        }
+        crate::out::tell!("volstream: metrics on http://{at}/metrics");
+    }
     let handle = engine.handle();
     std::thread::spawn(move || {
         if let Ok(signal) = signals.wait() {

@@ -6,6 +6,7 @@
 
 pub mod digest;
 pub mod memory;
+pub mod metrics;
 pub mod proto;
 pub mod reason;
 pub mod synthetic;
@@ -19,7 +20,7 @@ pub use volume::{Chunk, Notify, VolumeError, VolumeReader, VolumeWriter, WritePr
 pub mod event_loop;
 
 pub use event_loop::{
-    Address, AllowList, ConnectionId, ConnectionInfo, Credentials, Engine, EngineConfig,
-    EngineHandle, EngineStats, OpenRequest, Origin, PeerIdentity, Provider, TlsConfig, TlsError,
-    TransferError, TransferReport, UnixPeerPolicy,
+    Address, AllowList, ConnectionId, ConnectionInfo, ConnectionSnapshot, Credentials, Engine,
+    EngineConfig, EngineHandle, EngineSnapshot, EngineStats, OpenRequest, Origin, PeerIdentity,
+    Provider, StreamSnapshot, TlsConfig, TlsError, TransferError, TransferReport, UnixPeerPolicy,
 };

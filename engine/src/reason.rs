@@ -101,3 +101,95 @@ impl fmt::Display for Reason {
         f.write_str(text)
     }
 }
+
+/// The codes docs/PROTOCOL.md defines, in code order (PROTOCOL is 1), named as there.
+const NAMES: [&str; 16] = [
+    "PROTOCOL",
+    "INTERNAL",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "INVALID_NAME",
+    "IO",
+    "NO_SPACE",
+    "DIGEST_MISMATCH",
+    "CANCELLED",
+    "TOO_MANY_STREAMS",
+    "FLOW_CONTROL",
+    "TIMEOUT",
+    "CONNECTION_LOST",
+    "UNSUPPORTED",
+    "GOING_AWAY",
+];
+
+impl Reason {
+    /// The code's name in docs/PROTOCOL.md (`NOT_FOUND`); `None` for a code it does not define.
+    pub fn name(self) -> Option<&'static str> {
+        match self {
+            Reason::Other(_) => None,
+            defined => NAMES.get(defined.code() as usize - 1).copied(),
+        }
+    }
+}
+
+/// Streams counted by the reason they ended with. A fixed array, so counting never allocates;
+/// every code the protocol does not define shares one slot.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReasonCounts([u64; NAMES.len() + 1]);
+
+impl ReasonCounts {
+    fn slot(reason: Reason) -> usize {
+        match reason.name() {
+            Some(_) => reason.code() as usize,
+            None => 0,
+        }
+    }
+
+    pub fn record(&mut self, reason: Reason) {
+        self.0[Self::slot(reason)] += 1;
+    }
+
+    /// Streams that ended with `reason` (for an undefined code: with any undefined code).
+    pub fn get(&self, reason: Reason) -> u64 {
+        self.0[Self::slot(reason)]
+    }
+
+    /// Each defined reason with its count, in code order, then the undefined codes as `None`.
+    pub fn iter(&self) -> impl Iterator<Item = (Option<Reason>, u64)> + '_ {
+        let defined = (1..=NAMES.len() as u32).map(|code| Some(Reason::from_code(code)));
+        defined
+            .chain(std::iter::once(None))
+            .map(|reason| (reason, self.0[reason.map_or(0, Self::slot)]))
+    }
+
+    pub fn total(&self) -> u64 {
+        self.0.iter().sum()
+    }
+
+    pub fn add(&mut self, other: &ReasonCounts) {
+        for (mine, theirs) in self.0.iter_mut().zip(other.0.iter()) {
+            *mine += theirs;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_codes_and_undefined_codes_share_a_slot() {
+        assert_eq!(Reason::NotFound.name(), Some("NOT_FOUND"));
+        assert_eq!(Reason::GoingAway.name(), Some("GOING_AWAY"));
+        assert_eq!(Reason::Other(0).name(), None);
+        let mut counts = ReasonCounts::default();
+        counts.record(Reason::Timeout);
+        counts.record(Reason::Other(77));
+        counts.record(Reason::Other(0));
+        assert_eq!(counts.get(Reason::Timeout), 1);
+        assert_eq!(counts.get(Reason::Other(99)), 2);
+        assert_eq!(counts.total(), 3);
+        let listed: Vec<_> = counts.iter().filter(|(_, n)| *n > 0).collect();
+        assert_eq!(listed, [(Some(Reason::Timeout), 1), (None, 2)]);
+    }
+}

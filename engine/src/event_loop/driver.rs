@@ -2,6 +2,7 @@
 //! sinks of its streams. Everything here runs on the loop thread and never blocks: sources and
 //! sinks only queue work and answer polls.
 
+use super::snapshot::{ConnectionSnapshot, StreamSnapshot};
 use super::tls::looks_like_tls;
 use super::transport::{TlsFailure, Transport};
 use super::{
@@ -12,13 +13,13 @@ use crate::proto::{
     ConnError, Connection, Event, Op, OpenError, OpenOptions, Reason, StreamId, StreamStats,
     Transmit,
 };
-use crate::volume::{Notify, VolumeError, VolumeReader, VolumeWriter};
+use crate::volume::{Chunk, Notify, VolumeError, VolumeReader, VolumeWriter};
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSlice};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Called once when a transfer this side started ends.
 pub type OnDone = Box<dyn FnOnce(TransferReport) + Send>;
@@ -75,8 +76,22 @@ struct Local {
     name: String,
     size: u64,
     started: Instant,
+    /// When the first content chunk was taken from the source or handed to the sink.
+    first_byte: Option<Duration>,
     /// Set for transfers the local user started; served streams have none.
     on_done: Option<OnDone>,
+}
+
+/// Records when a stream's first content moved, counted from the stream's start.
+fn note_first_byte(
+    first_byte: &mut Option<Duration>,
+    started: Instant,
+    chunk: &Chunk,
+    now: Instant,
+) {
+    if first_byte.is_none() && !matches!(chunk, Chunk::End { .. }) {
+        *first_byte = Some(now.saturating_duration_since(started));
+    }
 }
 
 /// Bytes kept queued for the socket; below this, more frames are scheduled. Small, so a frame
@@ -125,6 +140,7 @@ pub struct Driver {
     input_stalled: bool,
     /// The connection is over and its socket may be dropped.
     pub finished: bool,
+    created: Instant,
 }
 
 impl Driver {
@@ -159,6 +175,38 @@ impl Driver {
             write_pending: false,
             input_stalled: false,
             finished: false,
+            created: Instant::now(),
+        }
+    }
+
+    /// The connection and its streams as they stand now.
+    pub fn snapshot(&self, now: Instant) -> ConnectionSnapshot {
+        let streams = self
+            .conn
+            .streams()
+            .map(|view| {
+                let local = self
+                    .by_stream
+                    .get(&view.id)
+                    .and_then(|k| self.locals.get(k));
+                StreamSnapshot {
+                    view,
+                    name: local.map(|l| l.name.clone()).unwrap_or_default(),
+                    local: local.is_some_and(|l| l.on_done.is_some()),
+                    age: local.map_or(Duration::ZERO, |l| now.saturating_duration_since(l.started)),
+                    first_byte: local.and_then(|l| l.first_byte),
+                }
+            })
+            .collect();
+        ConnectionSnapshot {
+            id: self.id,
+            peer: self.peer.clone(),
+            side: self.conn.side(),
+            established: self.conn.is_established(),
+            age: now.saturating_duration_since(self.created),
+            stats: self.conn.stats(),
+            transmit_queued: self.out.len() as u64,
+            streams,
         }
     }
 
@@ -179,6 +227,7 @@ impl Driver {
                 name,
                 size: 0,
                 started: now,
+                first_byte: None,
                 on_done: None,
             },
         );
@@ -295,7 +344,7 @@ impl Driver {
                         Some(stream) => {
                             local.gate = Gate::Open;
                             self.conn.accept(stream, size);
-                            self.pull(key);
+                            self.pull(key, now);
                         }
                         None => {
                             local.gate = Gate::Accept;
@@ -316,7 +365,7 @@ impl Driver {
                 }
                 Poll::Ready(Err(e)) => self.refuse(key, e, now),
             },
-            (Gate::Open, Endpoint::Reader(_)) => self.pull(key),
+            (Gate::Open, Endpoint::Reader(_)) => self.pull(key, now),
             (Gate::Open, Endpoint::Writer(_)) => self.progress(key, now),
             _ => {}
         }
@@ -347,7 +396,7 @@ impl Driver {
     }
 
     /// Moves chunks from a reader into its stream while there is room.
-    fn pull(&mut self, key: u64) {
+    fn pull(&mut self, key: u64, now: Instant) {
         let Some(local) = self.locals.get_mut(&key).filter(|l| l.failure.is_none()) else {
             return;
         };
@@ -367,7 +416,10 @@ impl Driver {
             }
             match reader.poll_chunk() {
                 Poll::Pending => return,
-                Poll::Ready(Ok(chunk)) => self.conn.send_chunk(stream, chunk),
+                Poll::Ready(Ok(chunk)) => {
+                    note_first_byte(&mut local.first_byte, local.started, &chunk, now);
+                    self.conn.send_chunk(stream, chunk);
+                }
                 Poll::Ready(Err(e)) => {
                     log::warn!("{}: {stream} source failed: {}", self.peer, e.message);
                     self.conn.abort(stream, e.reason, &e.message);
@@ -446,7 +498,7 @@ impl Driver {
                             local.size = size;
                             writer.start(size, notify);
                         }
-                        Endpoint::Reader(_) => self.pull(key),
+                        Endpoint::Reader(_) => self.pull(key, now),
                     }
                 }
                 Event::Chunk { stream, chunk } => {
@@ -454,6 +506,7 @@ impl Driver {
                         continue;
                     };
                     let local = self.locals.get_mut(&key).unwrap();
+                    note_first_byte(&mut local.first_byte, local.started, &chunk, now);
                     if let (Endpoint::Writer(writer), None) = (&mut local.endpoint, &local.failure)
                     {
                         writer.write(chunk);
@@ -462,7 +515,7 @@ impl Driver {
                 }
                 Event::Writable { stream } => {
                     if let Some(&key) = self.by_stream.get(&stream) {
-                        self.pull(key);
+                        self.pull(key, now);
                     }
                 }
                 Event::Completed { stream, stats } => {
@@ -613,6 +666,7 @@ impl Driver {
                 size: local.size,
                 stats,
                 elapsed: now.saturating_duration_since(local.started),
+                first_byte: local.first_byte,
                 result,
             });
         }

@@ -9,6 +9,7 @@
 
 mod driver;
 pub mod peer;
+pub mod snapshot;
 pub mod socket;
 pub mod tls;
 mod transport;
@@ -17,6 +18,7 @@ pub use driver::{
     Endpoint, OnDone, Transfer, WakeKey, INTERACTIVE_TRANSMIT_TARGET, TRANSMIT_TARGET,
 };
 pub use peer::{CertIdentity, PeerIdentity, UnixPeerPolicy};
+pub use snapshot::{ConnectionSnapshot, EngineSnapshot, StreamSnapshot};
 pub use socket::Address;
 pub use tls::{AllowList, Credentials, TlsConfig, TlsError};
 use transport::Transport;
@@ -44,6 +46,12 @@ use std::time::{Duration, Instant};
 pub struct ConnectionId {
     slot: u32,
     generation: u32,
+}
+
+impl fmt::Display for ConnectionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.slot, self.generation)
+    }
 }
 
 /// Names a listener of an engine.
@@ -152,6 +160,9 @@ pub struct TransferReport {
     pub size: u64,
     pub stats: StreamStats,
     pub elapsed: Duration,
+    /// From the start until the first content chunk was handed to the sink (a download) or
+    /// taken from the source (an upload); `None` if none moved.
+    pub first_byte: Option<Duration>,
     pub result: Result<(), TransferError>,
 }
 
@@ -236,6 +247,9 @@ enum Command {
     EngineStats {
         reply: mpsc::Sender<EngineStats>,
     },
+    Snapshot {
+        reply: mpsc::Sender<EngineSnapshot>,
+    },
     GoAway {
         conn: ConnectionId,
     },
@@ -299,6 +313,9 @@ pub struct Engine {
     shutdown: bool,
     /// Why recently dropped connections ended, for transfers submitted after the fact.
     graveyard: std::collections::VecDeque<(ConnectionId, Reason, String)>,
+    /// Counters of the connections dropped so far, and how many there were.
+    ended: ConnStats,
+    ended_connections: u64,
 }
 
 /// Whether a connection runs TLS, and as which side.
@@ -333,6 +350,8 @@ impl Engine {
             generation: 0,
             shutdown: false,
             graveyard: Default::default(),
+            ended: ConnStats::default(),
+            ended_connections: 0,
         })
     }
 
@@ -508,6 +527,7 @@ impl Engine {
                     size: 0,
                     stats: StreamStats::default(),
                     elapsed: Duration::ZERO,
+                    first_byte: None,
                     result: Err(TransferError {
                         reason,
                         message,
@@ -545,6 +565,17 @@ impl Engine {
             stats.recv_buffered += d.conn.stats().recv_buffered;
         }
         stats
+    }
+
+    /// Every connection and stream with its counters and gauges, and the counters of the
+    /// connections that have ended.
+    pub fn snapshot(&self) -> EngineSnapshot {
+        let now = Instant::now();
+        EngineSnapshot {
+            connections: self.conns.iter().map(|(_, d)| d.snapshot(now)).collect(),
+            ended: self.ended,
+            ended_connections: self.ended_connections,
+        }
     }
 
     /// Sends GOAWAY: no new streams; the connection closes when its streams are done.
@@ -702,6 +733,9 @@ impl Engine {
             Command::EngineStats { reply } => {
                 let _ = reply.send(self.engine_stats());
             }
+            Command::Snapshot { reply } => {
+                let _ = reply.send(self.snapshot());
+            }
             Command::GoAway { conn } => self.go_away(conn),
             Command::Ping { conn } => self.ping(conn),
             Command::Shutdown => self.shutdown(),
@@ -765,6 +799,8 @@ impl Engine {
         for slot in done {
             let mut d = self.conns.remove(slot);
             let _ = d.transport.socket.deregister(self.poll.registry());
+            self.ended.add_counters(&d.conn.stats());
+            self.ended_connections += 1;
             let (reason, message) = match d.conn.error() {
                 Some(e) => (e.reason(), e.to_string()),
                 None => (Reason::GoingAway, "connection closed".to_owned()),
@@ -925,6 +961,13 @@ impl EngineHandle {
     pub fn stats(&self, conn: ConnectionId) -> io::Result<Option<ConnStats>> {
         let (reply, rx) = mpsc::channel();
         self.shared.command(Command::Stats { conn, reply });
+        rx.recv().map_err(|_| loop_gone())
+    }
+
+    /// Every connection and stream with its counters and gauges (see [`Engine::snapshot`]).
+    pub fn snapshot(&self) -> io::Result<EngineSnapshot> {
+        let (reply, rx) = mpsc::channel();
+        self.shared.command(Command::Snapshot { reply });
         rx.recv().map_err(|_| loop_gone())
     }
 

@@ -24,7 +24,7 @@ use super::handshake::{self, Agreed};
 use super::recv::RecvSide;
 use super::send::SendSide;
 use super::store::{Found, Key, Store};
-use super::stream::Stream;
+use super::stream::{Stream, StreamView};
 use super::timers::{Timer, Timers};
 use super::transmit::Transmit;
 use crate::reason::Reason;
@@ -147,6 +147,8 @@ impl Connection {
             stats.peak_recv_window,
         ) = self.recv.peaks();
         stats.send_queued = (self.control.len() + self.send.queued()) as u64;
+        stats.send_window_in_use = self.send.prioritize.credit_in_use();
+        stats.credit_stalls = self.send.prioritize.stalls();
         stats
     }
 
@@ -160,6 +162,12 @@ impl Connection {
         }
         self.hinted = self.buffer_hint;
         Some(self.hinted)
+    }
+
+    /// Every live stream, in both directions, as it stands now.
+    pub fn streams(&self) -> impl Iterator<Item = StreamView> + '_ {
+        let peer_window = self.peer.map_or(0, |p| p.stream_window);
+        self.store.iter().map(move |s| s.view(peer_window))
     }
 
     /// Open streams, in both directions.
@@ -413,7 +421,7 @@ impl Connection {
             out,
             limit,
             &mut self.events,
-            &mut self.stats.frames_out,
+            &mut self.stats,
         );
         self.stats.bytes_out += sent;
         // FINISH acknowledgements and ABORTs raised while sending go out in this same batch.
@@ -483,9 +491,15 @@ impl Connection {
         self.close_if_drained();
     }
 
+    /// Counts a stream that ended without success.
+    pub(super) fn count_failed(&mut self, reason: Reason) {
+        self.stats.streams_aborted += 1;
+        self.stats.aborts.record(reason);
+    }
+
     fn end_aborted(&mut self, key: Key, reason: Reason, message: String, by_peer: bool) {
         let stream = self.remove(key);
-        self.stats.streams_aborted += 1;
+        self.count_failed(reason);
         if by_peer {
             self.store.bury(stream.id);
         }
@@ -536,7 +550,7 @@ impl Connection {
         let message = error.to_string();
         for key in self.store.keys() {
             let stream = self.remove(key);
-            self.stats.streams_aborted += 1;
+            self.count_failed(reason);
             self.events.push_back(Event::Aborted {
                 stream: stream.id,
                 reason,

@@ -240,6 +240,12 @@ impl FrameCounts {
         self.0.iter().sum()
     }
 
+    pub fn add(&mut self, other: &FrameCounts) {
+        for (mine, theirs) in self.0.iter_mut().zip(other.0.iter()) {
+            *mine += theirs;
+        }
+    }
+
     pub(crate) fn record(&mut self, kind: u8) {
         if let Some(count) = (kind as usize)
             .checked_sub(1)

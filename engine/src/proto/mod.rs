@@ -33,12 +33,12 @@ mod stream;
 mod timers;
 mod transmit;
 
-pub use crate::reason::Reason;
+pub use crate::reason::{Reason, ReasonCounts};
 pub use config::Config;
 pub use connection::Connection;
 pub use counts::Side;
 pub use error::{ConnError, DecodeError};
 pub use event::{ConnStats, Event, OpenError};
 pub use frame::{Features, Frame, FrameCounts, Hello, Op, OpenOptions, StreamId};
-pub use stream::StreamStats;
+pub use stream::{StreamStats, StreamView};
 pub use transmit::Transmit;

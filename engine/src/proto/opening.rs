@@ -84,7 +84,7 @@ impl Connection {
             )));
         }
         self.remove(key);
-        self.stats.streams_aborted += 1;
+        self.count_failed(reason);
         self.events.push_back(Event::Rejected {
             stream: id,
             reason,
@@ -175,7 +175,7 @@ impl Connection {
         }
         .encode(&mut self.control);
         self.remove(key);
-        self.stats.streams_aborted += 1;
+        self.count_failed(reason);
         self.close_if_drained();
     }
 }

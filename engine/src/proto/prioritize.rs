@@ -160,6 +160,10 @@ pub(crate) struct Prioritize {
     policy: Policy,
     /// Until when frames stay small: an interactive stream was served recently.
     interactive_until: Option<Instant>,
+    /// The peer's connection window, which `credit` starts at.
+    window: u64,
+    /// Times a stream had content queued but had to wait for credit.
+    stalls: u64,
 }
 
 impl Default for Prioritize {
@@ -172,6 +176,8 @@ impl Default for Prioritize {
             credit: SendCredit::new(0),
             policy: Policy::default(),
             interactive_until: None,
+            window: 0,
+            stalls: 0,
         }
     }
 }
@@ -197,6 +203,27 @@ impl Prioritize {
     /// The connection window the peer announced in its Hello.
     pub fn set_credit(&mut self, initial: u32) {
         self.credit = SendCredit::new(initial);
+        self.window = initial as u64;
+    }
+
+    /// Connection credit spent and not yet granted back.
+    pub fn credit_in_use(&self) -> u64 {
+        self.window.saturating_sub(self.credit.available())
+    }
+
+    /// Times a stream had content queued but had to wait for its own or the connection's
+    /// credit.
+    pub fn stalls(&self) -> u64 {
+        self.stalls
+    }
+
+    /// Counts a stream that leaves the queues with content it may not send yet: out of its
+    /// own credit (it comes back with the peer's WINDOW).
+    fn note_stream_stall(&mut self, stream: &mut Stream) {
+        if stream.has_queued() {
+            stream.stats.credit_stalls += 1;
+            self.stalls += 1;
+        }
     }
 
     /// Connection credit left.
@@ -317,11 +344,14 @@ impl Prioritize {
             let Some(need) = stream.credit_needed() else {
                 stream.sched.queued = false;
                 queue.active = !queue.heap.is_empty();
+                self.note_stream_stall(stream);
                 continue;
             };
             if need > self.credit.available() {
                 self.parked.push(entry.key);
                 queue.active = !queue.heap.is_empty();
+                stream.stats.credit_stalls += 1;
+                self.stalls += 1;
                 continue;
             }
             // Overtaking: a tag below the class's virtual time was earned by sending less than
@@ -360,6 +390,7 @@ impl Prioritize {
             } else {
                 stream.sched.queued = false;
                 queue.active = !queue.heap.is_empty();
+                self.note_stream_stall(stream);
             }
         }
     }

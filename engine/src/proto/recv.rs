@@ -115,10 +115,12 @@ impl RecvSide {
             Chunk::Data { .. } => {
                 stats.wire_bytes += (frame::DATA_OVERHEAD as u64) + len;
                 stats.data_bytes += len;
+                stats.data_frames += 1;
             }
             _ => {
                 stats.wire_bytes += frame::HOLE_LEN as u64;
                 stats.hole_bytes += len;
+                stats.hole_frames += 1;
             }
         }
         let expected = recv.next_offset;
@@ -269,6 +271,10 @@ impl Connection {
             self.recv.release_connection(cost, &mut self.control);
             return Ok(());
         };
+        match chunk {
+            Chunk::Data { .. } => self.stats.data_bytes_in += len,
+            _ => self.stats.hole_bytes_in += len,
+        }
         let verdict = self
             .recv
             .on_content(&mut self.store[key], offset, len, cost, chunk)?;

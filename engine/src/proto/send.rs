@@ -10,11 +10,9 @@
 use super::config::Config;
 use super::connection::Connection;
 use super::error::ConnError;
-use super::event::Event;
+use super::event::{ConnStats, Event};
 use super::flow::{SendCredit, HOLE_COST};
-use super::frame::{
-    self, Features, Frame, FrameCounts, Hello, OpenOptions, StreamId, MIN_MAX_FRAME,
-};
+use super::frame::{self, Features, Frame, Hello, OpenOptions, StreamId, MIN_MAX_FRAME};
 use super::prioritize::{Policy, Prioritize, Sent};
 use super::store::{Key, Store};
 use super::stream::{Half, SendHalf, Stream};
@@ -192,14 +190,14 @@ impl SendSide {
         out: &mut Transmit,
         limit: usize,
         events: &mut VecDeque<Event>,
-        frames: &mut FrameCounts,
+        stats: &mut ConnStats,
     ) -> u64 {
         let rules = self.rules;
         let (headers, queued_total) = (&mut self.headers, &mut self.queued_total);
         let mut bytes_out = 0;
         self.prioritize
             .poll(store, now, out, limit, |stream, max_payload, out| {
-                let sent = encode_frame(headers, queued_total, stream, max_payload, out, frames);
+                let sent = encode_frame(headers, queued_total, stream, max_payload, out, stats);
                 bytes_out += sent.wire as u64;
                 // Still open: it did not just send its FINISH.
                 let open = stream.is_open();
@@ -302,7 +300,7 @@ fn encode_frame(
     stream: &mut Stream,
     limit: usize,
     out: &mut Transmit,
-    frames: &mut FrameCounts,
+    conn: &mut ConnStats,
 ) -> Sent {
     let id = stream.id;
     let Half::Send(send) = &mut stream.half else {
@@ -365,17 +363,22 @@ fn encode_frame(
         send.queue.pop_front();
     }
     send.credit.spend(cost);
-    frames.record(match (finished, is_hole) {
+    let kind = match (finished, is_hole) {
         (true, _) => frame::kind::FINISH,
         (false, true) => frame::kind::HOLE,
         (false, false) => frame::kind::DATA,
-    });
+    };
+    conn.frames_out.record(kind);
     stream.stats.wire_bytes += wire as u64;
     stream.progress += 1;
     if is_hole {
         stream.stats.hole_bytes += logical;
-    } else {
+        stream.stats.hole_frames += 1;
+        conn.hole_bytes_out += logical;
+    } else if !finished {
         stream.stats.data_bytes += logical;
+        stream.stats.data_frames += 1;
+        conn.data_bytes_out += logical;
     }
     if finished {
         stream

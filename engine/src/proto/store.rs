@@ -109,6 +109,10 @@ impl Store {
             .collect()
     }
 
+    pub fn iter(&self) -> impl Iterator<Item = &Stream> {
+        self.slab.iter().map(|(_, s)| s)
+    }
+
     pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut Stream> {
         self.slab.iter_mut().map(|(_, s)| s)
     }

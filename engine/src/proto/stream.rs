@@ -53,6 +53,59 @@ pub struct StreamStats {
     /// only; windows size themselves to the path, see `flow::RecvWindow`).
     pub window: u64,
     pub peak_window: u64,
+    /// DATA and HOLE frames this stream sent or received.
+    pub data_frames: u64,
+    pub hole_frames: u64,
+    /// Times the stream had content queued but waited for the peer's credit (its own or the
+    /// connection's); sending streams only.
+    pub credit_stalls: u64,
+}
+
+/// How a live stream stands, for monitoring: its counters so far and its gauges now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamView {
+    pub id: StreamId,
+    pub op: Op,
+    /// This side sends the stream's content (else it receives it).
+    pub sending: bool,
+    /// The content's logical length (0 until known).
+    pub size: u64,
+    pub stats: StreamStats,
+    /// Sending: credit spent and not yet granted back by the peer. Receiving: credit-bearing
+    /// bytes received and not yet consumed by the sink.
+    pub window_in_use: u64,
+    /// Sending: chunks from the source waiting to go out, and their payload bytes. Receiving:
+    /// chunks handed to the sink and not finished yet, and the credit they hold.
+    pub queued_chunks: u64,
+    pub queued_bytes: u64,
+}
+
+impl Stream {
+    /// The stream as [`StreamView`] shows it; `peer_window` is the peer's stream window.
+    pub fn view(&self, peer_window: u32) -> StreamView {
+        let (sending, window_in_use, queued_chunks, queued_bytes) = match &self.half {
+            Half::Send(send) => (
+                true,
+                (peer_window as u64).saturating_sub(send.credit.available()),
+                send.queue.len() as u64,
+                send.queued_bytes as u64,
+            ),
+            Half::Recv(recv) => {
+                let buffered = recv.window.buffered();
+                (false, buffered, recv.unconsumed.len() as u64, buffered)
+            }
+        };
+        StreamView {
+            id: self.id,
+            op: self.op,
+            sending,
+            size: self.size,
+            stats: self.stats,
+            window_in_use,
+            queued_chunks,
+            queued_bytes,
+        }
+    }
 }
 
 /// The half of a stream that sends DATA/HOLE/FINISH.
@@ -205,6 +258,11 @@ impl Stream {
         self.check(from)?;
         self.state = to;
         Ok(())
+    }
+
+    /// A sending stream with chunks in its queue.
+    pub fn has_queued(&self) -> bool {
+        matches!(&self.half, Half::Send(send) if !send.queue.is_empty())
     }
 
     pub fn send_half(&mut self) -> Option<&mut SendHalf> {
