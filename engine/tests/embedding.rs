@@ -3,7 +3,7 @@
 use engine::event_loop::{Endpoint, Transfer};
 use engine::proto::OpenOptions;
 use engine::synthetic::{Synthetic, SyntheticProvider};
-use engine::{Address, Engine, EngineConfig, TransferReport};
+use engine::{Address, Engine, EngineConfig, Reason, TransferReport};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -112,4 +112,70 @@ fn host_loop_drives_engines_through_their_fd() {
         assert!(r.stats.hole_bytes > 0);
     }
     assert!(turns_without_readiness < 100, "the fd signals readiness");
+}
+
+#[test]
+fn snapshot_counts_failures_by_reason_and_keeps_what_ended_connections_counted() {
+    let volume = Synthetic::new(3, 1 << 20, 0.5);
+    let (server, st) = Engine::spawn(EngineConfig::default()).unwrap();
+    let (_, addr) = server
+        .listen(&socket("snapshot"), provider(std::slice::from_ref(&volume)))
+        .unwrap();
+    let (client, ct) = Engine::spawn(EngineConfig::default()).unwrap();
+    let conn = client.connect(&addr).unwrap();
+    let ok = client.download(
+        conn,
+        "d0",
+        OpenOptions::default(),
+        Box::new(volume.verifier()),
+    );
+    let missing = client.download(
+        conn,
+        "nope",
+        OpenOptions::default(),
+        Box::new(volume.verifier()),
+    );
+    let ok = ok.recv_timeout(Duration::from_secs(30)).unwrap();
+    let missing = missing.recv_timeout(Duration::from_secs(30)).unwrap();
+    assert_eq!(ok.result, Ok(()));
+    assert_eq!(missing.result.unwrap_err().reason, Reason::NotFound);
+
+    let live = client.snapshot().unwrap();
+    assert_eq!(live.connections.len(), 1);
+    let c = &live.connections[0];
+    assert_eq!(c.id, conn);
+    assert!(c.streams.is_empty(), "both streams ended: {:?}", c.streams);
+    assert_eq!(c.stats.streams_completed, 1);
+    assert_eq!(c.stats.aborts.get(Reason::NotFound), 1);
+    assert_eq!(c.stats.aborts.total(), c.stats.streams_aborted);
+    assert_eq!(c.stats.data_bytes_in, ok.stats.data_bytes);
+    assert_eq!(c.stats.hole_bytes_in, ok.stats.hole_bytes);
+    assert_eq!(c.stats.frames_in.get("HOLE"), Some(ok.stats.hole_frames));
+    assert!(ok.first_byte.is_some());
+
+    // Once the connection is gone its counters stay in the totals.
+    client.go_away(conn);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let ended = loop {
+        let s = client.snapshot().unwrap();
+        if s.connections.is_empty() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "connection did not close");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert_eq!(ended.ended_connections, 1);
+    let totals = ended.totals();
+    assert_eq!(totals.streams_completed, 1);
+    assert_eq!(totals.aborts.get(Reason::NotFound), 1);
+    assert_eq!(totals.data_bytes_in, ok.stats.data_bytes);
+    assert!(
+        totals.bytes_out > c.stats.bytes_out,
+        "the GOAWAY counts too"
+    );
+    assert_eq!(totals.frames_out.get("GOAWAY"), Some(1));
+    client.shutdown();
+    server.shutdown();
+    ct.join().unwrap();
+    st.join().unwrap();
 }
