@@ -32,8 +32,9 @@ struct Writer(String);
 
 impl Writer {
     fn family(&mut self, name: &str, kind: &str, help: &str) {
-        let _ = writeln!(self.0, "# HELP {name} {help}");
-        let _ = writeln!(self.0, "# TYPE {name} {kind}");
+        let _ = write!(self.0, "# HELP {name} ");
+        escape(&mut self.0, help, false);
+        let _ = writeln!(self.0, "\n# TYPE {name} {kind}");
     }
 
     fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl Display) {
@@ -46,7 +47,7 @@ impl Writer {
                 }
                 self.0.push_str(key);
                 self.0.push_str("=\"");
-                escape(&mut self.0, value);
+                escape(&mut self.0, value, true);
                 self.0.push('"');
             }
             self.0.push('}');
@@ -55,12 +56,13 @@ impl Writer {
     }
 }
 
-/// Label values escape backslash, double quote and line feed.
-fn escape(out: &mut String, value: &str) {
+/// Label values escape backslash, double quote and line feed; HELP text only the first and
+/// the last. A volume name is the peer's choice and may hold any of them.
+fn escape(out: &mut String, value: &str, quote: bool) {
     for c in value.chars() {
         match c {
             '\\' => out.push_str("\\\\"),
-            '"' => out.push_str("\\\""),
+            '"' if quote => out.push_str("\\\""),
             '\n' => out.push_str("\\n"),
             c => out.push(c),
         }
@@ -141,16 +143,13 @@ fn with<'a>(
 fn totals(w: &mut Writer, snapshot: &EngineSnapshot) {
     w.family("volstream_connections", "gauge", "Connections open.");
     w.sample("volstream_connections", &[], snapshot.connections.len());
-    w.family(
-        "volstream_connections_ended_total",
-        "counter",
-        "Connections that have ended.",
-    );
-    w.sample(
-        "volstream_connections_ended_total",
-        &[],
-        snapshot.ended_connections,
-    );
+    let name = "volstream_connections_ended_total";
+    let help = "Connections that have ended, by reason: GOING_AWAY when closed gracefully.";
+    w.family(name, "counter", help);
+    for (reason, value) in snapshot.ended_connections.iter() {
+        let reason = reason.and_then(|r| r.name()).unwrap_or("OTHER");
+        w.sample(name, &[("reason", reason)], value);
+    }
     let totals = snapshot.totals();
     counters(w, "volstream_", "all connections", &[(&[], &totals)]);
 }
@@ -347,6 +346,9 @@ mod tests {
         let mut w = Writer(String::new());
         w.sample("m", &[("volume", "a\"b\\c\nd")], 1);
         assert_eq!(w.0, "m{volume=\"a\\\"b\\\\c\\nd\"} 1\n");
+        let mut w = Writer(String::new());
+        w.family("m", "gauge", "a \"b\" c\\d\ne");
+        assert_eq!(w.0, "# HELP m a \"b\" c\\\\d\\ne\n# TYPE m gauge\n");
     }
 
     #[test]

@@ -878,6 +878,20 @@ impl Driver {
         self.drain_events(now);
     }
 
+    /// Ends the connection for the engine's shutdown. With nothing in flight or waiting it is
+    /// the graceful shutdown of docs/PROTOCOL.md (GOAWAY GOING_AWAY: the peer sees a clean
+    /// close, not an error); otherwise the transfers are cut off (GOAWAY CANCELLED).
+    pub fn shut_down(&mut self, now: Instant) {
+        let idle = self.locals.is_empty() && self.conn.streams().next().is_none();
+        if idle && self.conn.is_established() {
+            self.conn.go_away();
+            self.drain_events(now);
+        }
+        if !self.conn.is_closed() {
+            self.close(ConnError::LocallyClosed, now);
+        }
+    }
+
     /// Ends the connection now.
     pub fn close(&mut self, error: ConnError, now: Instant) {
         self.conn.close(error);

@@ -24,7 +24,7 @@ pub use tls::{AllowList, Credentials, TlsConfig, TlsError};
 use transport::Transport;
 
 use crate::proto::{
-    Config, ConnError, ConnStats, Connection, Op, OpenOptions, Reason, Side, StreamStats,
+    Config, ConnStats, Connection, Op, OpenOptions, Reason, ReasonCounts, Side, StreamStats,
 };
 use crate::volume::{VolumeError, VolumeReader, VolumeWriter};
 use driver::Driver;
@@ -313,9 +313,9 @@ pub struct Engine {
     shutdown: bool,
     /// Why recently dropped connections ended, for transfers submitted after the fact.
     graveyard: std::collections::VecDeque<(ConnectionId, Reason, String)>,
-    /// Counters of the connections dropped so far, and how many there were.
+    /// Counters of the connections dropped so far, and how many ended for each reason.
     ended: ConnStats,
-    ended_connections: u64,
+    ended_connections: ReasonCounts,
 }
 
 /// Whether a connection runs TLS, and as which side.
@@ -351,7 +351,7 @@ impl Engine {
             shutdown: false,
             graveyard: Default::default(),
             ended: ConnStats::default(),
-            ended_connections: 0,
+            ended_connections: ReasonCounts::default(),
         })
     }
 
@@ -606,7 +606,7 @@ impl Engine {
         }
         let now = Instant::now();
         for (_, d) in self.conns.iter_mut() {
-            d.close(ConnError::LocallyClosed, now);
+            d.shut_down(now);
             d.flush(now);
         }
         self.reap();
@@ -799,12 +799,12 @@ impl Engine {
         for slot in done {
             let mut d = self.conns.remove(slot);
             let _ = d.transport.socket.deregister(self.poll.registry());
-            self.ended.add_counters(&d.conn.stats());
-            self.ended_connections += 1;
             let (reason, message) = match d.conn.error() {
                 Some(e) => (e.reason(), e.to_string()),
                 None => (Reason::GoingAway, "connection closed".to_owned()),
             };
+            self.ended.add_counters(&d.conn.stats());
+            self.ended_connections.record(reason);
             if self.graveyard.len() == GRAVEYARD {
                 self.graveyard.pop_front();
             }

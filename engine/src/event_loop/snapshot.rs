@@ -5,7 +5,7 @@
 //! are fixed fields the protocol increments as frames pass, and the snapshot only copies them.
 
 use super::ConnectionId;
-use crate::proto::{ConnStats, Side, StreamView};
+use crate::proto::{ConnStats, ReasonCounts, Side, StreamView};
 use std::time::Duration;
 
 #[derive(Debug, Clone, Default)]
@@ -14,7 +14,9 @@ pub struct EngineSnapshot {
     /// The counters of connections that have ended (their gauges went with them), so that
     /// [`EngineSnapshot::totals`] never goes backwards.
     pub ended: ConnStats,
-    pub ended_connections: u64,
+    /// Connections that have ended, by why: GOING_AWAY for a graceful close, else the reason
+    /// of the connection error.
+    pub ended_connections: ReasonCounts,
 }
 
 impl EngineSnapshot {
