@@ -320,7 +320,16 @@ fn a_scrape_during_a_100_stream_download_agrees_with_the_reports() {
     let end = scrape_until(server.metrics, "the connection ended", |m| {
         m.get("volstream_connections", &[]) == 0.0
     });
-    assert_eq!(end.get("volstream_connections_ended_total", &[]), 1.0);
+    // The client stopped with nothing left to do: a graceful GOAWAY, not a cancellation.
+    let ended = end.matching("volstream_connections_ended_total", &[]);
+    assert_eq!(ended.iter().map(|s| value(s)).sum::<f64>(), 1.0);
+    assert_eq!(
+        end.get(
+            "volstream_connections_ended_total",
+            &[("reason", "GOING_AWAY")]
+        ),
+        1.0
+    );
     assert!(!end.has("volstream_stream_size_bytes"));
     let sum = |f: fn(&TransferReport) -> u64| reports.iter().map(f).sum::<u64>() as f64;
     assert_eq!(
@@ -377,4 +386,36 @@ fn a_scrape_during_a_100_stream_download_agrees_with_the_reports() {
         .map(|s| value(s))
         .sum();
     assert_eq!(aborted, 0.0);
+}
+
+/// The CLI's download, once its transfers are done, leaves with GOAWAY GOING_AWAY (a clean
+/// close in docs/PROTOCOL.md's terms), not CANCELLED.
+#[test]
+fn a_finished_cli_download_ends_its_connection_gracefully() {
+    let dir = TempDir::new("metrics-goaway");
+    let pool = dir.join("pool");
+    std::fs::create_dir(&pool).unwrap();
+    sparse_file(&pool.join("v.raw"), SIZE, &[DATA], 7);
+    let server = Server::start(&pool);
+    let out = bin()
+        .args(["download", "--connect"])
+        .arg(format!("tcp:{}", server.listen))
+        .arg("v.raw")
+        .arg(dir.join("copy.raw"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let end = scrape_until(server.metrics, "the connection ended", |m| {
+        m.get("volstream_connections", &[]) == 0.0
+    });
+    let reason = |r| end.get("volstream_connections_ended_total", &[("reason", r)]);
+    assert_eq!(reason("GOING_AWAY"), 1.0);
+    assert_eq!(reason("CANCELLED"), 0.0);
+    let goaways = [("direction", "in"), ("type", "GOAWAY")];
+    assert_eq!(end.get("volstream_frames_total", &goaways), 1.0);
+    assert_eq!(end.get("volstream_streams_completed_total", &[]), 1.0);
 }

@@ -3,7 +3,10 @@
 use engine::event_loop::{Endpoint, Transfer};
 use engine::proto::OpenOptions;
 use engine::synthetic::{Synthetic, SyntheticProvider};
-use engine::{Address, Engine, EngineConfig, Reason, TransferReport};
+use engine::{
+    Address, Chunk, Engine, EngineConfig, EngineHandle, EngineSnapshot, Notify, Reason,
+    TransferReport, VolumeWriter, WriteProgress,
+};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -164,7 +167,8 @@ fn snapshot_counts_failures_by_reason_and_keeps_what_ended_connections_counted()
         assert!(Instant::now() < deadline, "connection did not close");
         std::thread::sleep(Duration::from_millis(5));
     };
-    assert_eq!(ended.ended_connections, 1);
+    assert_eq!(ended.ended_connections.total(), 1);
+    assert_eq!(ended.ended_connections.get(Reason::GoingAway), 1);
     let totals = ended.totals();
     assert_eq!(totals.streams_completed, 1);
     assert_eq!(totals.aborts.get(Reason::NotFound), 1);
@@ -177,5 +181,100 @@ fn snapshot_counts_failures_by_reason_and_keeps_what_ended_connections_counted()
     client.shutdown();
     server.shutdown();
     ct.join().unwrap();
+    st.join().unwrap();
+}
+
+/// A sink that takes chunks and never finishes them: its stream stays open.
+struct Stuck;
+
+impl VolumeWriter for Stuck {
+    fn start(&mut self, _size: u64, _notify: Notify) {}
+    fn write(&mut self, _chunk: Chunk) {}
+    fn poll_progress(&mut self) -> WriteProgress {
+        WriteProgress::default()
+    }
+}
+
+/// Waits until `engine` has no connection left, and returns how they ended.
+fn ended(engine: &EngineHandle) -> EngineSnapshot {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = engine.snapshot().unwrap();
+        if s.connections.is_empty() {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "the connection did not end");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// docs/PROTOCOL.md: a side that stops with nothing left to do sends GOAWAY GOING_AWAY (the
+/// peer sees a clean close); CANCELLED is for transfers cut off.
+#[test]
+fn shutting_down_after_the_transfers_is_a_graceful_goaway_and_during_them_cancels() {
+    let volume = Synthetic::new(4, 8 << 20, 0.2);
+    let (server, st) = Engine::spawn(EngineConfig::default()).unwrap();
+    let (_, addr) = server
+        .listen(&socket("goaway"), provider(std::slice::from_ref(&volume)))
+        .unwrap();
+
+    // A finished download, then the client's engine stops.
+    let (client, ct) = Engine::spawn(EngineConfig::default()).unwrap();
+    let conn = client.connect(&addr).unwrap();
+    let done = client.download(
+        conn,
+        "d0",
+        OpenOptions::default(),
+        Box::new(volume.verifier()),
+    );
+    assert_eq!(
+        done.recv_timeout(Duration::from_secs(30)).unwrap().result,
+        Ok(())
+    );
+    client.shutdown();
+    ct.join().unwrap();
+    let after = ended(&server);
+    assert_eq!(
+        after.ended_connections.get(Reason::GoingAway),
+        1,
+        "{after:?}"
+    );
+    assert_eq!(after.ended_connections.total(), 1);
+    assert_eq!(after.totals().frames_in.get("GOAWAY"), Some(1));
+    assert_eq!(after.totals().aborts.total(), 0);
+
+    // A download still running when the client's engine stops: cut off, and said so.
+    let (client, ct) = Engine::spawn(EngineConfig::default()).unwrap();
+    let conn = client.connect(&addr).unwrap();
+    let cut = client.download(conn, "d0", OpenOptions::default(), Box::new(Stuck));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while server
+        .snapshot()
+        .unwrap()
+        .connections
+        .iter()
+        .all(|c| c.streams.is_empty())
+    {
+        assert!(Instant::now() < deadline, "the download never started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    client.shutdown();
+    ct.join().unwrap();
+    let report = cut.recv_timeout(Duration::from_secs(30)).unwrap();
+    assert_eq!(report.result.unwrap_err().reason, Reason::Cancelled);
+    let after = ended(&server);
+    assert_eq!(
+        after.ended_connections.get(Reason::GoingAway),
+        1,
+        "{after:?}"
+    );
+    assert_eq!(
+        after.ended_connections.get(Reason::Cancelled),
+        1,
+        "{after:?}"
+    );
+    assert_eq!(after.totals().frames_in.get("GOAWAY"), Some(2));
+    assert_eq!(after.totals().aborts.get(Reason::Cancelled), 1);
+    server.shutdown();
     st.join().unwrap();
 }

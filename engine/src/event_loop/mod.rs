@@ -599,6 +599,8 @@ impl Engine {
     }
 
     /// Stops listening and ends every connection; `is_shut_down` turns true when they are gone.
+    /// A connection with nothing in flight ends with the graceful GOAWAY (GOING_AWAY); one with
+    /// transfers ends with GOAWAY CANCELLED, and they fail so.
     pub fn shutdown(&mut self) {
         self.shutdown = true;
         for (mut listener, _, _) in self.listeners.drain() {
@@ -987,7 +989,7 @@ impl EngineHandle {
         self.shared.command(Command::Ping { conn });
     }
 
-    /// Ends every connection and stops the loop thread.
+    /// Ends every connection and stops the loop thread (see [`Engine::shutdown`]).
     pub fn shutdown(&self) {
         self.shared.command(Command::Shutdown);
     }
