@@ -7,6 +7,7 @@ mod demo;
 mod destinations;
 mod endpoint;
 mod error;
+mod events;
 mod interrupt;
 mod metrics;
 mod options;

@@ -5,6 +5,7 @@
 use crate::error::CliError;
 use crate::ConnectArg;
 use clap::Args;
+use std::time::Duration;
 
 /// `volstream download`.
 #[derive(Args)]
@@ -123,9 +124,14 @@ struct OutputArgs {
     /// Draw progress bars on stderr (the default when stderr is a terminal, without --json).
     #[arg(long)]
     progress: bool,
-    /// Print one JSON object per transfer instead of text.
+    /// Print JSON lines instead of text: each transfer's started, progress, and finished or
+    /// failed events (on stdout, or on stderr when stdout carries a volume).
     #[arg(long)]
     json: bool,
+    /// Seconds between a transfer's --json progress events (at most one each, and only when
+    /// bytes moved).
+    #[arg(long, value_name = "SECONDS", default_value = "1", value_parser = interval)]
+    progress_interval: Duration,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -162,6 +168,7 @@ pub struct Settings {
     pub top_only: bool,
     pub progress: bool,
     pub json: bool,
+    pub progress_interval: Duration,
     pub pairs: Vec<Pair>,
 }
 
@@ -186,6 +193,7 @@ impl DownloadArgs {
             top_only: self.top_only,
             progress: self.output.progress,
             json: self.output.json,
+            progress_interval: self.output.progress_interval,
             pairs,
         })
     }
@@ -212,6 +220,7 @@ impl UploadArgs {
             top_only: false,
             progress: self.output.progress,
             json: self.output.json,
+            progress_interval: self.output.progress_interval,
             pairs,
         })
     }
@@ -275,6 +284,18 @@ fn granularity(text: &str) -> Result<u32, String> {
     }
 }
 
+/// A positive number of seconds, at most an hour.
+fn interval(text: &str) -> Result<Duration, String> {
+    let value: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    if value > 0.0 && value <= 3600.0 {
+        Ok(Duration::from_secs_f64(value))
+    } else {
+        Err(format!("{text} s: expected more than 0 and at most 3600"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -284,6 +305,17 @@ mod tests {
         }
         for bad in ["1", "3", "256", "4097", "-1", "4k", ""] {
             assert!(super::granularity(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn intervals_are_positive_seconds() {
+        assert_eq!(
+            super::interval("0.25"),
+            Ok(std::time::Duration::from_millis(250))
+        );
+        for bad in ["0", "-1", "NaN", "inf", "3601", "1s", ""] {
+            assert!(super::interval(bad).is_err(), "{bad}");
         }
     }
 }

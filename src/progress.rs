@@ -23,7 +23,12 @@ impl Progress {
         self.sized.store(true, Ordering::Release);
     }
 
-    fn size(&self) -> Option<u64> {
+    /// Logical bytes moved so far.
+    pub fn done(&self) -> u64 {
+        self.done.load(Ordering::Relaxed)
+    }
+
+    pub fn size(&self) -> Option<u64> {
         self.sized
             .load(Ordering::Acquire)
             .then(|| self.size.load(Ordering::Relaxed))

@@ -2,9 +2,10 @@
 
 use crate::endpoint::nbd_uri;
 use crate::error::CliError;
+use crate::events::{self, Events};
 use crate::interrupt::Interrupts;
 use crate::options::{Direction, Settings};
-use crate::out::{json, say, tell};
+use crate::out::{say, tell};
 use crate::progress::{Bars, Counter, CountingReader, CountingWriter};
 use engine::event_loop::{Endpoint, Origin, Transfer};
 use engine::proto::{Op, OpenOptions, StreamStats};
@@ -220,6 +221,18 @@ pub fn run(args: Settings) -> Result<(), CliError> {
                 .collect(),
         )
     });
+    let events = args.json.then(|| {
+        let transfers = pending
+            .iter()
+            .map(|p| events::Transfer {
+                op: verb(direction),
+                volume: p.volume.clone(),
+                file: p.file.display().to_string(),
+                count: p.count.clone(),
+            })
+            .collect();
+        Events::start(transfers, args.progress_interval)
+    });
     let started = Instant::now();
     let mut reports: Vec<Option<TransferReport>> = pending.iter().map(|_| None).collect();
     for _ in 0..pending.len() {
@@ -233,6 +246,9 @@ pub fn run(args: Settings) -> Result<(), CliError> {
         if let Some(bars) = &bars {
             bars.finished(index, report.result.is_ok(), report.elapsed);
         }
+        if let Some(events) = &events {
+            events.ended(index, &report);
+        }
         reports[index] = Some(report);
         if interrupts.caught().is_some() {
             queued.by_ref().for_each(drop);
@@ -245,6 +261,12 @@ pub fn run(args: Settings) -> Result<(), CliError> {
     drop(bars);
     drop(queued);
     let total = pending.len();
+    if let Some(events) = events {
+        // Dropped unstarted after an interrupt: they end too, as cancelled.
+        for (index, _) in reports.iter().enumerate().filter(|(_, r)| r.is_none()) {
+            events.not_run(index, "interrupted before it started");
+        }
+    }
     let reports: Vec<TransferReport> = reports.into_iter().flatten().collect();
     let elapsed = started.elapsed();
     if let Some((engine, thread, _)) = engine {
@@ -265,13 +287,12 @@ pub fn run(args: Settings) -> Result<(), CliError> {
 
     let mut failed = 0;
     for (p, r) in pending.iter().zip(&reports) {
-        let (verb, from, to) = match direction {
-            Direction::Download => ("download", p.volume.clone(), p.file.display().to_string()),
-            Direction::Upload => ("upload", p.file.display().to_string(), p.volume.clone()),
+        let verb = verb(direction);
+        let (from, to) = match direction {
+            Direction::Download => (p.volume.clone(), p.file.display().to_string()),
+            Direction::Upload => (p.file.display().to_string(), p.volume.clone()),
         };
-        if args.json {
-            say!("{}", report_json(verb, p, r));
-        } else if r.result.is_ok() {
+        if r.result.is_ok() && !args.json {
             let tail = match direction {
                 Direction::Download => crate::destinations::device_tail(&p.file, r.size),
                 Direction::Upload => None,
@@ -478,33 +499,9 @@ fn download_sink(args: &Settings, local: Local) -> Result<Box<dyn VolumeWriter>,
     Ok(Box::new(backend.create(&file, options)))
 }
 
-/// One transfer of `--json`.
-#[derive(serde::Serialize)]
-struct ReportLine<'a> {
-    op: &'a str,
-    volume: &'a str,
-    file: String,
-    ok: bool,
-    size: u64,
-    data_bytes: u64,
-    hole_bytes: u64,
-    wire_bytes: u64,
-    seconds: f64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<String>,
-}
-
-fn report_json(op: &str, p: &Pending, r: &TransferReport) -> String {
-    json(&ReportLine {
-        op,
-        volume: &p.volume,
-        file: p.file.display().to_string(),
-        ok: r.result.is_ok(),
-        size: r.size,
-        data_bytes: r.stats.data_bytes,
-        hole_bytes: r.stats.hole_bytes,
-        wire_bytes: r.stats.wire_bytes,
-        seconds: r.elapsed.as_secs_f64(),
-        error: r.result.as_ref().err().map(|e| e.to_string()),
-    })
+fn verb(direction: Direction) -> &'static str {
+    match direction {
+        Direction::Download => "download",
+        Direction::Upload => "upload",
+    }
 }

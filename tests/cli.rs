@@ -63,8 +63,16 @@ fn round_trip_with(tag: &str, listen: &str, server_args: &[String], client_args:
     let out = run(&mut upload);
     assert!(out.status.success(), "upload: {:?}", stderr_lines(&out));
     let json = String::from_utf8(out.stdout).unwrap();
-    assert_eq!(json.lines().count(), volumes.len());
-    assert!(json.lines().all(|l| l.contains("\"ok\":true")), "{json}");
+    let ends: Vec<&str> = json
+        .lines()
+        .filter(|l| !l.contains("\"event\":\"started\"") && !l.contains("\"event\":\"progress\""))
+        .collect();
+    assert_eq!(ends.len(), volumes.len(), "{json}");
+    assert!(
+        ends.iter()
+            .all(|l| l.starts_with("{\"event\":\"finished\"") && l.contains("\"ok\":true")),
+        "{json}"
+    );
     for (name, _, _) in &volumes {
         assert_eq!(
             read_all(&pool.join(name)),

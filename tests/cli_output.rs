@@ -103,11 +103,13 @@ fn json_output_parses_with_typed_fields() {
     assert_eq!(listing[0]["allocated"], 8192);
 
     let copy = dir.join("copy \"1\".raw");
-    let reports = json_lines(&run(bin()
+    let events = json_lines(&run(bin()
         .args(["download", "--json", "--connect", &listen, name])
         .arg(&copy)));
-    assert_eq!(reports.len(), 1);
-    let r = &reports[0];
+    assert_eq!(events[0]["event"], "started", "{events:?}");
+    let r = events.last().unwrap();
+    assert_eq!(r["event"], "finished", "{events:?}");
+    assert_eq!(r["index"], 0);
     assert_eq!(r["op"], "download");
     assert_eq!(r["volume"], name);
     assert_eq!(r["file"], copy.to_str().unwrap());
@@ -170,16 +172,26 @@ fn a_download_to_stdout_keeps_the_data_clean() {
             "{file} {extra:?}: stdout is the volume, nothing else"
         );
         let err = stderr_lines(&out);
-        assert_eq!(err.len(), 1, "{err:?}");
         match extra {
+            // The events, every line of them JSON, on stderr.
             Some(_) => {
-                let report: serde_json::Value = serde_json::from_str(&err[0]).unwrap();
-                assert_eq!(report["ok"], true);
+                let events: Vec<serde_json::Value> = err
+                    .iter()
+                    .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+                    .collect();
+                assert_eq!(events[0]["event"], "started", "{err:?}");
+                let end = events.last().unwrap();
+                assert_eq!(end["event"], "finished", "{err:?}");
+                assert_eq!(end["ok"], true);
+                assert_eq!(end["file"], "-");
             }
-            None => assert!(
-                err[0].contains("v.raw") && err[0].contains("bytes"),
-                "{err:?}"
-            ),
+            None => {
+                assert_eq!(err.len(), 1, "{err:?}");
+                assert!(
+                    err[0].contains("v.raw") && err[0].contains("bytes"),
+                    "{err:?}"
+                )
+            }
         }
         assert!(!dir.join("-").exists(), "`-` is no file name");
     }
@@ -228,14 +240,15 @@ fn an_upload_reads_a_pipe_of_a_given_size() {
     };
 
     let out = upload(Some(content.len()), "piped.raw");
-    let reports = json_lines(&out);
+    let events = json_lines(&out);
     assert_eq!(read_all(&pool.join("piped.raw")), content);
-    assert_eq!(reports[0]["size"], content.len());
-    let holes = reports[0]["hole_bytes"].as_u64().unwrap();
+    let report = events.last().unwrap();
+    assert_eq!(report["event"], "finished", "{events:?}");
+    assert_eq!(report["size"], content.len());
+    let holes = report["hole_bytes"].as_u64().unwrap();
     assert!(
         holes >= 4 * MIB,
-        "zero detection applies to a pipe: {}",
-        reports[0]
+        "zero detection applies to a pipe: {report}"
     );
 
     let out = upload(None, "nosize.raw");
