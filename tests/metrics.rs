@@ -278,16 +278,22 @@ fn a_scrape_during_a_100_stream_download_agrees_with_the_reports() {
         .sum();
     assert_eq!(in_use, mid.get(&conn_("send_window_in_use_bytes"), &[]));
     assert_eq!(mid.get("volstream_streams_completed_total", &[]), 0.0);
-    // Every stream that sent content knows when its first byte went.
-    let firsts = mid
+    // A stream knows its time to first byte once it took content from its source: then it
+    // has sent some, or holds it queued for want of credit.
+    let stream_of = |s: &Sample| s.labels.get("stream").unwrap().to_owned();
+    let firsts: Vec<String> = mid
         .matching("volstream_stream_first_byte_seconds", &[])
-        .len();
-    let started = mid
-        .matching("volstream_stream_wire_bytes_total", &[])
-        .iter()
-        .filter(|s| value(s) > 0.0)
-        .count();
-    assert!(firsts > 0 && firsts == started, "{firsts} of {started}");
+        .into_iter()
+        .map(stream_of)
+        .collect();
+    assert!(!firsts.is_empty());
+    for s in &sizes {
+        let id = stream_of(s);
+        let of = |name: &str| mid.get(name, &[("stream", &id)]);
+        let took = of("volstream_stream_wire_bytes_total") > 0.0
+            || of("volstream_stream_queued_chunks") > 0.0;
+        assert_eq!(firsts.contains(&id), took, "stream {id}");
+    }
     // Each scrape pings the connection: its round trip shows up although data is stuck.
     scrape_until(server.metrics, "the connection's RTT", |m| {
         m.has(&conn_("rtt_seconds"))
