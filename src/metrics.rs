@@ -8,13 +8,12 @@
 //! Scrapes are answered one at a time.
 
 use crate::error::CliError;
+use engine::metrics::{self, Request};
 use engine::{Address, EngineHandle};
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
-/// Longest request head read; a scraper's is a few hundred bytes.
-const MAX_REQUEST: usize = 8 * 1024;
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Listens on `spec` (`tcp:HOST:PORT`) and answers scrapes on a thread of its own. Returns the
@@ -54,63 +53,48 @@ pub fn serve(spec: &str, engine: EngineHandle) -> Result<SocketAddr, CliError> {
 fn answer(mut stream: TcpStream, engine: &EngineHandle) -> io::Result<()> {
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
-    let head = read_head(&mut stream)?;
-    let line = head.lines().next().unwrap_or_default();
-    let mut words = line.split(' ');
-    let (method, target) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
-    let path = target.split('?').next().unwrap_or("");
-    if method != "GET" {
-        return respond(
-            &mut stream,
-            "405 Method Not Allowed",
-            "text/plain",
-            b"GET only\n",
-        );
-    }
-    if path != "/metrics" {
-        return respond(
-            &mut stream,
-            "404 Not Found",
-            "text/plain",
-            b"try /metrics\n",
-        );
-    }
-    let snapshot = match engine.snapshot() {
-        Ok(snapshot) => snapshot,
-        Err(e) => {
-            let body = format!("{e}\n");
-            return respond(
-                &mut stream,
-                "503 Service Unavailable",
-                "text/plain",
-                body.as_bytes(),
-            );
-        }
+    let (status, body) = match read_request(&mut stream)? {
+        Request::Metrics => match engine.snapshot() {
+            Ok(snapshot) => {
+                let body = metrics::prometheus(&snapshot);
+                respond(
+                    &mut stream,
+                    "200 OK",
+                    metrics::CONTENT_TYPE,
+                    body.as_bytes(),
+                )?;
+                // Keepalive pings only idle peers; pinging at each scrape keeps every
+                // connection's RTT at most one scrape interval old.
+                for c in &snapshot.connections {
+                    engine.ping(c.id);
+                }
+                return Ok(());
+            }
+            Err(e) => ("503 Service Unavailable", format!("{e}\n")),
+        },
+        Request::NotFound => ("404 Not Found", "try /metrics\n".to_owned()),
+        Request::MethodNotAllowed => ("405 Method Not Allowed", "GET only\n".to_owned()),
+        Request::TooLong => (
+            "431 Request Header Fields Too Large",
+            "too long\n".to_owned(),
+        ),
+        // read_request returns none: it reads until the head is complete.
+        Request::Incomplete => ("400 Bad Request", "incomplete request\n".to_owned()),
     };
-    let body = engine::metrics::prometheus(&snapshot);
-    respond(
-        &mut stream,
-        "200 OK",
-        engine::metrics::CONTENT_TYPE,
-        body.as_bytes(),
-    )?;
-    // Keepalive pings only idle peers; pinging at each scrape keeps every connection's RTT at
-    // most one scrape interval old.
-    for c in &snapshot.connections {
-        engine.ping(c.id);
-    }
-    Ok(())
+    respond(&mut stream, status, "text/plain", body.as_bytes())
 }
 
-/// The request line and headers, up to the blank line.
-fn read_head(stream: &mut TcpStream) -> io::Result<String> {
+/// Reads until the request head is complete (or too long); `metrics::request` judges it.
+fn read_request(stream: &mut TcpStream) -> io::Result<Request> {
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        if head.len() >= MAX_REQUEST {
-            return Err(io::Error::other("request head too long"));
+    loop {
+        match metrics::request(&head) {
+            Request::Incomplete => {}
+            done => return Ok(done),
         }
-        let n = stream.read(&mut buf)?;
+        let room = (metrics::MAX_REQUEST - head.len()).min(buf.len());
+        let n = stream.read(&mut buf[..room])?;
         if n == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
@@ -119,7 +103,6 @@ fn read_head(stream: &mut TcpStream) -> io::Result<String> {
         }
         head.extend_from_slice(&buf[..n]);
     }
-    Ok(String::from_utf8_lossy(&head).into_owned())
 }
 
 fn respond(

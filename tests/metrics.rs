@@ -425,3 +425,31 @@ fn a_finished_cli_download_ends_its_connection_gracefully() {
     assert_eq!(end.get("volstream_frames_total", &goaways), 1.0);
     assert_eq!(end.get("volstream_streams_completed_total", &[]), 1.0);
 }
+
+/// Requests other than `GET /metrics` get an HTTP error naming the problem, and the metrics
+/// keep being served.
+#[test]
+fn other_requests_get_clear_http_errors() {
+    let dir = TempDir::new("metrics-http");
+    let server = Server::start(&dir.0);
+    let ask = |request: &[u8]| -> String {
+        let mut s = TcpStream::connect(server.metrics).unwrap();
+        s.write_all(request).unwrap();
+        let mut response = String::new();
+        s.read_to_string(&mut response).unwrap();
+        response.lines().next().unwrap_or_default().to_owned()
+    };
+    assert_eq!(ask(b"GET / HTTP/1.1\r\n\r\n"), "HTTP/1.1 404 Not Found");
+    assert_eq!(
+        ask(b"POST /metrics HTTP/1.1\r\n\r\n"),
+        "HTTP/1.1 405 Method Not Allowed"
+    );
+    let mut long = b"GET /metrics HTTP/1.1\r\nX: ".to_vec();
+    // Exactly the limit, so the server has read all of it when it answers.
+    long.resize(engine::metrics::MAX_REQUEST, b'a');
+    assert_eq!(ask(&long), "HTTP/1.1 431 Request Header Fields Too Large");
+    assert_eq!(
+        scrape(server.metrics).get("volstream_connections", &[]),
+        0.0
+    );
+}

@@ -15,6 +15,56 @@ use std::fmt::{Display, Write};
 /// The `Content-Type` of what [`prometheus`] writes.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
+/// Longest request head a scraper may send; a real one is a few hundred bytes.
+pub const MAX_REQUEST: usize = 8 * 1024;
+
+/// What the bytes a scraper sent so far ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    /// The head has not ended yet: read more.
+    Incomplete,
+    /// `GET /metrics` (any query string ignored).
+    Metrics,
+    /// A GET for another path.
+    NotFound,
+    /// Another method, or a request line that is none.
+    MethodNotAllowed,
+    /// `MAX_REQUEST` bytes and no end of the head.
+    TooLong,
+}
+
+/// Reads an HTTP/1.x request head (everything up to the blank line) from a peer's bytes. Only
+/// the request line matters; headers are skipped unread.
+pub fn request(head: &[u8]) -> Request {
+    let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return if head.len() >= MAX_REQUEST {
+            Request::TooLong
+        } else {
+            Request::Incomplete
+        };
+    };
+    if end > MAX_REQUEST {
+        return Request::TooLong;
+    }
+    let line = head[..end]
+        .split(|&b| b == b'\r')
+        .next()
+        .unwrap_or_default();
+    let mut words = line.split(|&b| b == b' ');
+    let (method, target) = (words.next(), words.next());
+    match (method, target) {
+        (Some(b"GET"), Some(target)) => {
+            let path = target.split(|&b| b == b'?').next().unwrap_or_default();
+            if path == b"/metrics" {
+                Request::Metrics
+            } else {
+                Request::NotFound
+            }
+        }
+        _ => Request::MethodNotAllowed,
+    }
+}
+
 /// The snapshot as Prometheus text.
 pub fn prometheus(snapshot: &EngineSnapshot) -> String {
     let mut w = Writer(String::with_capacity(4096 + 2048 * stream_count(snapshot)));
@@ -349,6 +399,23 @@ mod tests {
         let mut w = Writer(String::new());
         w.family("m", "gauge", "a \"b\" c\\d\ne");
         assert_eq!(w.0, "# HELP m a \"b\" c\\\\d\\ne\n# TYPE m gauge\n");
+    }
+
+    #[test]
+    fn requests_are_read_from_their_line_once_the_head_ends() {
+        let get = |line: &str| request(format!("{line}\r\nHost: x\r\n\r\n").as_bytes());
+        assert_eq!(get("GET /metrics HTTP/1.1"), Request::Metrics);
+        assert_eq!(get("GET /metrics?x=1 HTTP/1.0"), Request::Metrics);
+        assert_eq!(get("GET / HTTP/1.1"), Request::NotFound);
+        assert_eq!(get("GET /metricsx HTTP/1.1"), Request::NotFound);
+        assert_eq!(get("POST /metrics HTTP/1.1"), Request::MethodNotAllowed);
+        assert_eq!(get("GET"), Request::MethodNotAllowed);
+        assert_eq!(get(""), Request::MethodNotAllowed);
+        assert_eq!(request(b"GET /metrics HTTP/1.1\r\n"), Request::Incomplete);
+        assert_eq!(request(&[b'a'; MAX_REQUEST]), Request::TooLong);
+        let mut long = vec![b'a'; MAX_REQUEST + 1];
+        long.extend_from_slice(b"\r\n\r\n");
+        assert_eq!(request(&long), Request::TooLong);
     }
 
     #[test]

@@ -78,6 +78,7 @@ fn every_corpus_file_replays_through_both_targets() {
             eprintln!("replaying {}", path.display());
             frames += harness::decode_frames(&bytes, harness::DECODE_MAX);
             connected += harness::drive_server(&bytes, harness::PIECES).connected as usize;
+            harness::metrics_request(&bytes);
             total += 1;
         }
     }

@@ -285,3 +285,27 @@ pub fn drive_server(data: &[u8], pieces: &[usize]) -> Outcome {
     assert!(driver.outcome.error.is_some(), "no Closed event");
     driver.outcome
 }
+
+/// Judges `data` as a scraper's request head the way `serve --metrics` does: as it arrives in
+/// pieces, stopping at the first verdict. An unfinished head is never judged, a finished one
+/// always is.
+pub fn metrics_request(data: &[u8]) -> engine::metrics::Request {
+    use engine::metrics::{request, Request, MAX_REQUEST};
+    let data = &data[..data.len().min(MAX_REQUEST + 64)];
+    let (mut end, mut verdict) = (0, request(&[]));
+    for piece in PIECES.iter().cycle() {
+        if verdict != Request::Incomplete || end == data.len() {
+            break;
+        }
+        end = (end + piece).min(data.len());
+        verdict = request(&data[..end]);
+    }
+    let ended = data[..end].windows(4).any(|w| w == b"\r\n\r\n");
+    match verdict {
+        Request::Incomplete => assert!(!ended && end < MAX_REQUEST, "a head left unjudged"),
+        Request::TooLong => assert!(end >= MAX_REQUEST, "a short head called too long"),
+        Request::Metrics => assert!(data.starts_with(b"GET /metrics"), "not a scrape"),
+        Request::NotFound | Request::MethodNotAllowed => assert!(ended, "judged unfinished"),
+    }
+    verdict
+}
