@@ -309,11 +309,16 @@ impl Driver {
                 Err(OpenError::NotReady | OpenError::TooManyStreams) => return,
                 Err(OpenError::GoingAway) => {
                     self.waiting.pop_front();
-                    let error = failure(
-                        Reason::GoingAway,
-                        "connection is going away",
-                        Origin::Connection,
-                    );
+                    // A connection that ended (a peer's GOAWAY can arrive with its Hello) says
+                    // why; only a graceful one is just going away.
+                    let error = match self.conn.error() {
+                        Some(e) => failure(e.reason(), e.to_string(), Origin::Connection),
+                        None => failure(
+                            Reason::GoingAway,
+                            "connection is going away",
+                            Origin::Connection,
+                        ),
+                    };
                     self.end_local(key, StreamStats::default(), Err(error), now);
                 }
                 Err(OpenError::InvalidName) => {
