@@ -103,7 +103,7 @@ impl fmt::Display for Reason {
 }
 
 /// The codes docs/PROTOCOL.md defines, in code order (PROTOCOL is 1), named as there.
-const NAMES: [&str; 16] = [
+const NAMES: [&str; 17] = [
     "PROTOCOL",
     "INTERNAL",
     "NOT_FOUND",
@@ -120,6 +120,7 @@ const NAMES: [&str; 16] = [
     "CONNECTION_LOST",
     "UNSUPPORTED",
     "GOING_AWAY",
+    "DEVICE_TOO_SMALL",
 ];
 
 impl Reason {
@@ -181,6 +182,12 @@ mod tests {
     fn names_follow_codes_and_undefined_codes_share_a_slot() {
         assert_eq!(Reason::NotFound.name(), Some("NOT_FOUND"));
         assert_eq!(Reason::GoingAway.name(), Some("GOING_AWAY"));
+        assert_eq!(Reason::DeviceTooSmall.name(), Some("DEVICE_TOO_SMALL"));
+        // Every defined code has its name, so none falls into the shared slot.
+        for code in 1..=NAMES.len() as u32 {
+            assert!(Reason::from_code(code).name().is_some(), "{code}");
+        }
+        assert_eq!(Reason::from_code(NAMES.len() as u32 + 1).name(), None);
         assert_eq!(Reason::Other(0).name(), None);
         let mut counts = ReasonCounts::default();
         counts.record(Reason::Timeout);
@@ -191,5 +198,23 @@ mod tests {
         assert_eq!(counts.total(), 3);
         let listed: Vec<_> = counts.iter().filter(|(_, n)| *n > 0).collect();
         assert_eq!(listed, [(Some(Reason::Timeout), 1), (None, 2)]);
+    }
+
+    /// The names are docs/PROTOCOL.md's section 5 table, code for code: a code added there
+    /// and not here would be counted and labelled as OTHER.
+    #[test]
+    fn names_are_the_protocol_documents_table() {
+        let doc = include_str!("../../docs/PROTOCOL.md");
+        let section = doc.split("## 5. Reason codes").nth(1).unwrap();
+        let table: Vec<(u32, &str)> = section
+            .lines()
+            .take_while(|l| !l.starts_with("## "))
+            .filter_map(|l| {
+                let mut cols = l.split('|').map(str::trim).skip(1);
+                Some((cols.next()?.parse().ok()?, cols.next()?))
+            })
+            .collect();
+        let ours: Vec<(u32, &str)> = (1..).zip(NAMES).collect();
+        assert_eq!(table, ours);
     }
 }
