@@ -262,19 +262,25 @@ fn shutting_down_after_the_transfers_is_a_graceful_goaway_and_during_them_cancel
     ct.join().unwrap();
     let report = cut.recv_timeout(Duration::from_secs(30)).unwrap();
     assert_eq!(report.result.unwrap_err().reason, Reason::Cancelled);
+    // The server never counts it as graceful. It reads the GOAWAY CANCELLED, or, when the
+    // client's socket closed with content it had not read (the stuck sink stopped its
+    // reading), the reset may reach the server first: then the connection was lost.
     let after = ended(&server);
+    let ends = after.ended_connections;
+    assert_eq!(ends.get(Reason::GoingAway), 1, "{after:?}");
+    assert_eq!(ends.total(), 2, "{after:?}");
     assert_eq!(
-        after.ended_connections.get(Reason::GoingAway),
+        ends.get(Reason::Cancelled) + ends.get(Reason::ConnectionLost),
         1,
         "{after:?}"
     );
+    let aborts = after.totals().aborts;
+    assert_eq!(aborts.total(), 1, "{after:?}");
     assert_eq!(
-        after.ended_connections.get(Reason::Cancelled),
+        aborts.get(Reason::Cancelled) + aborts.get(Reason::ConnectionLost),
         1,
         "{after:?}"
     );
-    assert_eq!(after.totals().frames_in.get("GOAWAY"), Some(2));
-    assert_eq!(after.totals().aborts.get(Reason::Cancelled), 1);
     server.shutdown();
     st.join().unwrap();
 }
