@@ -425,6 +425,8 @@ fn local_copy(
                 ..StreamStats::default()
             },
             elapsed: started.elapsed(),
+            // A local copy does not time its first byte.
+            first_byte: None,
             // Both ends are this host's: whichever failed describes itself.
             result: result.map(|_| ()).map_err(|e| TransferError {
                 reason: e.reason,
