@@ -57,6 +57,11 @@ pub struct DownloadArgs {
     /// For a qcow2 overlay: only its own clusters, what its backing files hold as holes.
     #[arg(long)]
     top_only: bool,
+    /// After writing each FILE, read it back (data by its map, holes as holes) and compare it
+    /// with what the server sent; a difference fails that volume, naming the first offset
+    /// found to differ. Not for stdout.
+    #[arg(long)]
+    verify: bool,
     #[command(flatten)]
     output: OutputArgs,
     /// VOLUME FILE pairs: the server's VOLUME is written to the local FILE (`-` is stdout;
@@ -166,6 +171,7 @@ pub struct Settings {
     pub force_share: bool,
     /// Downloads: only a qcow2 overlay's own clusters.
     pub top_only: bool,
+    pub verify: bool,
     pub progress: bool,
     pub json: bool,
     pub progress_interval: Duration,
@@ -191,6 +197,7 @@ impl DownloadArgs {
             direct: self.direct,
             force_share: self.force_share,
             top_only: self.top_only,
+            verify: self.verify,
             progress: self.output.progress,
             json: self.output.json,
             progress_interval: self.output.progress_interval,
@@ -218,6 +225,7 @@ impl UploadArgs {
             direct: self.direct,
             force_share: self.force_share,
             top_only: false,
+            verify: false,
             progress: self.output.progress,
             json: self.output.json,
             progress_interval: self.output.progress_interval,

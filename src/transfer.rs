@@ -444,6 +444,7 @@ fn writer_options(args: &Settings) -> WriterOptions {
         overwrite: args.overwrite,
         no_sync: args.no_sync,
         direct: args.direct,
+        verify: args.verify,
         ..WriterOptions::default()
     }
 }

@@ -47,6 +47,13 @@ pub enum Error {
         to: u64,
         cause: Box<Error>,
     },
+    /// Read back after writing, the destination differs from what was received: at `offset`
+    /// exactly, or (`exact` false) somewhere in the 1 MiB from `offset`.
+    VerifyFailed {
+        target: String,
+        offset: u64,
+        exact: bool,
+    },
     Cancelled,
     /// An iohelper process failed: it died, hung, or broke the helper protocol.
     Helper(String),
@@ -84,6 +91,7 @@ impl Error {
             Error::DigestMismatch { .. } => Reason::DigestMismatch,
             Error::Length { .. } => Reason::Protocol,
             Error::Partial { cause, .. } => cause.reason(),
+            Error::VerifyFailed { .. } => Reason::DigestMismatch,
             Error::Cancelled => Reason::Cancelled,
             Error::Helper(_) => Reason::Io,
             Error::Nbd { source, .. } => match source {
@@ -162,6 +170,18 @@ impl fmt::Display for Error {
             Error::Partial { from, to, cause } => write!(
                 f,
                 "{cause}; bytes {from}..{to} were not written (everything before {from} was)"
+            ),
+            Error::VerifyFailed {
+                target,
+                offset,
+                exact: true,
+            } => write!(
+                f,
+                "verify: {target} read back differs from the source at byte {offset}"
+            ),
+            Error::VerifyFailed { target, offset, .. } => write!(
+                f,
+                "verify: {target} read back differs from the source in the MiB at byte {offset}"
             ),
             Error::Cancelled => f.write_str("cancelled"),
             Error::Helper(m) => f.write_str(m),

@@ -25,6 +25,7 @@ pub mod punch;
 pub mod reader;
 mod sink;
 pub mod temp;
+mod verify;
 pub mod writer;
 pub mod zero;
 

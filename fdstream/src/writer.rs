@@ -14,6 +14,7 @@ use crate::pool::{Job, JobHandle, Pool, Step, WeakJobHandle};
 use crate::punch::{self, Zeroer};
 use crate::sink;
 use crate::temp;
+use crate::verify::Expected;
 use engine::proto::OpenOptions;
 use engine::{Chunk, Digest, Notify, VolumeError, VolumeWriter, WriteProgress};
 use std::collections::VecDeque;
@@ -49,6 +50,10 @@ pub struct WriterOptions {
     /// dropped from it at commit, so the copy leaves nothing cached. Where the file system
     /// refuses O_DIRECT, writing falls back to buffered I/O with a logged warning.
     pub direct: bool,
+    /// After the last write, read the destination back (its data by the file's map, holes
+    /// as holes) and compare it with what was received; a difference fails the volume with
+    /// the first offset found to differ. Not for streams, which cannot be read back.
+    pub verify: bool,
     /// Workers to use; the process-wide pool when `None`.
     pub pool: Option<Arc<Pool>>,
 }
@@ -437,6 +442,8 @@ struct Work {
     direct_on: bool,
     align: u64,
     direct: DirectWrites,
+    /// What was received, region by region, when the destination is to be read back.
+    expected: Option<Expected>,
 }
 
 impl Job for WriteJob {
@@ -555,6 +562,7 @@ impl Work {
             direct_on: false,
             align: fd::DIRECT_ALIGN,
             direct: DirectWrites::default(),
+            expected: None,
         }
     }
 
@@ -618,6 +626,9 @@ impl Work {
                 self.zeroer = Zeroer::new(self.kind, self.options.allocated);
                 self.file = Some(file);
             }
+        }
+        if self.options.verify && self.kind != Kind::Stream {
+            self.expected = Some(Expected::default());
         }
         if let (true, Some(file)) = (self.options.direct && self.kind != Kind::Stream, &self.file) {
             self.align = fd::direct_align(file, self.kind);
@@ -720,6 +731,9 @@ impl Work {
                     r.map_err(|e| Error::io(format!("writing {} at {at}", self.shown), e))?;
                 }
                 self.digest.update(bytes);
+                if let Some(e) = &mut self.expected {
+                    e.data(bytes);
+                }
                 at += len;
             }
         }
@@ -729,6 +743,10 @@ impl Work {
     }
 
     fn partial(&self, e: Error) -> Error {
+        if matches!(e, Error::VerifyFailed { .. }) {
+            // Everything was written; it was the reading back that differed.
+            return e;
+        }
         if self.temp.is_none() && self.kind != Kind::Stream {
             let from = self.next + self.hole_done.unwrap_or(0);
             return Error::Partial {
@@ -760,6 +778,9 @@ impl Work {
                 self.bytes_written
                     .fetch_add(bytes.len() as u64, Ordering::Relaxed);
                 self.digest.update(bytes);
+                if let Some(e) = &mut self.expected {
+                    e.data(bytes);
+                }
                 self.next += bytes.len() as u64;
                 Ok(true)
             }
@@ -769,6 +790,9 @@ impl Work {
                     None => {
                         self.check_offset(offset, len)?;
                         self.digest.update_zeroes(len);
+                        if let Some(e) = &mut self.expected {
+                            e.hole(len);
+                        }
                         0
                     }
                 };
@@ -875,9 +899,23 @@ impl Work {
             file.sync_data()
                 .map_err(|e| Error::io(format!("syncing {shown}"), e))?;
         }
-        if self.direct_on {
+        if self.direct_on || self.expected.is_some() {
+            // Reading back then reads what reached the device, where it was synced.
             direct::drop_cached(&file)
                 .map_err(|e| Error::io(format!("dropping {shown} from the page cache"), e))?;
+        }
+        if let Some(expected) = self.expected.take() {
+            if self.direct_on {
+                // Reads into ordinary memory.
+                fd::set_direct(&file, false)
+                    .map_err(|e| Error::io(format!("reading {shown} back"), e))?;
+            }
+            // Before the rename: nothing unverified gets the final name.
+            expected.check(&file, self.kind, self.size, &shown)?;
+            if self.direct_on {
+                direct::drop_cached(&file)
+                    .map_err(|e| Error::io(format!("dropping {shown} from the page cache"), e))?;
+            }
         }
         drop(file);
         if let (Some(dir), Some(temp)) = (&self.dir, &self.temp) {

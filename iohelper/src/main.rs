@@ -8,7 +8,7 @@
 //!                          [--no-extents] [--force-share] [--stream-size N] [--direct]
 //! volstream-iohelper write --shown NAME --size N (--path P | --fd | --create NAME [--temp NAME]
 //!                          | --in-dir NAME)
-//!                          [--allocated] [--destination-is-zero] [--overwrite] [--no-sync] [--direct]
+//!                          [--allocated] [--destination-is-zero] [--overwrite] [--no-sync] [--verify] [--direct]
 //! ```
 //!
 //! It runs fdstream's own synchronous cores (`ReadCore`, `WriteCore`), so its results are those
@@ -51,6 +51,7 @@ struct Args {
     destination_is_zero: bool,
     overwrite: bool,
     no_sync: bool,
+    verify: bool,
 }
 
 fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Args, String> {
@@ -89,6 +90,7 @@ fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Args, String> {
             "--destination-is-zero" => a.destination_is_zero = true,
             "--overwrite" => a.overwrite = true,
             "--no-sync" => a.no_sync = true,
+            "--verify" => a.verify = true,
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -296,6 +298,7 @@ fn write(a: &Args, conn: &mut Conn) -> Result<(), Failure> {
         overwrite: a.overwrite,
         no_sync: a.no_sync,
         direct: a.direct,
+        verify: a.verify,
         pool: None,
     };
     let target = if let Some(p) = &a.path {

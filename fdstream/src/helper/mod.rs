@@ -1276,6 +1276,7 @@ impl VolumeWriter for HelperWriter {
             );
             flag(&mut args, "--overwrite", options.overwrite);
             flag(&mut args, "--no-sync", options.no_sync);
+            flag(&mut args, "--verify", options.verify);
             flag(&mut args, "--direct", helper.direct || options.direct);
             spawn(&entry, helper.program(), Launch { args, fd, dir }, None);
         });
