@@ -92,6 +92,56 @@ fn a_new_stream_sends_its_first_frame_before_the_next_bulk_frame() {
 }
 
 #[test]
+fn a_stream_of_small_messages_queues_a_frame_of_them_while_bulk_fills_the_send_buffer() {
+    const BULK: usize = 16;
+    // A connection send buffer the bulk uploads alone overfill (16 x 512 KiB), so every
+    // stream is held to the "little queued" rule.
+    let config = Config {
+        conn_send_buffer: 2 * MIB as u32,
+        ..Config::default()
+    };
+    let mut pair = Pair::new(config.clone(), Config::default());
+    pair.connect();
+    pair.client.auto_pump = false;
+    let bulk: Vec<StreamId> = (0..BULK)
+        .map(|i| {
+            pair.client
+                .upload(&format!("bulk{i}"), Volume::data(64 * MIB))
+                .unwrap()
+        })
+        .collect();
+    let message = 4096u64;
+    let probe = pair
+        .client
+        .upload(
+            "probe",
+            Volume {
+                size: 64 * message,
+                chunk: message as usize,
+                hole_every: None,
+            },
+        )
+        .unwrap();
+    assert!(pair.run_until(100, |p| {
+        p.client.was_accepted(probe) && bulk.iter().all(|&id| p.client.was_accepted(id))
+    }));
+    for &id in &bulk {
+        pair.client.pump(id, 64);
+    }
+    let queued = pair.client.conn.stats().send_queued;
+    assert!(queued > config.conn_send_buffer as u64, "{queued} queued");
+    // 64 messages ready at once: the probe takes them until it holds a frame's worth. Held
+    // to one message, it sent one per scheduling round and its messages waited in the source.
+    pair.client.pump(probe, 64);
+    let taken = (pair.client.conn.stats().send_queued - queued) / message;
+    assert_eq!(
+        taken,
+        config.send_frame as u64 / message,
+        "the probe took {taken} messages"
+    );
+}
+
+#[test]
 fn a_stalled_sink_holds_back_only_its_own_stream() {
     const HEALTHY: usize = 3;
     let size = 16 * MIB;

@@ -51,6 +51,7 @@ impl SendSide {
             rules: RoomRules {
                 send_buffer: config.send_buffer as usize,
                 conn_send_buffer: config.conn_send_buffer as usize,
+                frame: config.send_frame as usize,
             },
         };
         send.set_max_payload(MIN_MAX_FRAME, config);
@@ -256,19 +257,27 @@ impl Connection {
 }
 
 /// How much a sender may queue locally: `send_buffer` per stream, `conn_send_buffer` for all
-/// of them, except that a stream with an empty queue may always take one chunk, so every
-/// stream keeps moving while memory stays near the connection's cap.
+/// of them, except that a stream with less than a frame queued may always take one more chunk,
+/// so every stream keeps moving while memory stays near the connection's cap plus a frame and
+/// a chunk per stream.
+///
+/// A frame, not an empty queue: with bulk streams over the cap, a stream of small messages
+/// that could hold only one message sent one per scheduling round (a round per transmit-queue
+/// refill) however much of its quantum was left, so at 0.2 GB/s of 256 KiB refills a 4 KiB
+/// message every millisecond fell behind and waited in its source for up to seconds.
 #[derive(Debug, Clone, Copy)]
 struct RoomRules {
     send_buffer: usize,
     conn_send_buffer: usize,
+    /// Largest DATA payload we send: a round's worth for a stream of small messages.
+    frame: usize,
 }
 
 impl RoomRules {
     fn allows(self, send: &SendHalf, queued_total: usize) -> bool {
         let ends = matches!(send.queue.back(), Some(Chunk::End { .. }));
         let stream_room = send.queued_bytes < self.send_buffer && send.queue.len() < QUEUE_CHUNKS;
-        let conn_room = send.queued_bytes == 0 || queued_total < self.conn_send_buffer;
+        let conn_room = send.queued_bytes < self.frame || queued_total < self.conn_send_buffer;
         !ends && stream_room && conn_room
     }
 }
