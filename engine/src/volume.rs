@@ -70,7 +70,13 @@ impl VolumeError {
 
 impl fmt::Display for VolumeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.reason, self.message)
+        // Sources and sinks often say their category themselves ("device too small: ..."):
+        // saying it twice reads as two errors.
+        let category = self.reason.to_string();
+        match self.message.strip_prefix(category.as_str()) {
+            Some(rest) if rest.starts_with(": ") => f.write_str(&self.message),
+            _ => write!(f, "{category}: {}", self.message),
+        }
     }
 }
 
@@ -183,5 +189,30 @@ impl<W: VolumeWriter + ?Sized> VolumeWriter for Box<W> {
     }
     fn cancel(&mut self) {
         (**self).cancel()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_that_names_its_reason_is_not_prefixed_twice() {
+        let named = VolumeError::new(
+            Reason::DeviceTooSmall,
+            "device too small: /dev/x: device is 1 bytes",
+        );
+        assert_eq!(
+            named.to_string(),
+            "device too small: /dev/x: device is 1 bytes"
+        );
+        let plain = VolumeError::new(Reason::DeviceTooSmall, "/dev/x: device is 1 bytes");
+        assert_eq!(
+            plain.to_string(),
+            "device too small: /dev/x: device is 1 bytes"
+        );
+        // A message that merely begins with the same letters still gets its category.
+        let other = VolumeError::new(Reason::Io, "I/O errors counted: 3");
+        assert_eq!(other.to_string(), "I/O error: I/O errors counted: 3");
     }
 }
