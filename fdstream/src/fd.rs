@@ -290,32 +290,13 @@ pub fn renameat(dir: &OwnedFd, from: &CStr, to: &CStr, replace: bool) -> io::Res
 /// Only a regular file may be replaced by an upload: a symlink in the pool (to anywhere) or a
 /// device node stays as the host made it.
 fn refuse_non_regular(dir: &OwnedFd, name: &CStr) -> io::Result<()> {
-    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
-    // SAFETY: valid dir fd, NUL-terminated name, and a stat buffer the kernel fills.
-    let r = unsafe {
-        libc::fstatat(
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            st.as_mut_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    };
-    if r < 0 {
-        let err = io::Error::last_os_error();
-        return match err.raw_os_error() {
-            Some(libc::ENOENT) => Ok(()),
-            _ => Err(err),
-        };
-    }
-    // SAFETY: fstatat succeeded, so the buffer is initialised.
-    let mode = unsafe { st.assume_init() }.st_mode;
-    if mode & libc::S_IFMT != libc::S_IFREG {
-        return Err(io::Error::new(
+    match crate::sink::file_type_at(dir, name)? {
+        None | Some(libc::S_IFREG) => Ok(()),
+        Some(_) => Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
             "only a regular file can be replaced",
-        ));
+        )),
     }
-    Ok(())
 }
 
 /// Where a volume lives, resolved by whichever worker opens it.

@@ -126,7 +126,10 @@ fn open_path(path: &Path, shown: &str, overwrite: bool) -> Result<File, Error> {
 }
 
 /// The type (`S_IFMT` bits) of `name` in `dir`, not following a symlink; `None` if absent.
-fn file_type_at(dir: &OwnedFd, name: &CString) -> std::io::Result<Option<libc::mode_t>> {
+pub(crate) fn file_type_at(
+    dir: &OwnedFd,
+    name: &std::ffi::CStr,
+) -> std::io::Result<Option<libc::mode_t>> {
     use std::os::fd::AsRawFd;
     let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
     // SAFETY: valid dir fd, NUL-terminated name, and a stat buffer of the right size.
