@@ -22,6 +22,7 @@ pub mod nbd;
 pub mod pool;
 pub mod provider;
 pub mod punch;
+pub mod qemu;
 pub mod reader;
 mod sink;
 pub mod temp;

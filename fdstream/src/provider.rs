@@ -150,21 +150,30 @@ impl Provider for DirProvider {
             }));
         }
         let shown = self.shown(&request.name);
-        let open: Box<dyn FnOnce() -> io::Result<File> + Send> = match self
-            .devices
-            .get(&request.name)
-        {
-            Some(path) => {
-                let path = path.clone();
-                Box::new(move || File::open(path))
-            }
-            None => {
-                let (dir, name) = (Arc::clone(&self.dir), self.name(&request.name)?);
-                Box::new(move || fd::open_beneath(&dir, &name, libc::O_RDONLY | libc::O_NONBLOCK))
-            }
-        };
+        let (open, image): (Box<dyn FnOnce() -> io::Result<File> + Send>, _) =
+            match self.devices.get(&request.name) {
+                Some(path) => {
+                    let path = path.clone();
+                    (Box::new(move || File::open(path)), None)
+                }
+                None => {
+                    let (dir, name) = (Arc::clone(&self.dir), self.name(&request.name)?);
+                    let image = (self.path.clone(), self.path.join(&request.name));
+                    (
+                        Box::new(move || {
+                            fd::open_beneath(&dir, &name, libc::O_RDONLY | libc::O_NONBLOCK)
+                        }),
+                        Some(image),
+                    )
+                }
+            };
         Ok(self.document(move || {
             let file = open().map_err(|e| Error::io(format!("opening {shown}"), e))?;
+            if let Some((pool, path)) = image {
+                if let Some(text) = image_map(&file, &pool, &path, &shown)? {
+                    return Ok(Bytes::from(text));
+                }
+            }
             let map = crate::extents::extents_of(&file)
                 .map_err(|e| Error::io(format!("mapping {shown}"), e))?;
             let text: String = map
@@ -225,12 +234,15 @@ impl Provider for DirProvider {
             request.name,
             self.dir.as_raw_fd()
         );
-        Ok(Box::new(FileReader::at(
+        // A qcow2 image is read as its guest view (decided on the worker).
+        let file = crate::qemu::PoolFile::new(
             Arc::clone(&self.dir),
             name,
             self.shown(&request.name),
-            options,
-        )))
+            self.path.clone(),
+            options.clone(),
+        );
+        Ok(Box::new(FileReader::with_producer(Box::new(file), options)))
     }
 
     fn open_write(&self, request: &OpenRequest) -> Result<Box<dyn VolumeWriter>, VolumeError> {
@@ -290,9 +302,14 @@ fn list_volumes(
             Ok(m) if m.file_type().is_file() => m,
             _ => continue,
         };
+        // A qcow2 image's size is its guest's; one that cannot be read is listed as a file.
+        let size = File::open(entry.path())
+            .ok()
+            .and_then(|f| crate::qemu::qcow2_header(&f).ok().flatten())
+            .map_or(meta.len(), |h| h.size);
         out.push(VolumeInfo {
             name,
-            size: meta.len(),
+            size,
             allocated: meta.blocks() * 512,
             device: false,
         });
@@ -332,6 +349,24 @@ fn list_volumes(
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
+}
+
+/// The allocation map of a qcow2 image through qemu-nbd, with each range's layer, as
+/// `map_line` writes it; `None` when `file` is not a qcow2 image.
+fn image_map(file: &File, pool: &Path, path: &Path, shown: &str) -> Result<Option<String>, Error> {
+    let Some(header) =
+        crate::qemu::qcow2_header(file).map_err(|e| Error::io(shown.to_string(), e))?
+    else {
+        return Ok(None);
+    };
+    let layers = crate::qemu::chain_layers(pool, path, &header, shown)?;
+    let server = crate::qemu::QemuNbd::start(path, true, shown)?;
+    let map = crate::nbd::map_as(server.uri(), shown.to_string())?;
+    Ok(Some(
+        map.iter()
+            .map(|s| crate::nbd::map_line(s, Some(layers)))
+            .collect(),
+    ))
 }
 
 impl DirProvider {

@@ -159,16 +159,6 @@ impl FileReader {
         Self::new(Location::Open(file), options)
     }
 
-    /// Reads the regular file `name` inside `dir` (no symlinks, nothing outside `dir`).
-    pub(crate) fn at(
-        dir: Arc<OwnedFd>,
-        name: std::ffi::CString,
-        shown: String,
-        options: ReaderOptions,
-    ) -> Self {
-        Self::new(Location::At { dir, name, shown }, options)
-    }
-
     fn new(location: Location, options: ReaderOptions) -> Self {
         let bytes_read = Arc::default();
         let work = Work::new(location, &options, Arc::clone(&bytes_read));
@@ -375,6 +365,11 @@ impl ReadCore {
 
     pub fn bytes_read(&self) -> u64 {
         self.work.bytes_read.load(Ordering::Relaxed)
+    }
+
+    /// Whether the volume is open.
+    pub fn is_open(&self) -> bool {
+        self.work.file.is_some()
     }
 }
 

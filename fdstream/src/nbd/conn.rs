@@ -59,7 +59,17 @@ impl Conn {
     /// Connects and negotiates, asking for `contexts`; at most `in_flight` requests will be
     /// outstanding.
     pub fn open(uri: &Uri, contexts: &[&str], in_flight: usize) -> Result<Conn, Error> {
-        let shown = uri.to_string();
+        Conn::open_as(uri, uri.to_string(), contexts, in_flight)
+    }
+
+    /// [`Conn::open`], called `shown` in messages (an export we started, whose private
+    /// socket path means nothing to a peer).
+    pub fn open_as(
+        uri: &Uri,
+        shown: String,
+        contexts: &[&str],
+        in_flight: usize,
+    ) -> Result<Conn, Error> {
         let wait = timeout();
         let sock = match &uri.endpoint {
             Endpoint::Unix(path) => {

@@ -125,8 +125,13 @@ impl Gather {
 /// The allocation map of a whole export, asked a range at a time, with the server's
 /// `qemu:allocation-depth` where it has one. Blocks the calling thread.
 pub fn map(uri: &Uri) -> Result<Vec<Status>, Error> {
+    map_as(uri, uri.to_string())
+}
+
+/// [`map`], calling the export `shown` in messages.
+pub fn map_as(uri: &Uri, shown: String) -> Result<Vec<Status>, Error> {
     let contexts = [CONTEXT_BASE_ALLOCATION, CONTEXT_ALLOCATION_DEPTH];
-    let mut conn = Conn::open(uri, &contexts, 2)?;
+    let mut conn = Conn::open_as(uri, shown, &contexts, 2)?;
     let export = conn.export().clone();
     let base_id = export.context(CONTEXT_BASE_ALLOCATION);
     let depth_id = export.context(CONTEXT_ALLOCATION_DEPTH);

@@ -9,10 +9,10 @@
 mod conn;
 pub mod map;
 mod sink;
-mod source;
+pub(crate) mod source;
 
 pub use conn::timeout;
-pub use map::{map, Status};
+pub use map::{map, map_as, Status};
 pub use source::SourceOptions;
 
 use crate::reader::{FileReader, ReaderOptions};

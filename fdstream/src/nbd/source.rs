@@ -57,6 +57,8 @@ struct Asked {
 
 pub struct Source {
     uri: Uri,
+    /// What messages call the export (default: its URI).
+    shown: Option<String>,
     options: SourceOptions,
     conn: Option<Conn>,
     size: u64,
@@ -79,6 +81,7 @@ impl Source {
     pub fn new(uri: Uri, options: SourceOptions) -> Source {
         Source {
             uri,
+            shown: None,
             options,
             conn: None,
             size: 0,
@@ -96,6 +99,12 @@ impl Source {
         }
     }
 
+    /// Calls the export `shown` in messages.
+    pub fn named(mut self, shown: String) -> Source {
+        self.shown = Some(shown);
+        self
+    }
+
     fn open(&mut self) -> Result<u64, Error> {
         let mut contexts = Vec::new();
         if !self.options.no_extents {
@@ -104,7 +113,8 @@ impl Source {
                 contexts.push(CONTEXT_ALLOCATION_DEPTH);
             }
         }
-        let conn = Conn::open(&self.uri, &contexts, READS_IN_FLIGHT + 1)?;
+        let shown = self.shown.clone().unwrap_or_else(|| self.uri.to_string());
+        let conn = Conn::open_as(&self.uri, shown, &contexts, READS_IN_FLIGHT + 1)?;
         let e = conn.export();
         self.size = e.size;
         self.base_id = e.context(CONTEXT_BASE_ALLOCATION);

@@ -1,0 +1,331 @@
+//! qcow2 volumes in a pool, served as their guest-visible content: `qemu-nbd` (Debian's
+//! qemu-utils) exports the image read-only on a private Unix socket for as long as one stream
+//! needs it, and the stream reads that export like any other ([`crate::nbd`]). qemu knows the
+//! format; we only recognise it (the header's magic) and check the backing chain first.
+//!
+//! Why the chain is checked here: qemu opens an image's backing file by the name in its
+//! header, and a peer may upload any bytes into a pool. A backing name that leaves the pool
+//! (`/etc/shadow`, `../x`) or that qemu would read as a protocol (`json:{...}`, `nbd://`)
+//! would let that peer read what the server can; such an image is refused.
+
+use crate::error::Error;
+use crate::fd;
+use crate::nbd::source::{Source, SourceOptions};
+use crate::reader::{Produce, Produced, ReadCore, ReaderOptions};
+use nbd::{Endpoint, Uri};
+use std::ffi::CString;
+use std::fs::File;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::{DirBuilderExt, FileExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
+/// qemu's own limit on a backing file name.
+const MAX_BACKING_NAME: u32 = 1023;
+/// Layers followed before a chain is called a loop.
+const MAX_LAYERS: usize = 32;
+/// How long qemu-nbd may take to listen.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// What a qcow2 header says, for the parts we use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Qcow2 {
+    /// Guest-visible size.
+    pub size: u64,
+    /// The backing file's name as written (empty: none).
+    pub backing: Vec<u8>,
+}
+
+/// Reads the qcow2 header of `file`: `None` when it is not a qcow2 image (version 2 or 3).
+pub fn qcow2_header(file: &File) -> std::io::Result<Option<Qcow2>> {
+    let mut head = [0u8; 32];
+    let n = read_at_most(file, &mut head, 0)?;
+    if n < head.len() || &head[..4] != QCOW2_MAGIC {
+        return Ok(None);
+    }
+    let be32 = |i: usize| u32::from_be_bytes(head[i..i + 4].try_into().unwrap());
+    let be64 = |i: usize| u64::from_be_bytes(head[i..i + 8].try_into().unwrap());
+    if !matches!(be32(4), 2 | 3) {
+        return Ok(None);
+    }
+    let (offset, len) = (be64(8), be32(16));
+    let mut backing = Vec::new();
+    if offset != 0 && len != 0 {
+        if len > MAX_BACKING_NAME {
+            return Err(std::io::Error::other(format!(
+                "qcow2 backing file name of {len} bytes"
+            )));
+        }
+        backing = vec![0; len as usize];
+        if read_at_most(file, &mut backing, offset)? != backing.len() {
+            return Err(std::io::Error::other(
+                "qcow2 backing file name past the end",
+            ));
+        }
+    }
+    Ok(Some(Qcow2 {
+        size: be64(24),
+        backing,
+    }))
+}
+
+fn read_at_most(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match file.read_at(&mut buf[n..], offset + n as u64) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// The layers of the chain under `image` (in `pool`), counting the image: each backing file
+/// must be a regular file inside the pool, named by a plain path. `shown` names the volume in
+/// errors.
+pub fn chain_layers(pool: &Path, image: &Path, top: &Qcow2, shown: &str) -> Result<u32, Error> {
+    let refuse = |why: String| Error::Unsupported(format!("{shown}: {why}"));
+    let root = pool
+        .canonicalize()
+        .map_err(|e| Error::io(format!("resolving the pool for {shown}"), e))?;
+    let mut layers = 1u32;
+    let (mut dir, mut header) = (image.parent().unwrap_or(pool).to_path_buf(), top.clone());
+    while !header.backing.is_empty() {
+        if layers as usize >= MAX_LAYERS {
+            return Err(refuse(format!("backing chain longer than {MAX_LAYERS}")));
+        }
+        let name = String::from_utf8(header.backing.clone())
+            .map_err(|_| refuse("backing file name is not UTF-8".into()))?;
+        // qemu reads `proto:...` and `json:{...}` as protocols, not files.
+        if name.contains(':') {
+            return Err(refuse(format!("backing file {name:?} is not a plain path")));
+        }
+        let path = dir.join(&name);
+        let real = path
+            .canonicalize()
+            .map_err(|e| refuse(format!("backing file {name:?}: {e}")))?;
+        if !real.starts_with(&root) {
+            return Err(refuse(format!("backing file {name:?} is outside the pool")));
+        }
+        let file = File::open(&real).map_err(|e| refuse(format!("backing file {name:?}: {e}")))?;
+        if !file.metadata().is_ok_and(|m| m.is_file()) {
+            return Err(refuse(format!(
+                "backing file {name:?} is not a regular file"
+            )));
+        }
+        layers += 1;
+        header =
+            match qcow2_header(&file).map_err(|e| refuse(format!("backing file {name:?}: {e}")))? {
+                Some(h) => h,
+                None => break, // raw: the bottom of the chain
+            };
+        dir = real.parent().unwrap_or(&root).to_path_buf();
+    }
+    Ok(layers)
+}
+
+/// A `qemu-nbd` exporting one image read-only on a private socket; killed, reaped and its
+/// directory removed on drop.
+pub struct QemuNbd {
+    child: Child,
+    dir: PathBuf,
+    uri: Uri,
+}
+
+impl QemuNbd {
+    /// Starts qemu-nbd for the qcow2 `image` and waits until it listens. `allocation_depth`
+    /// adds `qemu:allocation-depth` (which layer holds a range).
+    pub fn start(image: &Path, allocation_depth: bool, shown: &str) -> Result<QemuNbd, Error> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "volstream-qemu-nbd-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        // Only this user may reach the socket.
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        let sock = dir.join("s");
+        let log = dir.join("log");
+        let stderr = File::create(&log).map_err(|e| Error::io("qemu-nbd log", e))?;
+        let mut cmd = Command::new("qemu-nbd");
+        // --persistent: the map and the reader connect one after the other; --shared: both may.
+        cmd.args([
+            "--read-only",
+            "--format=qcow2",
+            "--persistent",
+            "--shared=4",
+        ])
+        .arg(format!("--socket={}", sock.display()));
+        if allocation_depth {
+            cmd.arg("--allocation-depth");
+        }
+        cmd.arg("--")
+            .arg(image)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr);
+        let child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(Error::Qemu(format!(
+                    "{shown}: cannot run qemu-nbd (qemu-utils) to read the qcow2 image: {e}"
+                )));
+            }
+        };
+        let mut q = QemuNbd {
+            child,
+            dir,
+            uri: Uri {
+                endpoint: Endpoint::Unix(sock.clone()),
+                export: String::new(),
+            },
+        };
+        let started = Instant::now();
+        // The socket exists at bind, before listen: wait for a connection to succeed.
+        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+            let why = match q.child.try_wait() {
+                Ok(Some(status)) => Some(format!("exited ({status})")),
+                _ if started.elapsed() > START_TIMEOUT => Some("never listened".to_string()),
+                _ => None,
+            };
+            if let Some(why) = why {
+                let said = std::fs::read_to_string(&log).unwrap_or_default();
+                let said = said.lines().last().unwrap_or("").trim().to_string();
+                return Err(Error::Qemu(format!("{shown}: qemu-nbd {why}: {said}")));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(q)
+    }
+
+    pub fn uri(&self) -> &Uri {
+        &self.uri
+    }
+}
+
+impl Drop for QemuNbd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A pool file read as a volume: its bytes, or for a qcow2 image its guest view through
+/// qemu-nbd. Which one is decided on the first step (a worker), after opening it as the
+/// provider opens files.
+pub(crate) struct PoolFile {
+    dir: Arc<OwnedFd>,
+    name: CString,
+    shown: String,
+    /// The file's path, which qemu-nbd needs (it resolves backing names against it).
+    path: PathBuf,
+    pool: PathBuf,
+    options: ReaderOptions,
+    state: State,
+}
+
+enum State {
+    Undecided,
+    Raw(Box<ReadCore>),
+    /// The source is dropped before its server.
+    Image {
+        source: Box<Source>,
+        _server: QemuNbd,
+    },
+    Closed,
+}
+
+impl PoolFile {
+    pub(crate) fn new(
+        dir: Arc<OwnedFd>,
+        name: CString,
+        shown: String,
+        pool: PathBuf,
+        options: ReaderOptions,
+    ) -> PoolFile {
+        let path = pool.join(name.to_str().unwrap_or_default());
+        PoolFile {
+            dir,
+            name,
+            shown,
+            path,
+            pool,
+            options,
+            state: State::Undecided,
+        }
+    }
+
+    fn decide(&mut self) -> Result<State, Error> {
+        let file = fd::open_beneath(&self.dir, &self.name, libc::O_RDONLY | libc::O_NONBLOCK)
+            .map_err(|e| Error::io(format!("opening {}", self.shown), e))?;
+        let is_file = file.metadata().is_ok_and(|m| m.is_file());
+        let header = match is_file {
+            true => qcow2_header(&file).map_err(|e| Error::io(self.shown.clone(), e))?,
+            false => None,
+        };
+        drop(file);
+        let Some(header) = header else {
+            return Ok(State::Raw(Box::new(ReadCore::at(
+                Arc::clone(&self.dir),
+                self.name.clone(),
+                self.shown.clone(),
+                &self.options,
+            ))));
+        };
+        chain_layers(&self.pool, &self.path, &header, &self.shown)?;
+        let server = QemuNbd::start(&self.path, false, &self.shown)?;
+        let source = Source::new(
+            server.uri().clone(),
+            SourceOptions {
+                no_extents: self.options.no_extents,
+                top_only: false,
+                zero_granularity: self.options.zero_granularity,
+            },
+        )
+        .named(self.shown.clone());
+        log::info!("{}: qcow2, read through qemu-nbd", self.shown);
+        Ok(State::Image {
+            source: Box::new(source),
+            _server: server,
+        })
+    }
+}
+
+impl Produce for PoolFile {
+    fn is_open(&self) -> bool {
+        match &self.state {
+            State::Raw(core) => core.is_open(),
+            State::Image { source, .. } => source.is_open(),
+            State::Undecided | State::Closed => false,
+        }
+    }
+
+    fn step(&mut self) -> Result<Produced, Error> {
+        if matches!(self.state, State::Undecided) {
+            self.state = self.decide()?;
+        }
+        match &mut self.state {
+            State::Raw(core) => core.step(),
+            State::Image { source, .. } => source.step(),
+            State::Undecided | State::Closed => Err(Error::Cancelled),
+        }
+    }
+
+    fn close(&mut self) {
+        if let State::Image { source, .. } = &mut self.state {
+            source.close();
+        }
+        self.state = State::Closed;
+    }
+}

@@ -1,0 +1,263 @@
+//! qcow2 volumes in a served pool, read as their guest view through qemu-nbd: a two-level
+//! backing chain (data written with qemu-io at known places, a zeroed cluster, a discarded one)
+//! downloads as `qemu-img convert -O raw` writes it, sparse; `extents` agrees with
+//! `qemu-img map --output=json` on every range, depth included; a backing file outside the
+//! pool is refused; no qemu-nbd outlives its stream.
+
+mod common;
+
+use common::*;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+fn qemu(pool: &Path, args: &[&str]) {
+    let st = Command::new(args[0])
+        .args(&args[1..])
+        .current_dir(pool)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success(), "{args:?}");
+}
+
+/// (start, length, depth, present, zero, data), adjacent equal ranges joined.
+type Range = (u64, u64, u64, bool, bool, bool);
+
+fn joined(ranges: impl IntoIterator<Item = Range>) -> Vec<Range> {
+    let mut out: Vec<Range> = Vec::new();
+    for r in ranges {
+        match out.last_mut() {
+            Some(l) if (l.2, l.3, l.4, l.5) == (r.2, r.3, r.4, r.5) && l.0 + l.1 == r.0 => {
+                l.1 += r.1
+            }
+            _ => out.push(r),
+        }
+    }
+    out
+}
+
+fn range_of(v: &serde_json::Value, start: &str, len: &str) -> Range {
+    let n = |k: &str| v[k].as_u64().unwrap_or_else(|| panic!("{k} in {v}"));
+    let b = |k: &str| v[k].as_bool().unwrap_or_else(|| panic!("{k} in {v}"));
+    (
+        n(start),
+        n(len),
+        n("depth"),
+        b("present"),
+        b("zero"),
+        b("data"),
+    )
+}
+
+/// A chain base <- mid <- top in `pool`, 64 MiB, with backing names relative to the pool.
+fn chain(pool: &Path) {
+    qemu(
+        pool,
+        &[
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "base.qcow2",
+            "64M",
+        ],
+    );
+    qemu(
+        pool,
+        &[
+            "qemu-io",
+            "-c",
+            "write -P 0x11 0 2M",
+            "-c",
+            "write -P 0x12 6M 1M",
+            "-c",
+            "write -P 0x13 32M 64k",
+            "base.qcow2",
+        ],
+    );
+    for (new, backing) in [("mid.qcow2", "base.qcow2"), ("top.qcow2", "mid.qcow2")] {
+        qemu(
+            pool,
+            &[
+                "qemu-img", "create", "-q", "-f", "qcow2", "-b", backing, "-F", "qcow2", new,
+            ],
+        );
+    }
+    qemu(
+        pool,
+        &[
+            "qemu-io",
+            "-c",
+            "write -P 0x21 1M 512k",
+            // A zeroed cluster over the base's data.
+            "-c",
+            "write -z 6M 64k",
+            "mid.qcow2",
+        ],
+    );
+    qemu(
+        pool,
+        &[
+            "qemu-io",
+            "-c",
+            "write -P 0x31 1536k 64k",
+            "-c",
+            "write -P 0x32 60M 128k",
+            // A discarded cluster: the top layer's own, then discarded.
+            "-c",
+            "write -P 0x33 40M 64k",
+            "-c",
+            "discard 40M 64k",
+            // And one discarded over backing data.
+            "-c",
+            "discard 0 64k",
+            "top.qcow2",
+        ],
+    );
+}
+
+#[test]
+fn a_backing_chain_downloads_as_its_guest_view_and_maps_as_qemu_img_does() {
+    if !have("qemu-img") || !have("qemu-io") || !have("qemu-nbd") {
+        return;
+    }
+    let dir = TempDir::new("qcow2-chain");
+    let pool = dir.join("pool");
+    std::fs::create_dir_all(&pool).unwrap();
+    chain(&pool);
+    let listen = format!("unix:{}", dir.join("vs.sock").display());
+    let server = Server::start(&pool, &listen);
+
+    // list: the guest's size.
+    let out = run(bin().args(["list", "--json", "--connect", &listen]));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains(&format!("\"name\":\"top.qcow2\",\"size\":{}", 64 * MIB)),
+        "{text}"
+    );
+
+    let ours = dir.join("ours.raw");
+    let out = run(bin()
+        .args(["download", "--connect", &listen, "top.qcow2"])
+        .arg(&ours));
+    assert!(out.status.success(), "{:?}", stderr_lines(&out));
+    let theirs = dir.join("theirs.raw");
+    qemu(
+        &pool,
+        &[
+            "qemu-img",
+            "convert",
+            "-O",
+            "raw",
+            "top.qcow2",
+            theirs.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(std::fs::metadata(&ours).unwrap().len(), 64 * MIB);
+    assert!(read_all(&ours) == read_all(&theirs), "content differs");
+    // Sparse: about 3.3 MiB of the 64 are data.
+    assert!(
+        allocated(&ours) <= 4 * MIB,
+        "{} bytes allocated",
+        allocated(&ours)
+    );
+    // As sparse as qemu-img's copy (both zero-detect at 4 KiB; a little slack for where
+    // each file system rounds).
+    assert!(
+        allocated(&ours) <= allocated(&theirs) + 256 * 1024,
+        "ours {} bytes allocated, qemu-img's {}",
+        allocated(&ours),
+        allocated(&theirs)
+    );
+
+    // extents: range for range what qemu-img map says.
+    let out = run(bin().args(["extents", "--json", "--connect", &listen, "top.qcow2"]));
+    assert!(out.status.success(), "{:?}", stderr_lines(&out));
+    let ours: Vec<Range> = joined(
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| range_of(&serde_json::from_str(l).unwrap(), "offset", "length")),
+    );
+    let map = Command::new("qemu-img")
+        .args(["map", "--output=json", "top.qcow2"])
+        .current_dir(&pool)
+        .output()
+        .unwrap();
+    assert!(map.status.success());
+    let map: serde_json::Value = serde_json::from_slice(&map.stdout).unwrap();
+    let theirs: Vec<Range> = joined(
+        map.as_array()
+            .unwrap()
+            .iter()
+            .map(|v| range_of(v, "start", "length")),
+    );
+    assert_eq!(ours, theirs);
+    // The map shows every kind of range.
+    for depth in 0..3 {
+        assert!(ours.iter().any(|r| r.2 == depth && r.3), "depth {depth}");
+    }
+    assert!(ours.iter().any(|r| r.3 && r.4), "a zeroed range");
+    assert!(ours.iter().any(|r| !r.3), "an unallocated range");
+
+    // Every qemu-nbd the server started is gone with its stream.
+    let children = std::fs::read_to_string(format!(
+        "/proc/{}/task/{}/children",
+        server.child.id(),
+        server.child.id()
+    ))
+    .unwrap_or_default();
+    for pid in children.split_whitespace() {
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        assert_ne!(
+            comm.trim(),
+            "qemu-nbd",
+            "qemu-nbd {pid} outlived its stream"
+        );
+    }
+}
+
+#[test]
+fn a_backing_file_outside_the_pool_is_refused() {
+    if !have("qemu-img") || !have("qemu-nbd") {
+        return;
+    }
+    let dir = TempDir::new("qcow2-outside");
+    let pool = dir.join("pool");
+    std::fs::create_dir_all(&pool).unwrap();
+    filled(&dir.join("secret.raw"), MIB, 0x5e);
+    qemu(
+        &pool,
+        &[
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "../secret.raw",
+            "-F",
+            "raw",
+            "evil.qcow2",
+        ],
+    );
+    let listen = format!("unix:{}", dir.join("vs.sock").display());
+    let _server = Server::start(&pool, &listen);
+    let out_file = dir.join("out.raw");
+    let out = run(bin()
+        .args(["download", "--connect", &listen, "evil.qcow2"])
+        .arg(&out_file));
+    assert_eq!(out.status.code(), Some(1), "{:?}", stderr_lines(&out));
+    let line = line_with(&out, "outside the pool");
+    assert!(line.contains("evil.qcow2"), "{line}");
+    // The server's paths stay on the server.
+    assert!(
+        !line.contains(pool.to_str().unwrap()),
+        "a server path: {line}"
+    );
+    assert!(!out_file.exists());
+    let out = run(bin().args(["extents", "--connect", &listen, "evil.qcow2"]));
+    assert_ne!(out.status.code(), Some(0));
+    line_with(&out, "outside the pool");
+}
