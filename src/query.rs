@@ -5,9 +5,9 @@ use crate::out::{json, say};
 use crate::tls::Role;
 use crate::ConnectArg;
 use clap::Args;
+use engine::document::{self, ExtentEntry};
 use engine::proto::Op;
-use engine::synthetic::MemoryWriter;
-use engine::{Address, Engine, EngineConfig};
+use engine::{Address, Engine, EngineConfig, MemoryWriter};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -51,7 +51,7 @@ struct VolumeLine<'a> {
 struct ExtentLine {
     offset: u64,
     length: u64,
-    kind: String,
+    kind: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     depth: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -62,24 +62,18 @@ struct ExtentLine {
     data: Option<bool>,
 }
 
-impl ExtentLine {
-    fn plain(offset: u64, length: u64, kind: String) -> Self {
+impl From<&ExtentEntry> for ExtentLine {
+    fn from(e: &ExtentEntry) -> Self {
         ExtentLine {
-            offset,
-            length,
-            kind,
-            depth: None,
-            present: None,
-            zero: None,
-            data: None,
+            offset: e.offset,
+            length: e.len,
+            kind: e.kind.as_str(),
+            depth: e.layer.and_then(|l| l.depth),
+            present: e.layer.map(|l| l.present),
+            zero: e.layer.map(|l| l.zero),
+            data: e.layer.map(|l| l.data),
         }
     }
-}
-
-/// A decimal field of a server's document.
-fn number(text: &str) -> Result<u64, CliError> {
-    text.parse()
-        .map_err(|_| CliError::Other(format!("bad number {text:?} from server")))
 }
 
 /// Fetches a document (listing or allocation map) from a server.
@@ -104,127 +98,75 @@ fn fetch(addr: &Address, config: EngineConfig, op: Op, name: &str) -> Result<Str
     String::from_utf8(bytes).map_err(|_| CliError::Other("server sent a non-UTF-8 document".into()))
 }
 
-/// Splits a tab-separated document into rows of `columns` fields.
-fn rows(text: &str, columns: usize) -> Result<Vec<Vec<&str>>, CliError> {
-    text.lines()
-        .map(|line| {
-            let fields: Vec<&str> = line.split('\t').collect();
-            if fields.len() == columns {
-                Ok(fields)
-            } else {
-                Err(CliError::Other(format!(
-                    "malformed line from server: {line:?}"
-                )))
-            }
-        })
-        .collect()
+fn malformed(e: document::DocumentError) -> CliError {
+    CliError::Other(format!("server sent a bad document: {e}"))
 }
 
 pub fn list(args: ListArgs) -> Result<(), CliError> {
     let addr = args.connect.address()?;
     let text = fetch(&addr, args.connect.engine_config(&addr)?, Op::List, "")?;
-    let rows = rows(&text, 3)?;
+    let volumes = document::parse_list(&text).map_err(malformed)?;
     if args.json {
-        for r in rows {
+        for v in &volumes {
             let line = VolumeLine {
-                name: r[0],
-                size: number(r[1])?,
-                allocated: number(r[2])?,
+                name: &v.name,
+                size: v.size,
+                allocated: v.allocated,
             };
             say!("{}", json(&line));
         }
         return Ok(());
     }
     say!("{:<32} {:>16} {:>16}", "NAME", "SIZE", "ALLOCATED");
-    for r in rows {
-        say!("{:<32} {:>16} {:>16}", r[0], r[1], r[2]);
+    for v in &volumes {
+        say!("{:<32} {:>16} {:>16}", v.name, v.size, v.allocated);
     }
     Ok(())
 }
 
 pub fn extents(args: ExtentsArgs) -> Result<(), CliError> {
-    let lines: Vec<ExtentLine> = match &args.connect {
+    let extents: Vec<ExtentEntry> = match &args.connect {
         Some(addr) => {
             let addr: Address = addr.parse().map_err(CliError::Usage)?;
             let mut config = EngineConfig::default();
             args.tls
                 .apply(&addr, Role::Client, Default::default(), &mut config)?;
             let text = fetch(&addr, config, Op::Extents, &args.target)?;
-            text.lines()
-                .map(remote_line)
-                .collect::<Result<_, CliError>>()?
+            document::parse_extents(&text).map_err(malformed)?
         }
         None => match crate::endpoint::nbd_uri(&args.target)? {
             Some(uri) => fdstream::nbd::map(&uri)
                 .map_err(|e| CliError::Other(format!("{uri}: {e}")))?
                 .iter()
-                .map(|s| ExtentLine {
-                    offset: s.offset,
-                    length: s.len,
-                    kind: s.kind().to_string(),
-                    depth: s.depth.and_then(|d| d.checked_sub(1)),
-                    present: s.present(),
-                    zero: s.depth.map(|_| s.zero()),
-                    data: s.depth.map(|_| s.data()),
-                })
+                .map(|s| s.entry(None))
                 .collect(),
             None => {
                 let path = PathBuf::from(&args.target);
                 fdstream::extents(&path)
                     .map_err(|e| CliError::Other(format!("{}: {e}", path.display())))?
-                    .into_iter()
-                    .map(|e| {
-                        ExtentLine::plain(e.offset, e.len, format!("{:?}", e.kind).to_lowercase())
-                    })
-                    .collect()
             }
         },
     };
     if args.json {
-        for line in lines {
-            say!("{}", json(&line));
+        for e in &extents {
+            say!("{}", json(&ExtentLine::from(e)));
         }
         return Ok(());
     }
-    let layered = lines.iter().any(|l| l.present.is_some());
+    let layered = extents.iter().any(|e| e.layer.is_some());
     if layered {
         say!("{:>16} {:>16} {:>5} KIND", "OFFSET", "LENGTH", "DEPTH");
     } else {
         say!("{:>16} {:>16} KIND", "OFFSET", "LENGTH");
     }
-    for l in lines {
+    for e in &extents {
         if layered {
-            let depth = l.depth.map_or("-".to_string(), |d| d.to_string());
-            say!("{:>16} {:>16} {depth:>5} {}", l.offset, l.length, l.kind);
+            let depth = e.layer.and_then(|l| l.depth);
+            let depth = depth.map_or("-".to_string(), |d| d.to_string());
+            say!("{:>16} {:>16} {depth:>5} {}", e.offset, e.len, e.kind);
         } else {
-            say!("{:>16} {:>16} {}", l.offset, l.length, l.kind);
+            say!("{:>16} {:>16} {}", e.offset, e.len, e.kind);
         }
     }
     Ok(())
-}
-
-/// A line of a server's allocation map: `offset TAB length TAB kind`, and for layered images
-/// `TAB depth TAB present TAB zero TAB data` (depth `-` where unknown; flags 0 or 1).
-fn remote_line(line: &str) -> Result<ExtentLine, CliError> {
-    let bad = || CliError::Other(format!("malformed line from server: {line:?}"));
-    let f: Vec<&str> = line.split('\t').collect();
-    if f.len() != 3 && f.len() != 7 {
-        return Err(bad());
-    }
-    let mut l = ExtentLine::plain(number(f[0])?, number(f[1])?, f[2].to_string());
-    if f.len() == 7 {
-        let flag = |s: &str| match s {
-            "0" => Ok(false),
-            "1" => Ok(true),
-            _ => Err(bad()),
-        };
-        l.depth = match f[3] {
-            "-" => None,
-            d => Some(d.parse().map_err(|_| bad())?),
-        };
-        l.present = Some(flag(f[4])?);
-        l.zero = Some(flag(f[5])?);
-        l.data = Some(flag(f[6])?);
-    }
-    Ok(l)
 }

@@ -145,10 +145,7 @@ pub fn run(args: StressArgs) -> Result<(), CliError> {
             .iter()
             .zip(&volumes)
             .map(|(name, v)| {
-                let options = OpenOptions {
-                    flags: OpenOptions::OVERWRITE,
-                    ..OpenOptions::default()
-                };
+                let options = OpenOptions::default().with_overwrite(true);
                 client.upload(conn, name, options, Box::new(v.reader()))
             })
             .collect();

@@ -37,29 +37,14 @@ impl Settings {
     }
 
     fn open_options(&self) -> OpenOptions {
-        let mut flags = 0;
-        if self.no_sparse {
-            flags |= OpenOptions::NO_SPARSE;
-        }
-        if self.allocated {
-            flags |= OpenOptions::ALLOCATED;
-        }
-        if self.destination_is_zero {
-            flags |= OpenOptions::DESTINATION_IS_ZERO;
-        }
-        if self.no_extents {
-            flags |= OpenOptions::NO_EXTENTS;
-        }
-        if self.force_share && self.direction == Direction::Download {
-            flags |= OpenOptions::FORCE_SHARE;
-        }
-        if self.overwrite && self.direction == Direction::Upload {
-            flags |= OpenOptions::OVERWRITE;
-        }
-        OpenOptions {
-            flags,
-            zero_granularity: self.sparse_size,
-        }
+        OpenOptions::default()
+            .with_no_sparse(self.no_sparse)
+            .with_allocated(self.allocated)
+            .with_destination_is_zero(self.destination_is_zero)
+            .with_no_extents(self.no_extents)
+            .with_force_share(self.force_share && self.direction == Direction::Download)
+            .with_overwrite(self.overwrite && self.direction == Direction::Upload)
+            .with_zero_granularity(self.sparse_size)
     }
 }
 

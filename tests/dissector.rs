@@ -6,7 +6,8 @@ mod common;
 
 use common::{sparse_file, TempDir, MIB};
 use engine::proto::{FrameCounts, Op, OpenOptions, Reason};
-use engine::synthetic::{MemoryWriter, Synthetic};
+use engine::synthetic::Synthetic;
+use engine::MemoryWriter;
 use engine::{Address, ConnectionId, Engine, EngineConfig, EngineHandle, TransferReport};
 use fdstream::{DirProvider, FileReader, FileWriter, ReaderOptions, WriterOptions};
 use std::collections::{BTreeMap, BTreeSet};
@@ -386,10 +387,7 @@ fn tshark_sees_what_the_engine_counted() {
     let download = client.download(
         conn,
         "disk.raw",
-        OpenOptions {
-            flags: OpenOptions::PRIORITY,
-            ..OpenOptions::default()
-        },
+        OpenOptions::default().with_priority(true),
         Box::new(FileWriter::create(
             dir.join("disk.copy"),
             WriterOptions::default(),
@@ -398,10 +396,9 @@ fn tshark_sees_what_the_engine_counted() {
     let upload = client.upload(
         conn,
         "up.raw",
-        OpenOptions {
-            flags: OpenOptions::OVERWRITE,
-            zero_granularity: 4096,
-        },
+        OpenOptions::default()
+            .with_overwrite(true)
+            .with_zero_granularity(4096),
         Box::new(FileReader::open(&up_source, ReaderOptions::default())),
     );
     let missing = client.download(
@@ -449,7 +446,8 @@ fn tshark_sees_what_the_engine_counted() {
     let too_long = header(u32::MAX, 4, 0, 0, 1);
     let name = b"disk.raw";
     let mut unnegotiated_priority = header(16 + name.len() as u32, 1, 0, 0, 1);
-    unnegotiated_priority.extend([1, OpenOptions::PRIORITY]);
+    // Op READ, then the PRIORITY option bit (docs/PROTOCOL.md 4.3).
+    unnegotiated_priority.extend([1, 64]);
     unnegotiated_priority.extend_from_slice(&(name.len() as u16).to_be_bytes());
     unnegotiated_priority.extend_from_slice(&[0; 12]);
     unnegotiated_priority.extend_from_slice(name);

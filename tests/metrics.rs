@@ -4,8 +4,8 @@
 mod common;
 
 use common::{bin, sparse_file, TempDir, MIB};
+use engine::in_memory::DiscardWriter;
 use engine::proto::OpenOptions;
-use engine::synthetic::DiscardWriter;
 use engine::{
     Address, Chunk, Engine, EngineConfig, Notify, TransferReport, VolumeWriter, WriteProgress,
 };

@@ -202,7 +202,7 @@ impl Provider for MemoryProvider {
         if request.name.is_empty() {
             return Err(VolumeError::new(Reason::InvalidName, "empty name"));
         }
-        Ok(Box::new(engine::synthetic::DiscardWriter::default()))
+        Ok(Box::new(engine::DiscardWriter::default()))
     }
 }
 

@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 use engine::proto::OpenOptions;
-use engine::synthetic::DiscardWriter;
+use engine::DiscardWriter;
 use engine::{Address, Engine, EngineConfig, EngineHandle};
 use std::sync::mpsc;
 use std::thread::JoinHandle;

@@ -136,7 +136,7 @@ pub fn probe(
     )
 }
 
-/// [`probe`] with the probe stream's OPEN options (e.g. `OpenOptions::PRIORITY`).
+/// [`probe`] with the probe stream's OPEN options (e.g. `OpenOptions::default().with_priority(true)`).
 pub fn probe_with(
     bulk: u64,
     messages: u64,

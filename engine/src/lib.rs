@@ -3,24 +3,35 @@
 //!
 //! The engine never touches a disk: volumes are [`VolumeReader`]s and [`VolumeWriter`]s whose
 //! work happens elsewhere (the fdstream crate's workers, a helper process, memory).
+//!
+//! What an embedder uses is re-exported here: the engine and its handle, the source and sink
+//! interfaces, the options and reasons of a stream, the document codec of LIST and EXTENTS,
+//! and sinks over memory. [`proto`] is the protocol itself, for tools that speak it without the
+//! loop. Features: `synthetic` adds generated volumes and their checkers (load generation);
+//! `test-support` adds [`testing`], two connections pumped against each other in memory.
 
-pub mod digest;
+mod digest;
+pub mod document;
+pub mod event_loop;
+pub mod in_memory;
 pub mod memory;
 pub mod metrics;
 pub mod proto;
-pub mod reason;
+mod reason;
+#[cfg(feature = "synthetic")]
 pub mod synthetic;
 #[cfg(feature = "test-support")]
 pub mod testing;
-pub mod volume;
+mod volume;
 
 pub use digest::Digest;
+pub use event_loop::{
+    Address, AllowList, ConnectionId, ConnectionInfo, ConnectionSnapshot, Credentials, Endpoint,
+    Engine, EngineConfig, EngineHandle, EngineSnapshot, EngineStats, OpenRequest, Origin,
+    PeerIdentity, Provider, StreamSnapshot, TlsConfig, TlsError, Transfer, TransferError,
+    TransferReport, UnixPeerPolicy,
+};
+pub use in_memory::{DiscardWriter, MemoryReader, MemoryWriter};
+pub use proto::{Op, OpenOptions, StreamStats};
 pub use reason::Reason;
 pub use volume::{Chunk, Notify, VolumeError, VolumeReader, VolumeWriter, WriteProgress};
-pub mod event_loop;
-
-pub use event_loop::{
-    Address, AllowList, ConnectionId, ConnectionInfo, ConnectionSnapshot, Credentials, Engine,
-    EngineConfig, EngineHandle, EngineSnapshot, EngineStats, OpenRequest, Origin, PeerIdentity,
-    Provider, StreamSnapshot, TlsConfig, TlsError, TransferError, TransferReport, UnixPeerPolicy,
-};

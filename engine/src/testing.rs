@@ -200,7 +200,7 @@ impl Peer {
         self.download_with(name, OpenOptions::default(), policy)
     }
 
-    /// A download with OPEN options (e.g. `OpenOptions::PRIORITY`).
+    /// A download with OPEN options (e.g. `OpenOptions::default().with_priority(true)`).
     pub fn download_with(
         &mut self,
         name: &str,
@@ -217,7 +217,7 @@ impl Peer {
         self.upload_with(name, OpenOptions::default(), volume)
     }
 
-    /// An upload with OPEN options (e.g. `OpenOptions::PRIORITY`).
+    /// An upload with OPEN options (e.g. `OpenOptions::default().with_priority(true)`).
     pub fn upload_with(
         &mut self,
         name: &str,

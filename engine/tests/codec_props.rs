@@ -80,10 +80,14 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
                 |(stream, op, flags, zero_granularity, size, name)| Frame::Open {
                     stream,
                     op,
-                    options: OpenOptions {
-                        flags,
-                        zero_granularity
-                    },
+                    // Each of the five known flag bits, set through its setter.
+                    options: OpenOptions::default()
+                        .with_allocated(flags & 1 != 0)
+                        .with_destination_is_zero(flags & 2 != 0)
+                        .with_no_extents(flags & 4 != 0)
+                        .with_overwrite(flags & 8 != 0)
+                        .with_no_sparse(flags & 16 != 0)
+                        .with_zero_granularity(zero_granularity),
                     size,
                     name
                 }

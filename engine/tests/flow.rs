@@ -273,7 +273,7 @@ fn list_travels_as_stream_content(net: Net) {
     let server = Server::start(net, "list", &volumes);
     let pair = server.client(EngineConfig::default());
     let (client, conn) = (&pair.client, pair.conn);
-    let sink = engine::synthetic::MemoryWriter::default();
+    let sink = engine::MemoryWriter::default();
     let content = sink.content();
     let rx = client.fetch(conn, engine::proto::Op::List, "", Box::new(sink));
     assert_eq!(
@@ -294,7 +294,7 @@ fn list_travels_as_stream_content(net: Net) {
         conn,
         engine::proto::Op::Extents,
         "a",
-        Box::new(engine::synthetic::MemoryWriter::default()),
+        Box::new(engine::MemoryWriter::default()),
     );
     let err = rx
         .recv_timeout(Duration::from_secs(10))

@@ -409,10 +409,7 @@ fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>, Expect)> {
     priority_unnegotiated.extend(enc(&[Frame::Open {
         stream: StreamId(1),
         op: Op::Read,
-        options: OpenOptions {
-            flags: OpenOptions::PRIORITY,
-            zero_granularity: 0,
-        },
+        options: OpenOptions::default().with_priority(true),
         size: 0,
         name: "vol".into(),
     }]));

@@ -219,10 +219,7 @@ fn backlogged_streams_share_bytes_equally_under_the_probe() {
 fn a_priority_probe_waits_a_few_frame_times_even_above_its_bulk_share() {
     // Ten times what a bulk stream's share would be, still far below the class's 80 %.
     let (mut pair, ids) = pair_with_bulk(200);
-    let prio = OpenOptions {
-        flags: OpenOptions::PRIORITY,
-        ..OpenOptions::default()
-    };
+    let prio = OpenOptions::default().with_priority(true);
     let probe = open_probe(&mut pair, &ids, 60, prio);
     warm_up(&mut pair, &ids, 1);
     let (waits, _) = probe_waits(&mut pair, &ids, probe, 60, 10.0);
@@ -233,10 +230,7 @@ fn a_priority_probe_waits_a_few_frame_times_even_above_its_bulk_share() {
 fn a_priority_stream_goes_first_but_takes_no_more_than_its_weight() {
     let (mut pair, ids) = pair_with_bulk(10);
     warm_up(&mut pair, &ids, 2);
-    let prio = OpenOptions {
-        flags: OpenOptions::PRIORITY,
-        ..OpenOptions::default()
-    };
+    let prio = OpenOptions::default().with_priority(true);
     let stream = pair
         .client
         .upload_with("urgent", prio, Volume::data(1 << 40))
@@ -294,10 +288,7 @@ fn priority_needs_the_feature_and_falls_back_to_bulk_without_it() {
         })
         .collect();
     warm_up(&mut pair, &ids, 2);
-    let prio = OpenOptions {
-        flags: OpenOptions::PRIORITY,
-        ..OpenOptions::default()
-    };
+    let prio = OpenOptions::default().with_priority(true);
     let stream = pair
         .client
         .upload_with("urgent", prio, Volume::data(1 << 40))
@@ -313,7 +304,7 @@ fn priority_needs_the_feature_and_falls_back_to_bulk_without_it() {
         } if *id == stream => Some(*options),
         _ => None,
     });
-    assert_eq!(open.map(|o| o.has(OpenOptions::PRIORITY)), Some(false));
+    assert_eq!(open.map(|o| o.priority()), Some(false));
     let start = pair.server.received(stream);
     let bulk_start = pair.server.received(ids[0]);
     for _ in 0..5_000 {

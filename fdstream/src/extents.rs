@@ -8,22 +8,8 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ExtentKind {
-    /// Allocated (or at least not known to be a hole).
-    Data,
-    /// Unallocated: the filesystem says it reads as zero.
-    Hole,
-    /// Allocated but found to read as zero (zero detection).
-    Zero,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Extent {
-    pub offset: u64,
-    pub len: u64,
-    pub kind: ExtentKind,
-}
+/// An extent of a map is what an EXTENTS document lists (the engine's document codec).
+pub use engine::document::{ExtentEntry as Extent, ExtentKind};
 
 /// What the filesystem says about the bytes at one offset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,7 +61,7 @@ fn push(map: &mut Vec<Extent>, offset: u64, len: u64, kind: ExtentKind) {
             return;
         }
     }
-    map.push(Extent { offset, len, kind });
+    map.push(Extent::new(offset, len, kind));
 }
 
 /// The allocation map of a file (Data and Hole, from SEEK_DATA/SEEK_HOLE) or a block device

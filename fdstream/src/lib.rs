@@ -36,6 +36,6 @@ pub use extents::{extents, extents_of, Extent, ExtentKind};
 pub use fd::{block_device_size, read_stream, AlignedBuf};
 pub use helper::{AnyReader, AnyWriter, Backend, HelperOptions, HelperReader, HelperWriter};
 pub use pool::Pool;
-pub use provider::{DirProvider, VolumeInfo};
+pub use provider::{reader_options, writer_options, DirProvider, VolumeInfo};
 pub use reader::{read_ahead_bytes, FileReader, ReadCore, ReaderOptions};
 pub use writer::{FileWriter, WriteCore, WriteTarget, WriterOptions};

@@ -14,6 +14,8 @@ use crate::reader::{FileReader, ReaderOptions};
 use crate::temp;
 use crate::writer::{FileWriter, WriterOptions};
 use bytes::Bytes;
+use engine::document::{self, VolumeEntry};
+use engine::proto::OpenOptions;
 use engine::{OpenRequest, Provider, VolumeError, VolumeReader, VolumeWriter};
 use std::collections::HashMap;
 use std::fs::File;
@@ -22,6 +24,28 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+/// How to read a volume for a stream whose OPEN carried `open` (the one place OPEN options
+/// become reader options; a zero granularity of 0 turns zero detection off, as on the wire).
+pub fn reader_options(open: &OpenOptions) -> ReaderOptions {
+    ReaderOptions {
+        zero_granularity: open.zero_granularity(),
+        no_extents: open.no_extents(),
+        force_share: open.force_share(),
+        ..ReaderOptions::default()
+    }
+}
+
+/// How to write a volume for a stream whose OPEN carried `open` (the one place OPEN options
+/// become writer options).
+pub fn writer_options(open: &OpenOptions) -> WriterOptions {
+    WriterOptions {
+        allocated: open.allocated(),
+        destination_is_zero: open.destination_is_zero(),
+        overwrite: open.overwrite(),
+        ..WriterOptions::default()
+    }
+}
 
 /// One volume as `list` reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -129,11 +153,15 @@ impl Provider for DirProvider {
                 log::warn!("listing {}: {e}", path.display());
                 Error::io("listing the volumes", e)
             })?;
-            let text: String = volumes
-                .iter()
-                .map(|v| format!("{}\t{}\t{}\n", v.name, v.size, v.allocated))
+            let entries: Vec<VolumeEntry> = volumes
+                .into_iter()
+                .map(|v| VolumeEntry {
+                    name: v.name,
+                    size: v.size,
+                    allocated: v.allocated,
+                })
                 .collect();
-            Ok(Bytes::from(text))
+            Ok(Bytes::from(document::format_list(&entries)))
         }))
     }
 
@@ -142,11 +170,8 @@ impl Provider for DirProvider {
             let uri = uri.clone();
             return Ok(self.document(move || {
                 let map = crate::nbd::map(&uri)?;
-                Ok(Bytes::from(
-                    map.iter()
-                        .map(|s| crate::nbd::map_line(s, None))
-                        .collect::<String>(),
-                ))
+                let map: Vec<_> = map.iter().map(|s| s.entry(None)).collect();
+                Ok(Bytes::from(document::format_extents(&map)))
             }));
         }
         let shown = self.shown(&request.name);
@@ -176,23 +201,12 @@ impl Provider for DirProvider {
             }
             let map = crate::extents::extents_of(&file)
                 .map_err(|e| Error::io(format!("mapping {shown}"), e))?;
-            let text: String = map
-                .iter()
-                .map(|e| {
-                    format!(
-                        "{}\t{}\t{}\n",
-                        e.offset,
-                        e.len,
-                        format!("{:?}", e.kind).to_lowercase()
-                    )
-                })
-                .collect();
-            Ok(Bytes::from(text))
+            Ok(Bytes::from(document::format_extents(&map)))
         }))
     }
 
     fn open_read(&self, request: &OpenRequest) -> Result<Box<dyn VolumeReader>, VolumeError> {
-        let mut options = ReaderOptions::from_open(&request.options);
+        let mut options = reader_options(&request.options);
         options.pool = self.pool.clone();
         options.direct = self.direct;
         if let Some(uri) = self.nbd_volumes.get(&request.name) {
@@ -246,7 +260,7 @@ impl Provider for DirProvider {
     }
 
     fn open_write(&self, request: &OpenRequest) -> Result<Box<dyn VolumeWriter>, VolumeError> {
-        let mut options = WriterOptions::from_open(&request.options);
+        let mut options = writer_options(&request.options);
         options.pool = self.pool.clone();
         options.no_sync = self.no_sync;
         options.direct = self.direct;
@@ -351,8 +365,8 @@ fn list_volumes(
     Ok(out)
 }
 
-/// The allocation map of a qcow2 image through qemu-nbd, with each range's layer, as
-/// `map_line` writes it; `None` when `file` is not a qcow2 image.
+/// The allocation map of a qcow2 image through qemu-nbd, with each range's layer, as an
+/// EXTENTS document; `None` when `file` is not a qcow2 image.
 fn image_map(file: &File, pool: &Path, path: &Path, shown: &str) -> Result<Option<String>, Error> {
     let Some(header) =
         crate::qemu::qcow2_header(file).map_err(|e| Error::io(shown.to_string(), e))?
@@ -362,11 +376,8 @@ fn image_map(file: &File, pool: &Path, path: &Path, shown: &str) -> Result<Optio
     let layers = crate::qemu::chain_layers(pool, path, &header, shown)?;
     let server = crate::qemu::QemuNbd::start(path, true, shown)?;
     let map = crate::nbd::map_as(server.uri(), shown.to_string())?;
-    Ok(Some(
-        map.iter()
-            .map(|s| crate::nbd::map_line(s, Some(layers)))
-            .collect(),
-    ))
+    let map: Vec<_> = map.iter().map(|s| s.entry(Some(layers))).collect();
+    Ok(Some(document::format_extents(&map)))
 }
 
 impl DirProvider {

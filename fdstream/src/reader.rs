@@ -12,7 +12,6 @@ use crate::extents::{segment_at, Segment};
 use crate::fd::{self, Kind, Location};
 use crate::pool::{Job, JobHandle, Pool, Step, WeakJobHandle};
 use crate::zero::{self, Run};
-use engine::proto::OpenOptions;
 use engine::{Chunk, Digest, Notify, VolumeError, VolumeReader};
 use std::collections::VecDeque;
 use std::fs::File;
@@ -81,18 +80,6 @@ impl Default for ReaderOptions {
             direct: false,
             force_share: false,
             pool: None,
-        }
-    }
-}
-
-impl ReaderOptions {
-    /// The options a peer asked for in OPEN (`zero_granularity` 0 means off, as on the wire).
-    pub fn from_open(options: &OpenOptions) -> Self {
-        ReaderOptions {
-            zero_granularity: options.zero_granularity,
-            no_extents: options.has(OpenOptions::NO_EXTENTS),
-            force_share: options.has(OpenOptions::FORCE_SHARE),
-            ..ReaderOptions::default()
         }
     }
 }

@@ -15,7 +15,6 @@ use crate::punch::{self, Zeroer};
 use crate::sink;
 use crate::temp;
 use crate::verify::Expected;
-use engine::proto::OpenOptions;
 use engine::{Chunk, Digest, Notify, VolumeError, VolumeWriter, WriteProgress};
 use std::collections::VecDeque;
 use std::ffi::CString;
@@ -56,17 +55,6 @@ pub struct WriterOptions {
     pub verify: bool,
     /// Workers to use; the process-wide pool when `None`.
     pub pool: Option<Arc<Pool>>,
-}
-
-impl WriterOptions {
-    pub fn from_open(options: &OpenOptions) -> Self {
-        WriterOptions {
-            allocated: options.has(OpenOptions::ALLOCATED),
-            destination_is_zero: options.has(OpenOptions::DESTINATION_IS_ZERO),
-            overwrite: options.has(OpenOptions::OVERWRITE),
-            ..WriterOptions::default()
-        }
-    }
 }
 
 /// Where a writer puts the volume.

@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use engine::proto::{OpenOptions, Reason};
+use engine::proto::Reason;
 use fdstream::{DirProvider, FileReader, FileWriter, ReaderOptions, WriterOptions};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -24,7 +24,7 @@ fn loop_device_source_reads_each_byte_once_and_finds_holes() {
     let reader = FileReader::open(&dev.path, ReaderOptions::default());
     let counter = reader.bytes_read();
     let pair = Pair::new(DirProvider::new(dst.path()).unwrap());
-    let r = pair.upload("disk", opts(0), reader);
+    let r = pair.upload("disk", opts(), reader);
     assert_eq!(r.result, Ok(()));
     assert_eq!(
         counter.load(Ordering::Relaxed),
@@ -47,7 +47,7 @@ fn loop_device_source_reads_each_byte_once_and_finds_holes() {
     let out2 = dst.path().join("disk2");
     let r = pair.download(
         "dev",
-        opts(0),
+        opts(),
         FileWriter::create(&out2, WriterOptions::default()),
     );
     assert_eq!(r.result, Ok(()));
@@ -73,7 +73,7 @@ fn loop_device_sink_with_old_data_reads_back_zero_in_holes() {
     let pair = Pair::new(DirProvider::new(src.path()).unwrap());
     let r = pair.download(
         "vol",
-        opts(0),
+        opts(),
         FileWriter::in_place(&dev.path, overwriting(WriterOptions::default())),
     );
     assert_eq!(r.result, Ok(()));
@@ -98,7 +98,7 @@ fn loop_device_too_small_is_refused() {
     let pair = Pair::new(DirProvider::new(src.path()).unwrap());
     let r = pair.download(
         "vol",
-        opts(0),
+        opts(),
         FileWriter::in_place(&dev.path, overwriting(WriterOptions::default())),
     );
     let e = r.result.unwrap_err();
@@ -111,7 +111,7 @@ fn loop_device_too_small_is_refused() {
     );
     let r = pair.upload(
         "small",
-        opts(OpenOptions::OVERWRITE),
+        opts().with_overwrite(true),
         FileReader::open(src.path().join("vol"), ReaderOptions::default()),
     );
     assert_eq!(r.result.unwrap_err().reason, Reason::DeviceTooSmall);

@@ -58,7 +58,7 @@ impl Provider for LyingProvider {
         // The same name checks as the honest provider.
         drop(self.inner.open_read(r)?);
         Ok(Box::new(Liar {
-            inner: FileReader::open(self.dir.join(&r.name), ReaderOptions::from_open(&r.options)),
+            inner: FileReader::open(self.dir.join(&r.name), fdstream::reader_options(&r.options)),
             fail_after: None,
             chunks: 0,
         }))
@@ -96,7 +96,7 @@ fn digest_mismatch_on_upload_leaves_nothing() {
         fail_after: None,
         chunks: 0,
     };
-    let r = pair.upload("vol", opts(0), liar);
+    let r = pair.upload("vol", opts(), liar);
     assert_eq!(r.result.unwrap_err().reason, Reason::DigestMismatch);
     wait_clean(dst.path(), "vol");
 }
@@ -113,7 +113,7 @@ fn failure_mid_upload_leaves_nothing() {
         fail_after: Some(5),
         chunks: 0,
     };
-    let r = pair.upload("vol", opts(0), liar);
+    let r = pair.upload("vol", opts(), liar);
     assert!(r.result.is_err());
     wait_clean(dst.path(), "vol");
 }
@@ -141,7 +141,7 @@ fn digest_mismatch_on_download_leaves_nothing() {
         .download(
             conn,
             "vol",
-            opts(0),
+            opts(),
             Box::new(FileWriter::create(&out, WriterOptions::default())),
         )
         .recv_timeout(Duration::from_secs(30))
@@ -171,7 +171,7 @@ fn a_fifo_nobody_reads_stalls_only_its_own_stream() {
     let stuck = pair.client.download(
         pair.conn,
         "v0",
-        opts(0),
+        opts(),
         Box::new(FileWriter::in_place(&fifo, WriterOptions::default())),
     );
     std::thread::sleep(Duration::from_millis(100));
@@ -181,7 +181,7 @@ fn a_fifo_nobody_reads_stalls_only_its_own_stream() {
             let rx = pair.client.download(
                 pair.conn,
                 &format!("v{i}"),
-                opts(0),
+                opts(),
                 Box::new(FileWriter::create(&out, WriterOptions::default())),
             );
             (i, rx)
@@ -253,7 +253,7 @@ fn a_fifo_source_needs_a_size_and_works_with_one() {
             ..ReaderOptions::default()
         },
     );
-    let r = pair.upload("piped", opts(0), reader);
+    let r = pair.upload("piped", opts(), reader);
     writer.join().unwrap();
     assert_eq!(r.result, Ok(()));
     assert_eq!(r.stats.hole_bytes, MIB);

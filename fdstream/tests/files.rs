@@ -12,7 +12,7 @@ fn roundtrip(src_dir: &Path, name: &str, dst: &Path) -> engine::TransferReport {
     let pair = Pair::new(DirProvider::new(src_dir).unwrap());
     let report = pair.download(
         name,
-        opts(0),
+        opts(),
         FileWriter::create(dst, WriterOptions::default()),
     );
     assert_eq!(report.result, Ok(()), "{name}");
@@ -85,7 +85,7 @@ fn upload_data_hole_data_into_a_directory() {
     let pair = Pair::new(DirProvider::new(dst.path()).unwrap());
     let r = pair.upload(
         "up",
-        opts(0),
+        opts(),
         FileReader::open(&path, ReaderOptions::default()),
     );
     assert_eq!(r.result, Ok(()));
@@ -97,7 +97,7 @@ fn upload_data_hole_data_into_a_directory() {
     // A second upload under the same name is refused unless OVERWRITE is asked for.
     let r = pair.upload(
         "up",
-        opts(0),
+        opts(),
         FileReader::open(&path, ReaderOptions::default()),
     );
     assert_eq!(
@@ -106,7 +106,7 @@ fn upload_data_hole_data_into_a_directory() {
     );
     let r = pair.upload(
         "up",
-        opts(engine::proto::OpenOptions::OVERWRITE),
+        opts().with_overwrite(true),
         FileReader::open(&path, ReaderOptions::default()),
     );
     assert_eq!(r.result, Ok(()));
@@ -150,7 +150,7 @@ fn provider_refuses_bad_names_and_lists_volumes() {
     // malformed frame and closes the whole connection (reported to the engine's owner).
     for bad in ["../x", ".hidden", "a/b", "..", "."] {
         let w = FileWriter::create(outside.path().join("never"), WriterOptions::default());
-        let r = pair.download(bad, opts(0), w);
+        let r = pair.download(bad, opts(), w);
         assert_eq!(
             r.result.unwrap_err().reason,
             engine::proto::Reason::InvalidName,
@@ -159,13 +159,13 @@ fn provider_refuses_bad_names_and_lists_volumes() {
     }
     let r = pair.download(
         "link",
-        opts(0),
+        opts(),
         FileWriter::create(outside.path().join("never"), WriterOptions::default()),
     );
     assert!(r.result.is_err(), "a symlink was followed");
     let r = pair.download(
         "missing",
-        opts(0),
+        opts(),
         FileWriter::create(outside.path().join("never"), WriterOptions::default()),
     );
     assert_eq!(

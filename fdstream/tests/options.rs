@@ -20,7 +20,7 @@ fn overwrite_allocated_file_in_place_punches_holes() {
     let pair = Pair::new(DirProvider::new(src.path()).unwrap());
     let r = pair.download(
         "vol",
-        opts(0),
+        opts(),
         FileWriter::in_place(&out, overwriting(WriterOptions::default())),
     );
     assert_eq!(r.result, Ok(()));
@@ -35,13 +35,13 @@ fn allocated_gives_a_fully_allocated_copy() {
     let dst = tempfile::tempdir().unwrap();
     let vol = options_source(src.path());
     let pair = Pair::new(DirProvider::new(src.path()).unwrap());
-    let o = opts(OpenOptions::ALLOCATED);
+    let o = opts().with_allocated(true);
     // A new file...
     let out = dst.path().join("new");
     let r = pair.download(
         "vol",
         o,
-        FileWriter::create(&out, WriterOptions::from_open(&o)),
+        FileWriter::create(&out, fdstream::writer_options(&o)),
     );
     assert_eq!(r.result, Ok(()));
     assert_eq!(read_all(&out), read_all(&vol));
@@ -52,7 +52,7 @@ fn allocated_gives_a_fully_allocated_copy() {
     let r = pair.download(
         "vol",
         o,
-        FileWriter::in_place(&old, overwriting(WriterOptions::from_open(&o))),
+        FileWriter::in_place(&old, overwriting(fdstream::writer_options(&o))),
     );
     assert_eq!(r.result, Ok(()));
     assert_eq!(read_all(&old), read_all(&vol));
@@ -65,13 +65,13 @@ fn destination_is_zero_skips_hole_work() {
     let dst = tempfile::tempdir().unwrap();
     let vol = options_source(src.path());
     let pair = Pair::new(DirProvider::new(src.path()).unwrap());
-    let o = opts(OpenOptions::DESTINATION_IS_ZERO);
+    let o = opts().with_destination_is_zero(true);
     let out = dst.path().join("zeroed");
     File::create(&out).unwrap().set_len(OPTIONS_SIZE).unwrap();
     let r = pair.download(
         "vol",
         o,
-        FileWriter::in_place(&out, overwriting(WriterOptions::from_open(&o))),
+        FileWriter::in_place(&out, overwriting(fdstream::writer_options(&o))),
     );
     assert_eq!(r.result, Ok(()));
     assert_eq!(read_all(&out), read_all(&vol));
@@ -83,7 +83,7 @@ fn destination_is_zero_skips_hole_work() {
     let r = pair.download(
         "vol",
         o,
-        FileWriter::in_place(&lied, overwriting(WriterOptions::from_open(&o))),
+        FileWriter::in_place(&lied, overwriting(fdstream::writer_options(&o))),
     );
     assert_eq!(r.result, Ok(()));
     let got = read_all(&lied);
@@ -105,7 +105,7 @@ fn no_extents_reads_everything_and_still_detects_zeroes() {
         },
     );
     let counter = reader.bytes_read();
-    let r = pair.upload("vol", opts(OpenOptions::NO_EXTENTS), reader);
+    let r = pair.upload("vol", opts().with_no_extents(true), reader);
     assert_eq!(r.result, Ok(()));
     assert_eq!(
         counter.load(Ordering::Relaxed),
@@ -121,7 +121,7 @@ fn no_extents_reads_everything_and_still_detects_zeroes() {
     // With the extent map, only the data is read.
     let reader = FileReader::open(&vol, ReaderOptions::default());
     let counter = reader.bytes_read();
-    let r = pair.upload("vol2", opts(0), reader);
+    let r = pair.upload("vol2", opts(), reader);
     assert_eq!(r.result, Ok(()));
     assert_eq!(counter.load(Ordering::Relaxed), data);
 }
@@ -142,7 +142,7 @@ fn zero_granularity_off_sends_written_zeroes_as_data() {
     let pair = Pair::new(DirProvider::new(dst.path()).unwrap());
     let r = pair.upload(
         "s4k",
-        opts(0),
+        opts(),
         FileReader::open(&vol, ReaderOptions::default()),
     );
     assert_eq!(r.result, Ok(()));
@@ -153,10 +153,7 @@ fn zero_granularity_off_sends_written_zeroes_as_data() {
         zero_granularity: 0,
         ..ReaderOptions::default()
     };
-    let o = OpenOptions {
-        flags: 0,
-        zero_granularity: 0,
-    };
+    let o = OpenOptions::default().with_zero_granularity(0);
     let r = pair.upload("s0", o, FileReader::open(&vol, off));
     assert_eq!(r.result, Ok(()));
     assert_eq!(r.stats.data_bytes, 5 * MIB, "written zeroes travel as data");

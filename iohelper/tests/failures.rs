@@ -44,7 +44,7 @@ fn a_silent_helper_times_out_and_is_killed() {
     let out = src.path().join("copy");
     let r = pair.download(
         "vol",
-        opts(0),
+        opts(),
         helper(false).create(&out, WriterOptions::default()),
     );
     let e = r.result.unwrap_err();
@@ -74,7 +74,7 @@ fn a_helper_speaking_nonsense_fails_its_stream() {
     );
     let r = pair.download(
         "vol",
-        opts(0),
+        opts(),
         helper(false).create(src.path().join("copy"), WriterOptions::default()),
     );
     let e = r.result.unwrap_err();
@@ -91,7 +91,7 @@ fn a_missing_helper_binary_is_a_clear_error() {
     )));
     let r = pair.download(
         "vol",
-        opts(0),
+        opts(),
         helper(false).create(src.path().join("copy"), WriterOptions::default()),
     );
     let e = r.result.unwrap_err();
@@ -108,13 +108,13 @@ fn errors_inside_the_helper_keep_their_reason() {
     );
     let r = pair.download(
         "missing",
-        opts(0),
+        opts(),
         helper(false).create(src.path().join("copy"), WriterOptions::default()),
     );
     assert_eq!(r.result.unwrap_err().reason, Reason::NotFound);
     let r = pair.upload(
         "x",
-        opts(0),
+        opts(),
         helper(false).reader(src.path().join("nope"), ReaderOptions::default()),
     );
     assert_eq!(r.result.unwrap_err().reason, Reason::NotFound);
@@ -152,7 +152,7 @@ fn a_writer_helper_killed_mid_upload_leaves_nothing_behind() {
     );
     let rx = pair
         .client
-        .upload(pair.conn, "vol", opts(0), Box::new(Stuck { sent: false }));
+        .upload(pair.conn, "vol", opts(), Box::new(Stuck { sent: false }));
     let deadline = Instant::now() + Duration::from_secs(20);
     let pid = loop {
         let found = helpers()
@@ -209,7 +209,7 @@ fn direct_on_tmpfs_works_or_falls_back() {
     let out = src.path().join("copy");
     let r = pair.download(
         "vol",
-        opts(0),
+        opts(),
         helper(true).create(&out, WriterOptions::default()),
     );
     assert_eq!(r.result, Ok(()));

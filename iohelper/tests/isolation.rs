@@ -119,7 +119,7 @@ fn killed_helpers_abort_only_their_streams() {
         let out = dst.path().join("warm");
         let r = pair.download(
             "v099",
-            opts(0),
+            opts(),
             helper(false).create(&out, WriterOptions::default()),
         );
         assert_eq!(r.result, Ok(()));
@@ -152,11 +152,11 @@ fn killed_helpers_abort_only_their_streams() {
             let gate = Arc::new(Gate::default());
             seen.push(Arc::clone(&gate));
             let w = Gated { gate, taken: 0 };
-            client.download(conn, &name, opts(0), Box::new(w))
+            client.download(conn, &name, opts(), Box::new(w))
         } else {
             let out = dst.path().join(&name);
             let w = helper(false).create(&out, WriterOptions::default());
-            client.download(conn, &name, opts(0), Box::new(w))
+            client.download(conn, &name, opts(), Box::new(w))
         };
         pending.push((name, rx));
     }
@@ -242,7 +242,7 @@ fn killed_helpers_abort_only_their_streams() {
         .download(
             conn2,
             "v000",
-            opts(0),
+            opts(),
             Box::new(helper(false).create(&out, WriterOptions::default())),
         )
         .recv_timeout(Duration::from_secs(60))

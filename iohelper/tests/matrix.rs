@@ -48,7 +48,7 @@ fn roundtrip(direct: bool, src_dir: &Path, name: &str, dst: &Path) -> engine::Tr
     let pair = server(src_dir, direct);
     let report = pair.download(
         name,
-        opts(0),
+        opts(),
         helper(direct).create(dst, WriterOptions::default()),
     );
     assert_eq!(report.result, Ok(()), "{name}");
@@ -110,16 +110,16 @@ fn upload_data_hole_data_into_a_directory(direct: bool) {
     sparse_file(&path, size, &[(0, MIB), (4 * MIB, MIB + 100)]);
     let pair = server(dst.path(), direct);
     let reader = || helper(direct).reader(&path, ReaderOptions::default());
-    let r = pair.upload("up", opts(0), reader());
+    let r = pair.upload("up", opts(), reader());
     assert_eq!(r.result, Ok(()));
     assert_eq!(r.stats.hole_bytes, 3 * MIB);
     let out = dst.path().join("up");
     assert_eq!(read_all(&out), read_all(&path));
     let (data, n) = data_bytes(&path);
     assert_sparse_like(data, n, &out);
-    let r = pair.upload("up", opts(0), reader());
+    let r = pair.upload("up", opts(), reader());
     assert_eq!(r.result.unwrap_err().reason, Reason::AlreadyExists);
-    let r = pair.upload("up", opts(OpenOptions::OVERWRITE), reader());
+    let r = pair.upload("up", opts().with_overwrite(true), reader());
     assert_eq!(r.result, Ok(()));
     assert_eq!(read_all(&out), read_all(&path));
     assert!(temp_files(dst.path()).is_empty());
@@ -152,7 +152,7 @@ fn loop_device_source_finds_holes(direct: bool) {
     };
     let pair = server(dst.path(), direct);
     let reader = helper(direct).reader(&dev.path, ReaderOptions::default());
-    let r = pair.upload("disk", opts(0), reader);
+    let r = pair.upload("disk", opts(), reader);
     assert_eq!(r.result, Ok(()));
     let data: u64 = DEV_DATA.iter().map(|d| d.1).sum();
     assert_eq!(r.stats.data_bytes, data, "holes found by zero detection");
@@ -171,7 +171,7 @@ fn loop_device_source_finds_holes(direct: bool) {
     let out2 = dst.path().join("disk2");
     let r = pair.download(
         "dev",
-        opts(0),
+        opts(),
         helper(direct).create(&out2, WriterOptions::default()),
     );
     assert_eq!(r.result, Ok(()));
@@ -194,7 +194,7 @@ fn loop_device_sink_with_old_data_reads_back_zero_in_holes(direct: bool) {
     let pair = server(src.path(), direct);
     let r = pair.download(
         "vol",
-        opts(0),
+        opts(),
         helper(direct).in_place(&dev.path, overwriting(WriterOptions::default())),
     );
     assert_eq!(r.result, Ok(()));
@@ -213,7 +213,7 @@ fn overwrite_allocated_file_in_place_punches_holes(direct: bool) {
     let pair = server(src.path(), direct);
     let r = pair.download(
         "vol",
-        opts(0),
+        opts(),
         helper(direct).in_place(&out, overwriting(WriterOptions::default())),
     );
     assert_eq!(r.result, Ok(()));
@@ -226,12 +226,12 @@ fn allocated_gives_a_fully_allocated_copy(direct: bool) {
     let (src, dst) = (scratch(direct), scratch(direct));
     let vol = options_source(src.path());
     let pair = server(src.path(), direct);
-    let o = opts(OpenOptions::ALLOCATED);
+    let o = opts().with_allocated(true);
     let out = dst.path().join("new");
     let r = pair.download(
         "vol",
         o,
-        helper(direct).create(&out, WriterOptions::from_open(&o)),
+        helper(direct).create(&out, fdstream::writer_options(&o)),
     );
     assert_eq!(r.result, Ok(()));
     assert_eq!(read_all(&out), read_all(&vol));
@@ -241,7 +241,7 @@ fn allocated_gives_a_fully_allocated_copy(direct: bool) {
     let r = pair.download(
         "vol",
         o,
-        helper(direct).in_place(&old, overwriting(WriterOptions::from_open(&o))),
+        helper(direct).in_place(&old, overwriting(fdstream::writer_options(&o))),
     );
     assert_eq!(r.result, Ok(()));
     assert_eq!(read_all(&old), read_all(&vol));
@@ -252,13 +252,13 @@ fn destination_is_zero_skips_hole_work(direct: bool) {
     let (src, dst) = (scratch(direct), scratch(direct));
     let vol = options_source(src.path());
     let pair = server(src.path(), direct);
-    let o = opts(OpenOptions::DESTINATION_IS_ZERO);
+    let o = opts().with_destination_is_zero(true);
     let out = dst.path().join("zeroed");
     File::create(&out).unwrap().set_len(OPTIONS_SIZE).unwrap();
     let r = pair.download(
         "vol",
         o,
-        helper(direct).in_place(&out, overwriting(WriterOptions::from_open(&o))),
+        helper(direct).in_place(&out, overwriting(fdstream::writer_options(&o))),
     );
     assert_eq!(r.result, Ok(()));
     assert_eq!(read_all(&out), read_all(&vol));
@@ -269,7 +269,7 @@ fn destination_is_zero_skips_hole_work(direct: bool) {
     let r = pair.download(
         "vol",
         o,
-        helper(direct).in_place(&lied, overwriting(WriterOptions::from_open(&o))),
+        helper(direct).in_place(&lied, overwriting(fdstream::writer_options(&o))),
     );
     assert_eq!(r.result, Ok(()));
     assert_eq!(read_all(&lied)[0], 0xAA, "hole at 0 was not touched");
@@ -287,7 +287,7 @@ fn no_extents_reads_everything_and_still_detects_zeroes(direct: bool) {
             ..ReaderOptions::default()
         },
     );
-    let r = pair.upload("vol", opts(OpenOptions::NO_EXTENTS), reader);
+    let r = pair.upload("vol", opts().with_no_extents(true), reader);
     assert_eq!(r.result, Ok(()));
     let (data, n) = data_bytes(&vol);
     assert_eq!(r.stats.data_bytes, data);
@@ -309,7 +309,7 @@ fn zero_granularity_off_sends_written_zeroes_as_data(direct: bool) {
     let pair = server(dst.path(), direct);
     let r = pair.upload(
         "s4k",
-        opts(0),
+        opts(),
         helper(direct).reader(&vol, ReaderOptions::default()),
     );
     assert_eq!(r.result, Ok(()));
@@ -319,10 +319,7 @@ fn zero_granularity_off_sends_written_zeroes_as_data(direct: bool) {
         zero_granularity: 0,
         ..ReaderOptions::default()
     };
-    let o = OpenOptions {
-        flags: 0,
-        zero_granularity: 0,
-    };
+    let o = OpenOptions::default().with_zero_granularity(0);
     let r = pair.upload("s0", o, helper(direct).reader(&vol, off));
     assert_eq!(r.result, Ok(()));
     assert_eq!(r.stats.data_bytes, 5 * MIB, "written zeroes travel as data");
@@ -366,11 +363,7 @@ fn helpers_give_the_same_results_as_in_process_workers() {
         );
         for (name, _, _) in &files {
             let out = dst.path().join(format!("{name}.{label}"));
-            let r = pair.download(
-                name,
-                opts(0),
-                backend.create(&out, WriterOptions::default()),
-            );
+            let r = pair.download(name, opts(), backend.create(&out, WriterOptions::default()));
             assert_eq!(r.result, Ok(()), "{name} via {label}");
         }
     }

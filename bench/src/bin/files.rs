@@ -280,10 +280,7 @@ fn main() {
         ends.push((server, client, conn));
         threads.extend([server_thread, client_thread]);
     }
-    let options = OpenOptions {
-        flags: 0,
-        zero_granularity: 4096,
-    };
+    let options = OpenOptions::default().with_zero_granularity(4096);
 
     let mut rows = Vec::new();
     for w in workloads() {

@@ -11,7 +11,7 @@
 use bench::floor::bare_copy;
 use bench::{load_average, percentile, provider, random_bytes, socket_path, Args, Usage};
 use engine::proto::OpenOptions;
-use engine::synthetic::DiscardWriter;
+use engine::DiscardWriter;
 use engine::{Engine, EngineConfig};
 use std::time::{Duration, Instant};
 

@@ -7,7 +7,7 @@ use bench::{
     provider, random_bytes, socket_path, start_bulk_uploads, Args, MemoryProvider, RepeatReader,
 };
 use engine::proto::{OpenOptions, Reason};
-use engine::synthetic::DiscardWriter;
+use engine::DiscardWriter;
 use engine::{
     Chunk, Engine, EngineConfig, Notify, OpenRequest, Provider, VolumeError, VolumeReader,
     VolumeWriter, WriteProgress,

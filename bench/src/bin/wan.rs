@@ -308,10 +308,7 @@ impl Volstream {
             .connect_blocking(&Address::Tcp(via), Duration::from_secs(10))
             .map_err(|e| format!("connect: {e}"))?;
         let start = Instant::now();
-        let options = OpenOptions {
-            flags: 0,
-            zero_granularity: 4096,
-        };
+        let options = OpenOptions::default().with_zero_granularity(4096);
         let pending: Vec<_> = names
             .iter()
             .map(|n| {

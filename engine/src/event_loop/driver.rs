@@ -56,7 +56,7 @@ enum Gate {
 
 /// Identifies whom a notification is for: a local endpoint of a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct WakeKey {
+pub(crate) struct WakeKey {
     pub conn: ConnectionId,
     pub local: u64,
 }
@@ -110,7 +110,7 @@ const WRITE_BUDGET: usize = 1024 * 1024;
 /// Most segments handed to one writev.
 const IOV_MAX: usize = 64;
 
-pub struct Driver {
+pub(crate) struct Driver {
     pub id: ConnectionId,
     pub transport: Transport,
     pub conn: Connection,

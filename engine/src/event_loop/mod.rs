@@ -12,11 +12,11 @@ pub mod peer;
 pub mod snapshot;
 pub mod socket;
 pub mod tls;
+mod token;
 mod transport;
 
-pub use driver::{
-    Endpoint, OnDone, Transfer, WakeKey, INTERACTIVE_TRANSMIT_TARGET, TRANSMIT_TARGET,
-};
+use driver::WakeKey;
+pub use driver::{Endpoint, OnDone, Transfer, INTERACTIVE_TRANSMIT_TARGET, TRANSMIT_TARGET};
 pub use peer::{CertIdentity, PeerIdentity, UnixPeerPolicy};
 pub use snapshot::{ConnectionSnapshot, EngineSnapshot, StreamSnapshot};
 pub use socket::Address;
@@ -28,7 +28,7 @@ use crate::proto::{
 };
 use crate::volume::{VolumeError, VolumeReader, VolumeWriter};
 use driver::Driver;
-use mio::{Events, Poll, Token, Waker};
+use mio::{Events, Poll, Waker};
 use slab::Slab;
 use socket::Listener;
 pub use socket::Socket;
@@ -39,6 +39,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
+use token::Source;
 
 /// Names a connection of an engine. Carries a generation so a stale id never reaches the
 /// connection that later reused its slot.
@@ -260,7 +261,7 @@ enum Command {
 }
 
 /// State shared between the loop and other threads: the waker, and what woke it.
-pub struct Shared {
+pub(crate) struct Shared {
     waker: Waker,
     queue: Mutex<Wakeups>,
 }
@@ -287,18 +288,6 @@ impl Shared {
         self.queue.lock().unwrap().commands.push(command);
         let _ = self.waker.wake();
     }
-}
-
-const WAKER: Token = Token(0);
-const KIND_LISTENER: usize = 1;
-const KIND_CONN: usize = 2;
-
-fn conn_token(id: ConnectionId) -> Token {
-    Token(((id.generation as usize) << 34) | ((id.slot as usize) << 2) | KIND_CONN)
-}
-
-fn listener_token(slot: usize) -> Token {
-    Token((slot << 2) | KIND_LISTENER)
 }
 
 /// The event loop and everything it owns.
@@ -336,7 +325,7 @@ const GRAVEYARD: usize = 256;
 impl Engine {
     pub fn new(config: EngineConfig) -> io::Result<Engine> {
         let poll = Poll::new()?;
-        let waker = Waker::new(poll.registry(), WAKER)?;
+        let waker = Waker::new(poll.registry(), Source::Waker.token())?;
         Ok(Engine {
             poll,
             events: Events::with_capacity(1024),
@@ -412,7 +401,7 @@ impl Engine {
             };
         }
         let entry = self.listeners.vacant_entry();
-        listener.register(self.poll.registry(), listener_token(entry.key()))?;
+        listener.register(self.poll.registry(), Source::Listener(entry.key()).token())?;
         let id = ListenerId(entry.key());
         entry.insert((listener, provider, security));
         log::info!("listening on {bound}");
@@ -477,7 +466,7 @@ impl Engine {
         identity: PeerIdentity,
         refusal: Option<String>,
     ) -> io::Result<ConnectionId> {
-        self.generation = self.generation.wrapping_add(1) & 0x3fff_ffff;
+        self.generation = self.generation.wrapping_add(1) & token::GENERATION_MASK;
         let entry = self.conns.vacant_entry();
         let id = ConnectionId {
             slot: entry.key() as u32,
@@ -486,7 +475,7 @@ impl Engine {
         transport.socket.tune();
         transport
             .socket
-            .register(self.poll.registry(), conn_token(id))?;
+            .register(self.poll.registry(), Source::Connection(id).token())?;
         let conn = Connection::new(side, self.config.connection.clone(), Instant::now());
         entry.insert(Driver::new(
             id,
@@ -655,17 +644,10 @@ impl Engine {
         }
         let now = Instant::now();
         for event in events.iter() {
-            let token = event.token().0;
-            if event.token() == WAKER {
-                continue;
-            }
-            match token & 3 {
-                KIND_LISTENER => self.accept(token >> 2),
-                KIND_CONN => {
-                    let id = ConnectionId {
-                        slot: ((token >> 2) & 0xffff_ffff) as u32,
-                        generation: (token >> 34) as u32,
-                    };
+            match Source::of(event.token()) {
+                Some(Source::Waker) | None => {}
+                Some(Source::Listener(slot)) => self.accept(slot),
+                Some(Source::Connection(id)) => {
                     let Some(d) = self.driver(id) else { continue };
                     if event.is_writable() {
                         d.on_writable();
@@ -677,7 +659,6 @@ impl Engine {
                         d.on_error(now);
                     }
                 }
-                _ => {}
             }
         }
         self.events = events;

@@ -5,6 +5,7 @@
 //! frame header announcing a body larger than the local limit is refused before its body is read.
 
 use super::error::DecodeError;
+pub use super::options::OpenOptions;
 use crate::reason::Reason;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use std::fmt;
@@ -64,7 +65,7 @@ impl Features {
     pub const SPARSE: Features = Features(1);
     /// FINISH carries a CRC-32C of the logical content, checked by the receiver.
     pub const DIGEST: Features = Features(2);
-    /// OPEN may put a stream in the priority class (`OpenOptions::PRIORITY`).
+    /// OPEN may put a stream in the priority class (`OpenOptions::with_priority`).
     pub const PRIORITY: Features = Features(4);
     pub const ALL: Features = Features(7);
 
@@ -162,39 +163,6 @@ impl Op {
     /// Whether the peer (not the opener) sends the stream's content.
     pub fn peer_sends(self) -> bool {
         self != Op::Write
-    }
-}
-
-/// Per-stream options carried in OPEN; they mean what the nbdcopy/qemu-img flags of the same
-/// names mean and are interpreted by whichever side touches the volume.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct OpenOptions {
-    pub flags: u8,
-    /// Zero-detection granularity in bytes (`-S`); 0 turns zero detection off.
-    pub zero_granularity: u32,
-}
-
-impl OpenOptions {
-    /// The sink must end fully allocated (write zeroes instead of punching).
-    pub const ALLOCATED: u8 = 1;
-    /// The sink already reads as zeroes: holes need no work.
-    pub const DESTINATION_IS_ZERO: u8 = 2;
-    /// The source ignores its extent map and reads everything.
-    pub const NO_EXTENTS: u8 = 4;
-    /// An existing volume may be replaced (uploads).
-    pub const OVERWRITE: u8 = 8;
-    /// Holes are sent as zero DATA for this stream even when SPARSE was negotiated.
-    pub const NO_SPARSE: u8 = 16;
-    /// The source may be read although it is in use (a mounted block device), as qemu-img's
-    /// `-U`; the copy may then be inconsistent.
-    pub const FORCE_SHARE: u8 = 32;
-    /// The stream is in the priority class (someone waits on it); only with the PRIORITY
-    /// feature.
-    pub const PRIORITY: u8 = 64;
-    const KNOWN: u8 = 127;
-
-    pub fn has(&self, flag: u8) -> bool {
-        self.flags & flag != 0
     }
 }
 
@@ -410,9 +378,9 @@ impl Frame {
             } => {
                 put_header(out, kind::OPEN, 0, *stream, body::OPEN_MIN + name.len());
                 out.put_u8(*op as u8);
-                out.put_u8(options.flags);
+                out.put_u8(options.wire_flags());
                 out.put_u16(name.len() as u16);
-                out.put_u32(options.zero_granularity);
+                out.put_u32(options.zero_granularity());
                 out.put_u64(*size);
                 out.put_slice(name.as_bytes());
             }
@@ -597,11 +565,9 @@ fn parse_body(
                 other => return Err(DecodeError::BadOp(other)),
             };
             let flags = body.get_u8();
-            if flags & !OpenOptions::KNOWN != 0 {
-                return Err(DecodeError::UnknownFlags { kind, flags });
-            }
             let name_len = body.get_u16() as usize;
-            let zero_granularity = body.get_u32();
+            let options = OpenOptions::from_wire(flags, body.get_u32())
+                .ok_or(DecodeError::UnknownFlags { kind, flags })?;
             let size = body.get_u64();
             if name_len != body.len() || (name_len == 0) != (op == Op::List) {
                 return Err(DecodeError::BadName);
@@ -610,10 +576,7 @@ fn parse_body(
             Frame::Open {
                 stream,
                 op,
-                options: OpenOptions {
-                    flags,
-                    zero_granularity,
-                },
+                options,
                 size,
                 name,
             }

@@ -25,6 +25,7 @@ pub mod flow;
 pub mod frame;
 mod handshake;
 mod opening;
+mod options;
 mod prioritize;
 mod recv;
 mod send;

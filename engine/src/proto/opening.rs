@@ -19,7 +19,7 @@ impl Connection {
         name: String,
     ) -> Result<(), ConnError> {
         self.counts.peer_opens(id)?;
-        if options.has(OpenOptions::PRIORITY) && !self.features().contains(Features::PRIORITY) {
+        if options.priority() && !self.features().contains(Features::PRIORITY) {
             return Err(ConnError::Protocol(format!(
                 "OPEN of {id} asks for the priority class, which was not negotiated"
             )));
@@ -114,10 +114,8 @@ impl Connection {
         }
         let id = self.counts.open_local()?;
         // The class is a request of ours: a peer that does not know it serves the stream as bulk.
-        let mut options = options;
-        if !self.features().contains(Features::PRIORITY) {
-            options.flags &= !OpenOptions::PRIORITY;
-        }
+        let options = options
+            .with_priority(options.priority() && self.features().contains(Features::PRIORITY));
         let mut stream = Stream::opened(id, op, options, size, self.config.stream_window);
         self.send
             .init(&mut stream, self.features(), self.peer_stream_window());

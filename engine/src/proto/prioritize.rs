@@ -18,7 +18,7 @@
 //! to it, unless it had been idle for a whole round (fq_codel's sparse-flow rule): a probe whose
 //! rate was near its share waited a round of every backlogged stream's frame.
 //!
-//! **Two classes.** Streams opened with `OpenOptions::PRIORITY` (what a person or a guest waits
+//! **Two classes.** Streams opened with `OpenOptions::with_priority` (what a person or a guest waits
 //! on) form the priority class, the others the bulk class. The classes share the link by the
 //! same rule one level up, with weights `priority_weight : 1`: a priority frame goes ahead of
 //! the bulk frames waiting, and while both classes are backlogged the bulk class still gets
@@ -184,7 +184,7 @@ impl Default for Prioritize {
 
 impl Stream {
     fn class(&self) -> Class {
-        if self.options.has(super::frame::OpenOptions::PRIORITY) {
+        if self.options.priority() {
             Class::Priority
         } else {
             Class::Bulk
@@ -416,11 +416,8 @@ mod tests {
     }
 
     /// An open sending stream with `chunks` chunks of `size` bytes queued and ample credit.
-    fn sender(store: &mut Store, id: u32, chunks: u64, size: usize, flags: u8) -> Key {
-        let options = OpenOptions {
-            flags,
-            ..OpenOptions::default()
-        };
+    fn sender(store: &mut Store, id: u32, chunks: u64, size: usize, priority: bool) -> Key {
+        let options = OpenOptions::default().with_priority(priority);
         let mut s = Stream::requested(StreamId(id), Op::Read, options, 0, 0);
         s.accept().unwrap();
         if let Half::Send(send) = &mut s.half {
@@ -487,7 +484,7 @@ mod tests {
         let (mut p, mut store) = (scheduler(u32::MAX), Store::default());
         // Different frame sizes: shares are counted in bytes, not frames.
         for (id, size) in [(1, 100), (3, 50), (5, 25)] {
-            let key = sender(&mut store, id, 1000, size, 0);
+            let key = sender(&mut store, id, 1000, size, false);
             p.schedule(key, &mut store[key]);
         }
         let served = serve(&mut p, &mut store, 700);
@@ -504,14 +501,14 @@ mod tests {
         for backlog in [3, 100, 1000] {
             let (mut p, mut store) = (scheduler(u32::MAX), Store::default());
             for i in 0..backlog {
-                let key = sender(&mut store, 2 * i + 1, 3, FRAME, 0);
+                let key = sender(&mut store, 2 * i + 1, 3, FRAME, false);
                 p.schedule(key, &mut store[key]);
             }
             // Past the first round (in which no stream has been served, so none is behind the
             // others), and half into the next, so the backlog holds tags on both sides of the
             // virtual time.
             serve(&mut p, &mut store, backlog as usize * 3 / 2 + 1);
-            let probe = sender(&mut store, 9999, 1, 40, 0);
+            let probe = sender(&mut store, 9999, 1, 40, false);
             p.schedule(probe, &mut store[probe]);
             assert_eq!(ids(&serve(&mut p, &mut store, 1)), [9999], "{backlog}");
         }
@@ -544,11 +541,11 @@ mod tests {
             // Frames keep one size here, so shares are easy to count.
             p.policy.interactive_frame = FRAME;
             for i in 0..10 {
-                let key = sender(&mut store, 2 * i + 1, 10_000, FRAME, 0);
+                let key = sender(&mut store, 2 * i + 1, 10_000, FRAME, false);
                 p.schedule(key, &mut store[key]);
             }
             serve(&mut p, &mut store, 25);
-            let probe = sender(&mut store, 9001, 0, 0, 0);
+            let probe = sender(&mut store, 9001, 0, 0, false);
             let mut first = 0;
             for _ in 0..100 {
                 push(&mut p, &mut store, probe, message);
@@ -566,11 +563,11 @@ mod tests {
     fn priority_goes_first_but_bulk_keeps_its_share() {
         let (mut p, mut store) = (scheduler(u32::MAX), Store::default());
         for i in 0..5 {
-            let key = sender(&mut store, 2 * i + 1, 10_000, FRAME, 0);
+            let key = sender(&mut store, 2 * i + 1, 10_000, FRAME, false);
             p.schedule(key, &mut store[key]);
         }
         serve(&mut p, &mut store, 7);
-        let prio = sender(&mut store, 101, 10_000, FRAME, OpenOptions::PRIORITY);
+        let prio = sender(&mut store, 101, 10_000, FRAME, true);
         p.schedule(prio, &mut store[prio]);
         let served = serve(&mut p, &mut store, 1000);
         assert_eq!(served[0].0, 101, "priority goes first");
@@ -585,12 +582,12 @@ mod tests {
     fn frames_shrink_while_an_interactive_stream_is_active() {
         let (mut p, mut store) = (scheduler(u32::MAX), Store::default());
         for i in 0..4 {
-            let key = sender(&mut store, 2 * i + 1, 1000, FRAME, 0);
+            let key = sender(&mut store, 2 * i + 1, 1000, FRAME, false);
             p.schedule(key, &mut store[key]);
         }
         let before = serve(&mut p, &mut store, 8);
         assert!(before.iter().all(|s| s.1 == FRAME), "{before:?}");
-        let probe = sender(&mut store, 99, 1, 10, 0);
+        let probe = sender(&mut store, 99, 1, 10, false);
         p.schedule(probe, &mut store[probe]);
         let after = serve(&mut p, &mut store, 8);
         assert_eq!(after[0], (99, 10));
@@ -602,7 +599,7 @@ mod tests {
     #[test]
     fn a_lone_bulk_stream_keeps_full_frames() {
         let (mut p, mut store) = (scheduler(u32::MAX), Store::default());
-        let key = sender(&mut store, 1, 100, FRAME, 0);
+        let key = sender(&mut store, 1, 100, FRAME, false);
         p.schedule(key, &mut store[key]);
         let served = serve(&mut p, &mut store, 100);
         assert!(served.iter().all(|s| s.1 == FRAME));
@@ -612,8 +609,8 @@ mod tests {
     #[test]
     fn streams_parked_for_connection_credit_keep_their_place() {
         let (mut p, mut store) = (scheduler(250), Store::default());
-        let a = sender(&mut store, 1, 10, FRAME, 0);
-        let b = sender(&mut store, 3, 10, FRAME, 0);
+        let a = sender(&mut store, 1, 10, FRAME, false);
+        let b = sender(&mut store, 3, 10, FRAME, false);
         p.schedule(a, &mut store[a]);
         p.schedule(b, &mut store[b]);
         // 250 credit: two full frames and a 50-byte one, then everything parks.
@@ -630,10 +627,10 @@ mod tests {
     #[test]
     fn a_key_left_behind_by_an_ended_stream_is_skipped() {
         let (mut p, mut store) = (scheduler(u32::MAX), Store::default());
-        let gone = sender(&mut store, 1, 1, FRAME, 0);
+        let gone = sender(&mut store, 1, 1, FRAME, false);
         p.schedule(gone, &mut store[gone]);
         store.remove(gone);
-        let reused = sender(&mut store, 3, 1, FRAME, 0);
+        let reused = sender(&mut store, 3, 1, FRAME, false);
         assert_eq!(serve(&mut p, &mut store, 100), []);
         p.schedule(reused, &mut store[reused]);
         assert_eq!(ids(&serve(&mut p, &mut store, 100)), [3]);

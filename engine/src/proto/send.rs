@@ -12,7 +12,7 @@ use super::connection::Connection;
 use super::error::ConnError;
 use super::event::{ConnStats, Event};
 use super::flow::{SendCredit, HOLE_COST};
-use super::frame::{self, Features, Frame, Hello, OpenOptions, StreamId, MIN_MAX_FRAME};
+use super::frame::{self, Features, Frame, Hello, StreamId, MIN_MAX_FRAME};
 use super::prioritize::{Policy, Prioritize, Sent};
 use super::store::{Key, Store};
 use super::stream::{Half, SendHalf, Stream};
@@ -84,8 +84,7 @@ impl SendSide {
 
     /// Gives a sending stream the peer's terms: its credit, and whether holes go as zeroes.
     pub fn init(&self, stream: &mut Stream, features: Features, peer_window: u32) {
-        let expand =
-            !features.contains(Features::SPARSE) || stream.options.has(OpenOptions::NO_SPARSE);
+        let expand = !features.contains(Features::SPARSE) || stream.options.no_sparse();
         if let Half::Send(send) = &mut stream.half {
             send.credit = SendCredit::new(peer_window);
             send.expand_holes = expand;

@@ -4,6 +4,7 @@
 
 use super::conn::Conn;
 use crate::error::Error;
+use engine::document::{ExtentEntry, ExtentKind, Layer};
 use nbd::wire::{CONTEXT_ALLOCATION_DEPTH, CONTEXT_BASE_ALLOCATION, STATE_HOLE, STATE_ZERO};
 use nbd::{Command, Descriptor, Reply, Uri};
 
@@ -40,15 +41,34 @@ impl Status {
     /// What the range is, in the words `volstream extents` uses: with allocation depth
     /// `data` (the top layer's), `backing` (a lower layer's), `zero` (allocated, reads as
     /// zero) or `unallocated` (in no layer); without it `data`, `zero` or `hole`.
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> ExtentKind {
         match self.depth {
-            Some(0) => "unallocated",
-            Some(_) if self.zero() => "zero",
-            Some(1) => "data",
-            Some(_) => "backing",
-            None if !self.data() => "hole",
-            None if self.zero() => "zero",
-            None => "data",
+            Some(0) => ExtentKind::Unallocated,
+            Some(_) if self.zero() => ExtentKind::Zero,
+            Some(1) => ExtentKind::Data,
+            Some(_) => ExtentKind::Backing,
+            None if !self.data() => ExtentKind::Hole,
+            None if self.zero() => ExtentKind::Zero,
+            None => ExtentKind::Data,
+        }
+    }
+
+    /// The range as an allocation map entry (see `Provider::open_extents`), with depth counted
+    /// as `qemu-img map` does (0 the top layer) where it is known. `layers` is the chain's
+    /// length, when known: qemu-img gives ranges in no layer the depth of the deepest one.
+    pub fn entry(&self, layers: Option<u32>) -> ExtentEntry {
+        let layer = self.depth.map(|d| Layer {
+            depth: match d {
+                0 => layers.map(|l| l.saturating_sub(1)),
+                d => Some(d - 1),
+            },
+            present: d > 0,
+            zero: self.zero(),
+            data: self.data(),
+        });
+        ExtentEntry {
+            layer,
+            ..ExtentEntry::new(self.offset, self.len, self.kind())
         }
     }
 }

@@ -29,30 +29,6 @@ pub fn export_size(uri: &Uri) -> Result<u64, crate::Error> {
     Ok(size)
 }
 
-/// One line of an allocation map document (see `Provider::open_extents`): `offset TAB length
-/// TAB kind`, and where allocation depth is known `TAB depth TAB present TAB zero TAB data`
-/// with depth counted as `qemu-img map` does (0 the top layer). `layers` is the chain's
-/// length, when known: qemu-img gives ranges in no layer the depth of the deepest one.
-pub fn map_line(s: &Status, layers: Option<u32>) -> String {
-    let mut line = format!("{}\t{}\t{}", s.offset, s.len, s.kind());
-    if let Some(d) = s.depth {
-        let depth = match d {
-            0 => layers.map(|l| l.saturating_sub(1)),
-            d => Some(d - 1),
-        };
-        let depth = depth.map_or("-".to_string(), |d| d.to_string());
-        let b = |x: bool| if x { "1" } else { "0" };
-        line.push_str(&format!(
-            "\t{depth}\t{}\t{}\t{}",
-            b(d > 0),
-            b(s.zero()),
-            b(s.data())
-        ));
-    }
-    line.push('\n');
-    line
-}
-
 /// Reads an NBD export.
 pub struct NbdReader(FileReader);
 

@@ -94,11 +94,9 @@ pub fn overwriting(options: fdstream::WriterOptions) -> fdstream::WriterOptions 
     }
 }
 
-pub fn opts(flags: u8) -> OpenOptions {
-    OpenOptions {
-        flags,
-        zero_granularity: 4096,
-    }
+/// The CLI's defaults: zero detection at 4 KiB, every option off.
+pub fn opts() -> OpenOptions {
+    OpenOptions::default().with_zero_granularity(4096)
 }
 
 /// Deterministic non-zero-looking bytes.

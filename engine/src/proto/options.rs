@@ -1,0 +1,172 @@
+//! Per-stream options carried in OPEN, and their encoding (the flag bits exist only here; the
+//! frame codec is the only caller of [`OpenOptions::from_wire`] and [`OpenOptions::wire_flags`]).
+//!
+//! They mean what the nbdcopy/qemu-img flags of the same names mean and are interpreted by
+//! whichever side touches the volume (fdstream's provider turns them into reader and writer
+//! options).
+
+/// Flag bits of OPEN (docs/PROTOCOL.md 4.3).
+mod bits {
+    pub const ALLOCATED: u8 = 1;
+    pub const DESTINATION_IS_ZERO: u8 = 2;
+    pub const NO_EXTENTS: u8 = 4;
+    pub const OVERWRITE: u8 = 8;
+    pub const NO_SPARSE: u8 = 16;
+    pub const FORCE_SHARE: u8 = 32;
+    pub const PRIORITY: u8 = 64;
+    pub const KNOWN: u8 = 127;
+}
+
+/// What a stream's opener asks for. All off, and zero detection off, by default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct OpenOptions {
+    allocated: bool,
+    destination_is_zero: bool,
+    no_extents: bool,
+    overwrite: bool,
+    no_sparse: bool,
+    force_share: bool,
+    priority: bool,
+    zero_granularity: u32,
+}
+
+impl OpenOptions {
+    /// The sink must end fully allocated (zeroes written instead of holes punched).
+    pub fn with_allocated(mut self, on: bool) -> Self {
+        self.allocated = on;
+        self
+    }
+
+    /// The sink already reads as zeroes: holes need no work.
+    pub fn with_destination_is_zero(mut self, on: bool) -> Self {
+        self.destination_is_zero = on;
+        self
+    }
+
+    /// The source ignores its extent map and reads everything.
+    pub fn with_no_extents(mut self, on: bool) -> Self {
+        self.no_extents = on;
+        self
+    }
+
+    /// An existing volume may be replaced (uploads).
+    pub fn with_overwrite(mut self, on: bool) -> Self {
+        self.overwrite = on;
+        self
+    }
+
+    /// Holes are sent as zero DATA on this stream even when SPARSE was negotiated.
+    pub fn with_no_sparse(mut self, on: bool) -> Self {
+        self.no_sparse = on;
+        self
+    }
+
+    /// The source may be read although it is in use (a mounted block device), as qemu-img's
+    /// `-U`; the copy may then be inconsistent.
+    pub fn with_force_share(mut self, on: bool) -> Self {
+        self.force_share = on;
+        self
+    }
+
+    /// The stream is in the priority class (someone waits on it); only with the PRIORITY
+    /// feature.
+    pub fn with_priority(mut self, on: bool) -> Self {
+        self.priority = on;
+        self
+    }
+
+    /// Zero-detection granularity in bytes (`-S`); 0 turns zero detection off.
+    pub fn with_zero_granularity(mut self, bytes: u32) -> Self {
+        self.zero_granularity = bytes;
+        self
+    }
+
+    pub fn allocated(&self) -> bool {
+        self.allocated
+    }
+
+    pub fn destination_is_zero(&self) -> bool {
+        self.destination_is_zero
+    }
+
+    pub fn no_extents(&self) -> bool {
+        self.no_extents
+    }
+
+    pub fn overwrite(&self) -> bool {
+        self.overwrite
+    }
+
+    pub fn no_sparse(&self) -> bool {
+        self.no_sparse
+    }
+
+    pub fn force_share(&self) -> bool {
+        self.force_share
+    }
+
+    pub fn priority(&self) -> bool {
+        self.priority
+    }
+
+    pub fn zero_granularity(&self) -> u32 {
+        self.zero_granularity
+    }
+
+    /// The options of an OPEN's flags byte and granularity; `None` for a flag this version
+    /// does not know.
+    pub(super) fn from_wire(flags: u8, zero_granularity: u32) -> Option<Self> {
+        if flags & !bits::KNOWN != 0 {
+            return None;
+        }
+        let on = |bit: u8| flags & bit != 0;
+        Some(OpenOptions {
+            allocated: on(bits::ALLOCATED),
+            destination_is_zero: on(bits::DESTINATION_IS_ZERO),
+            no_extents: on(bits::NO_EXTENTS),
+            overwrite: on(bits::OVERWRITE),
+            no_sparse: on(bits::NO_SPARSE),
+            force_share: on(bits::FORCE_SHARE),
+            priority: on(bits::PRIORITY),
+            zero_granularity,
+        })
+    }
+
+    /// The flags byte of OPEN.
+    pub(super) fn wire_flags(&self) -> u8 {
+        [
+            (self.allocated, bits::ALLOCATED),
+            (self.destination_is_zero, bits::DESTINATION_IS_ZERO),
+            (self.no_extents, bits::NO_EXTENTS),
+            (self.overwrite, bits::OVERWRITE),
+            (self.no_sparse, bits::NO_SPARSE),
+            (self.force_share, bits::FORCE_SHARE),
+            (self.priority, bits::PRIORITY),
+        ]
+        .iter()
+        .filter(|(on, _)| *on)
+        .fold(0, |flags, (_, bit)| flags | bit)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_known_flag_byte_round_trips_and_unknown_bits_are_refused() {
+        for flags in 0..=bits::KNOWN {
+            let options = OpenOptions::from_wire(flags, 512).unwrap();
+            assert_eq!(options.wire_flags(), flags);
+            assert_eq!(options.zero_granularity(), 512);
+        }
+        for bit in 7..8 {
+            assert_eq!(OpenOptions::from_wire(1 << bit, 0), None);
+        }
+        let o = OpenOptions::default()
+            .with_overwrite(true)
+            .with_no_sparse(true);
+        assert_eq!(o.wire_flags(), bits::OVERWRITE | bits::NO_SPARSE);
+        assert!(o.overwrite() && o.no_sparse() && !o.allocated());
+    }
+}
