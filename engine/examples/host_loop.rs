@@ -2,7 +2,7 @@
 //! to its own, and calls the non-blocking `Engine::turn` when it is readable or a deadline
 //! passed.
 //!
-//! Run: `cargo run -p engine --example host_loop`
+//! Run: `cargo run -p volstream-engine --example host_loop`
 
 use engine::event_loop::{Endpoint, Transfer};
 use engine::proto::OpenOptions;

@@ -1,7 +1,7 @@
 //! Embedding mode 1: the engine runs its own loop thread; the host talks to it through a
 //! cloneable, `Send` handle from any thread.
 //!
-//! Run: `cargo run -p engine --example own_thread`
+//! Run: `cargo run -p volstream-engine --example own_thread`
 
 use engine::proto::OpenOptions;
 use engine::synthetic::{Synthetic, SyntheticProvider};

@@ -2,7 +2,7 @@
 //! keeps the hand-made seeds in that corpus current.
 //!
 //! To regenerate the seeds after a wire-format change:
-//! `VOLSTREAM_WRITE_SEEDS=1 cargo test -p engine --test fuzz_corpus`.
+//! `VOLSTREAM_WRITE_SEEDS=1 cargo test -p volstream-engine --test fuzz_corpus`.
 
 #[path = "../../fuzz/src/lib.rs"]
 mod harness;
