@@ -4,10 +4,10 @@
 //! The engine never touches a disk: volumes are [`VolumeReader`]s and [`VolumeWriter`]s whose
 //! work happens elsewhere (the fdstream crate's workers, a helper process, memory).
 //!
-//! What an embedder uses is re-exported here: the engine and its handle, the source and sink
-//! interfaces, the options and reasons of a stream, the document codec of LIST and EXTENTS,
-//! and sinks over memory. [`proto`] is the protocol itself, for tools that speak it without the
-//! loop. Features: `synthetic` adds generated volumes and their checkers (load generation);
+//! What an embedder uses is re-exported here: the engine and its handle, TLS configuration and
+//! the peer identity a provider sees, the source and sink interfaces, the options and reasons
+//! of a stream, the document codec of LIST and EXTENTS, and sinks over memory. [`proto`] is the
+//! protocol itself, for tools that speak it without the loop. Features: `synthetic` adds generated volumes and their checkers (load generation);
 //! `test-support` adds [`testing`], two connections pumped against each other in memory.
 
 mod digest;
@@ -26,10 +26,10 @@ mod volume;
 
 pub use digest::Digest;
 pub use event_loop::{
-    Address, AllowList, ConnectionId, ConnectionInfo, ConnectionSnapshot, Credentials, Endpoint,
-    Engine, EngineConfig, EngineHandle, EngineSnapshot, EngineStats, OpenRequest, Origin,
-    PeerIdentity, Provider, StreamSnapshot, TlsConfig, TlsError, Transfer, TransferError,
-    TransferReport, UnixPeerPolicy,
+    Address, AllowList, CertIdentity, ConnectionId, ConnectionInfo, ConnectionSnapshot,
+    Credentials, Endpoint, Engine, EngineConfig, EngineHandle, EngineSnapshot, EngineStats,
+    OpenRequest, Origin, PeerIdentity, Provider, StreamSnapshot, TlsConfig, TlsError, Transfer,
+    TransferError, TransferReport, UnixPeerPolicy,
 };
 pub use in_memory::{DiscardWriter, MemoryReader, MemoryWriter};
 pub use proto::{Op, OpenOptions, StreamStats};
