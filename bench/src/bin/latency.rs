@@ -7,7 +7,7 @@
 //! `latency [--bulk 0,100,499] [--interval-us 1000,5000] [--messages 2000] [--repeat 3]
 //!  [--priority 0|1] [--floor 0|1]`
 //!
-//! `--priority 1` opens the probe in the priority class (`OpenOptions::PRIORITY`): it is then
+//! `--priority 1` opens the probe in the priority class (`OpenOptions::with_priority`): it is then
 //! below its class's share even when the loaded link gives a bulk stream less than the probe's
 //! 4 MB/s (at 499 bulk streams, whenever the link runs below 2 GB/s).
 //!
@@ -38,10 +38,7 @@ fn main() {
     let with_floor = args.get::<u8>("floor", 1) != 0;
     // Tails on a 2-vCPU VM move with the scheduler's mood: each case runs several times.
     let repeat: u64 = args.get("repeat", 3);
-    let options = OpenOptions {
-        flags: if priority { OpenOptions::PRIORITY } else { 0 },
-        ..OpenOptions::default()
-    };
+    let options = OpenOptions::default().with_priority(priority);
     let mut runs = Vec::new();
     let mut cases = Vec::new();
     for &bulk in &bulks {
