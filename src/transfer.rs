@@ -11,10 +11,7 @@ use engine::event_loop::{Endpoint, Origin, Transfer};
 use engine::proto::{Op, OpenOptions, StreamStats};
 use engine::{Engine, TransferError, TransferReport, VolumeReader, VolumeWriter};
 use fdstream::nbd::{NbdReader, NbdWriter, SourceOptions};
-use fdstream::{
-    AnyReader, AnyWriter, Backend, FileReader, FileWriter, HelperOptions, HelperReader,
-    HelperWriter, ReaderOptions, WriterOptions,
-};
+use fdstream::{Backend, HelperOptions, Location, ReaderOptions, WriteTarget, WriterOptions};
 use std::fs::File;
 use std::io::IsTerminal;
 use std::os::fd::AsFd;
@@ -443,16 +440,12 @@ fn upload_source(args: &Settings, local: Local) -> Box<dyn VolumeReader> {
         force_share: args.force_share,
         ..ReaderOptions::default()
     };
-    match (local, args.backend()) {
-        (Local::Path(p), backend) => Box::new(backend.reader(p, options)),
-        (Local::Stdio(f), Backend::InProcess) => {
-            Box::new(AnyReader::File(FileReader::from_file(f, options)))
-        }
-        (Local::Stdio(f), Backend::Helper(h)) => {
-            Box::new(AnyReader::Helper(HelperReader::from_file(f, options, h)))
-        }
-        (Local::Nbd(uri), _) => nbd_source(args, uri),
-    }
+    let from = match local {
+        Local::Path(p) => Location::Path(p),
+        Local::Stdio(f) => Location::Open(f),
+        Local::Nbd(uri) => return nbd_source(args, uri),
+    };
+    args.backend().read(from, options)
 }
 
 fn download_sink(args: &Settings, local: Local) -> Result<Box<dyn VolumeWriter>, CliError> {
@@ -460,14 +453,7 @@ fn download_sink(args: &Settings, local: Local) -> Result<Box<dyn VolumeWriter>,
     let backend = args.backend();
     let file = match local {
         Local::Path(p) => p,
-        Local::Stdio(f) => {
-            return Ok(match backend {
-                Backend::InProcess => Box::new(AnyWriter::File(FileWriter::from_file(f, options))),
-                Backend::Helper(h) => {
-                    Box::new(AnyWriter::Helper(HelperWriter::from_file(f, options, h)))
-                }
-            })
-        }
+        Local::Stdio(f) => return Ok(backend.write(WriteTarget::from_file(f), options)),
         // An export is a device: written in place.
         Local::Nbd(uri) => return Ok(Box::new(NbdWriter::new(uri, options))),
     };
@@ -476,7 +462,7 @@ fn download_sink(args: &Settings, local: Local) -> Result<Box<dyn VolumeWriter>,
         .as_ref()
         .is_some_and(|m| m.file_type().is_block_device() || m.file_type().is_fifo());
     if is_special || (args.in_place && meta.is_some()) {
-        return Ok(Box::new(backend.in_place(&file, options)));
+        return Ok(backend.in_place(&file, options));
     }
     if args.in_place {
         return Err(CliError::Usage(format!(
@@ -484,7 +470,7 @@ fn download_sink(args: &Settings, local: Local) -> Result<Box<dyn VolumeWriter>,
             file.display()
         )));
     }
-    Ok(Box::new(backend.create(&file, options)))
+    Ok(backend.create(&file, options))
 }
 
 fn verb(direction: Direction) -> &'static str {

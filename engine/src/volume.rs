@@ -154,8 +154,9 @@ pub trait VolumeWriter: Send {
     fn cancel(&mut self) {}
 }
 
-/// A boxed source is a source: hosts pick readers of several kinds at run time.
-impl<R: VolumeReader + ?Sized> VolumeReader for Box<R> {
+// A boxed source or sink is one too, so code that picks one at run time (fdstream's `Backend`)
+// hands out trait objects that go wherever a concrete one would.
+impl<T: VolumeReader + ?Sized> VolumeReader for Box<T> {
     fn start(&mut self, notify: Notify) {
         (**self).start(notify)
     }
@@ -173,8 +174,7 @@ impl<R: VolumeReader + ?Sized> VolumeReader for Box<R> {
     }
 }
 
-/// A boxed sink is a sink.
-impl<W: VolumeWriter + ?Sized> VolumeWriter for Box<W> {
+impl<T: VolumeWriter + ?Sized> VolumeWriter for Box<T> {
     fn start(&mut self, size: u64, notify: Notify) {
         (**self).start(size, notify)
     }

@@ -8,11 +8,12 @@
 use crate::document::DocumentReader;
 use crate::error::Error;
 use crate::fd;
-use crate::helper::{Backend, HelperReader, HelperWriter};
+use crate::fd::Location;
+use crate::helper::Backend;
 use crate::pool::Pool;
 use crate::reader::{FileReader, ReaderOptions};
 use crate::temp;
-use crate::writer::{FileWriter, WriterOptions};
+use crate::writer::{WriteTarget, WriterOptions};
 use bytes::Bytes;
 use engine::document::{self, VolumeEntry};
 use engine::proto::OpenOptions;
@@ -221,42 +222,36 @@ impl Provider for DirProvider {
                 options,
             )));
         }
-        if let Some(path) = self.devices.get(&request.name) {
-            let shown = self.shown(&request.name);
-            return Ok(match &self.backend {
-                Backend::InProcess => {
-                    Box::new(FileReader::open(path.clone(), options).named(shown))
+        let location = match self.devices.get(&request.name) {
+            Some(path) => Location::Named(path.clone(), self.shown(&request.name)),
+            None => {
+                let name = self.name(&request.name)?;
+                log::debug!(
+                    "{} reads {} (fd {})",
+                    request.peer,
+                    request.name,
+                    self.dir.as_raw_fd()
+                );
+                if matches!(self.backend, Backend::InProcess) {
+                    // A qcow2 image is read as its guest view (decided on the worker). A
+                    // helper reads the file as it is.
+                    let file = crate::qemu::PoolFile::new(
+                        Arc::clone(&self.dir),
+                        name,
+                        self.shown(&request.name),
+                        self.path.clone(),
+                        options.clone(),
+                    );
+                    return Ok(Box::new(FileReader::with_producer(Box::new(file), options)));
                 }
-                Backend::Helper(h) => {
-                    Box::new(HelperReader::open(path.clone(), options, h.clone()).named(shown))
+                Location::At {
+                    dir: Arc::clone(&self.dir),
+                    name,
+                    shown: self.shown(&request.name),
                 }
-            });
-        }
-        let name = self.name(&request.name)?;
-        if let Backend::Helper(h) = &self.backend {
-            return Ok(Box::new(HelperReader::at(
-                Arc::clone(&self.dir),
-                name,
-                self.shown(&request.name),
-                options,
-                h.clone(),
-            )));
-        }
-        log::debug!(
-            "{} reads {} (fd {})",
-            request.peer,
-            request.name,
-            self.dir.as_raw_fd()
-        );
-        // A qcow2 image is read as its guest view (decided on the worker).
-        let file = crate::qemu::PoolFile::new(
-            Arc::clone(&self.dir),
-            name,
-            self.shown(&request.name),
-            self.path.clone(),
-            options.clone(),
-        );
-        Ok(Box::new(FileReader::with_producer(Box::new(file), options)))
+            }
+        };
+        Ok(self.backend.read(location, options))
     }
 
     fn open_write(&self, request: &OpenRequest) -> Result<Box<dyn VolumeWriter>, VolumeError> {
@@ -267,33 +262,12 @@ impl Provider for DirProvider {
         if let Some(uri) = self.nbd_volumes.get(&request.name) {
             return Ok(Box::new(crate::nbd::NbdWriter::new(uri.clone(), options)));
         }
-        if let Some(path) = self.devices.get(&request.name) {
-            let shown = self.shown(&request.name);
-            return Ok(match &self.backend {
-                Backend::InProcess => {
-                    Box::new(FileWriter::in_place(path.clone(), options).named(shown))
-                }
-                Backend::Helper(h) => {
-                    Box::new(HelperWriter::in_place(path.clone(), options, h.clone()).named(shown))
-                }
-            });
-        }
-        let name = self.name(&request.name)?;
-        if let Backend::Helper(h) = &self.backend {
-            return Ok(Box::new(HelperWriter::create_at(
-                Arc::clone(&self.dir),
-                name,
-                self.shown(&request.name),
-                options,
-                h.clone(),
-            )));
-        }
-        Ok(Box::new(FileWriter::create_at(
-            Arc::clone(&self.dir),
-            name,
-            self.shown(&request.name),
-            options,
-        )))
+        let shown = self.shown(&request.name);
+        let target = match self.devices.get(&request.name) {
+            Some(path) => WriteTarget::InPlace(Location::Named(path.clone(), shown)),
+            None => WriteTarget::create_at(Arc::clone(&self.dir), self.name(&request.name)?, shown),
+        };
+        Ok(self.backend.write(target, options))
     }
 }
 

@@ -146,7 +146,9 @@ impl FileReader {
         Self::new(Location::Open(file), options)
     }
 
-    fn new(location: Location, options: ReaderOptions) -> Self {
+    /// Reads the volume at `location` (any of the above, or a plain name inside a directory
+    /// held open: no symlinks, nothing outside it).
+    pub fn new(location: Location, options: ReaderOptions) -> Self {
         let bytes_read = Arc::default();
         let work = Work::new(location, &options, Arc::clone(&bytes_read));
         FileReader {

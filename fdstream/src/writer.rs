@@ -121,46 +121,22 @@ impl FileWriter {
     /// Creates a new regular file at `path` (replacing an existing one only with `overwrite`).
     /// Nothing appears under `path` unless the whole volume arrived and matched its digest.
     pub fn create(path: impl Into<PathBuf>, options: WriterOptions) -> Self {
-        let (dir_path, name, shown) = split_path(path.into());
-        Self::new(
-            WriteTarget::Create {
-                dir: None,
-                dir_path,
-                name,
-                shown,
-            },
-            options,
-        )
+        Self::new(WriteTarget::create(path), options)
     }
 
     /// Writes into an existing regular file, block device or FIFO, in place.
     pub fn in_place(path: impl Into<PathBuf>, options: WriterOptions) -> Self {
-        Self::new(WriteTarget::InPlace(Location::Path(path.into())), options)
+        Self::new(WriteTarget::in_place(path), options)
     }
 
     /// Writes into an already open file, device or pipe, in place.
     pub fn from_file(file: File, options: WriterOptions) -> Self {
-        Self::new(WriteTarget::InPlace(Location::Open(file)), options)
+        Self::new(WriteTarget::from_file(file), options)
     }
 
-    pub(crate) fn create_at(
-        dir: Arc<OwnedFd>,
-        name: CString,
-        shown: String,
-        options: WriterOptions,
-    ) -> Self {
-        Self::new(
-            WriteTarget::Create {
-                dir: Some(dir),
-                dir_path: None,
-                name,
-                shown,
-            },
-            options,
-        )
-    }
-
-    fn new(target: WriteTarget, options: WriterOptions) -> Self {
+    /// Writes the volume to `target` (any of the above, or a new file inside a directory held
+    /// open).
+    pub fn new(target: WriteTarget, options: WriterOptions) -> Self {
         let bytes_written: Arc<AtomicU64> = Arc::default();
         let (opts, counter) = (options.clone(), Arc::clone(&bytes_written));
         FileWriter {

@@ -304,7 +304,7 @@ fn main() {
                     },
                 );
                 let report = client
-                    .download(*conn, w.name, options, Box::new(writer))
+                    .download(*conn, w.name, options, writer)
                     .recv_timeout(Duration::from_secs(600))
                     .map_err(|_| "volstream timed out".to_owned())?;
                 report.result.map_err(|e| e.to_string())

@@ -319,7 +319,7 @@ impl Volstream {
                         ..WriterOptions::default()
                     },
                 );
-                self.client.download(conn, n, options, Box::new(writer))
+                self.client.download(conn, n, options, writer)
             })
             .collect();
         let (mut peak_buffered, mut peak_window) = (0, 0);

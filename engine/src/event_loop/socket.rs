@@ -8,7 +8,7 @@ use mio::{Interest, Registry, Token};
 use std::fmt;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::PathBuf;
 use std::str::FromStr;
 
@@ -222,21 +222,8 @@ impl Socket {
     /// net.core.wmem_max.
     pub fn tune(&self) {
         if let Socket::Unix(s) = self {
-            // The kernel doubles the value for its bookkeeping: 256 KiB gives 512 KiB.
-            let size: libc::c_int = 256 * 1024;
-            // SAFETY: setsockopt reads `size` for the given length; the fd is open.
-            let r = unsafe {
-                libc::setsockopt(
-                    s.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_SNDBUF,
-                    (&size as *const libc::c_int).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            };
-            if r != 0 {
-                log::debug!("SO_SNDBUF: {}", io::Error::last_os_error());
-            }
+            // 256 KiB gives 512 KiB (see set_send_buffer).
+            set_send_buffer(s.as_fd(), 256 * 1024);
         }
     }
 
@@ -314,28 +301,9 @@ impl Socket {
         self.source().deregister(registry)
     }
 
-    fn raw_fd(&self) -> i32 {
-        match self {
-            Socket::Unix(s) => s.as_raw_fd(),
-            Socket::Tcp(s) => s.as_raw_fd(),
-        }
-    }
-
-    /// Reads up to `max` bytes into the spare capacity of `buf` without zero-filling it first.
-    /// Returns 0 at end of stream.
+    /// Reads up to `max` bytes into the spare capacity of `buf` (see [`read_into`]).
     pub fn read_into(&mut self, buf: &mut BytesMut, max: usize) -> io::Result<usize> {
-        buf.reserve(max);
-        let spare = buf.spare_capacity_mut();
-        let want = spare.len().min(max);
-        // SAFETY: read(2) writes at most `want` bytes into memory we own and reports how many;
-        // only those are exposed with set_len.
-        let n = unsafe { libc::read(self.raw_fd(), spare.as_mut_ptr().cast(), want) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let n = n as usize;
-        unsafe { buf.set_len(buf.len() + n) };
-        Ok(n)
+        read_into(self.as_fd(), buf, max)
     }
 
     /// Reads into an initialised buffer (TLS ciphertext).
@@ -421,6 +389,55 @@ fn buffer_to_set(bytes: u64, current: u64, autotune_max: u64, set_max: u64) -> O
     (value * 2 > current.max(autotune_max)).then_some(value)
 }
 
+impl AsFd for Socket {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Socket::Unix(s) => s.as_fd(),
+            Socket::Tcp(s) => s.as_fd(),
+        }
+    }
+}
+
+/// Reads up to `max` bytes from `fd` into the spare capacity of `buf` without zero-filling
+/// it first (a receive buffer is refilled at every readiness; zeroing it would cost as much as
+/// the read). Returns 0 at end of stream. Also the iohelper client's socket read.
+pub fn read_into(fd: BorrowedFd<'_>, buf: &mut BytesMut, max: usize) -> io::Result<usize> {
+    buf.reserve(max);
+    let spare = buf.spare_capacity_mut();
+    let want = spare.len().min(max);
+    // SAFETY: read(2) writes at most `want` bytes into memory we own and reports how many;
+    // only those are exposed with set_len.
+    let n = unsafe { libc::read(fd.as_raw_fd(), spare.as_mut_ptr().cast(), want) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let n = n as usize;
+    // SAFETY: the kernel initialised `n` bytes past the length.
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(n)
+}
+
+/// Asks for a send buffer of `bytes` on the socket `fd` (the kernel doubles the value for its
+/// bookkeeping and caps it at net.core.wmem_max). Best effort: a refusal is logged and the
+/// default stays. Connections ask for little ([`Socket::tune`]); the iohelper's sockets, which
+/// carry nothing interactive, for more.
+pub fn set_send_buffer(fd: BorrowedFd<'_>, bytes: usize) {
+    let size = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: setsockopt reads `size` for the given length; the fd is open.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        log::debug!("SO_SNDBUF: {}", io::Error::last_os_error());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -447,7 +464,7 @@ mod tests {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let s = Socket::Tcp(TcpStream::from_std(c));
-        let fd = s.raw_fd();
+        let fd = s.as_fd().as_raw_fd();
         let before = getsockopt_int(fd, libc::SO_SNDBUF).unwrap();
         let limits = buffer_limits();
         let path = 64 << 20;

@@ -8,13 +8,16 @@
 //! | module | what it decides |
 //! |---|---|
 //! | `connection` | the phase, frame dispatch, events, how streams and the connection end |
-//! | `handshake` | the Hello each side sends, and what the two agree on |
+//! | `hello`, `handshake` | the Hello record each side sends; what the two agree on |
+//! | `opening` | how a stream begins: OPEN, then ACCEPT or REJECT |
 //! | `store` | which streams exist: ids to streams, tombstones of aborted ones |
 //! | `counts` | stream ids, and how many streams each side may open |
 //! | `stream` | one stream's state diagram and halves |
 //! | `send`, `recv` | each direction's rules: queueing and framing; receiving and credit return |
 //! | `prioritize` | which stream sends next (start-time fair queuing, two classes), frame size, the connection's credit |
 //! | `timers` | every deadline: handshake, idle, keepalive, frame, stream stall |
+//! | `transmit` | the bytes waiting for the socket, as segments for writev |
+//! | `options` | a stream's OPEN options and their flag bits |
 
 mod config;
 mod connection;
@@ -24,6 +27,7 @@ mod event;
 pub mod flow;
 pub mod frame;
 mod handshake;
+mod hello;
 mod opening;
 mod options;
 mod prioritize;
