@@ -9,6 +9,7 @@ use engine::{
     Address, AllowList, Engine, EngineConfig, OpenRequest, Provider, UnixPeerPolicy, VolumeError,
     VolumeReader, VolumeWriter,
 };
+use fdstream::export::{ExportConfig, ExportHandle, ExportServer, Exports};
 use fdstream::{Backend, DirProvider, HelperOptions};
 use nix::sys::signal::{SigSet, Signal};
 use std::path::PathBuf;
@@ -27,8 +28,15 @@ pub struct ServeArgs {
     #[arg(long = "nbd-volume", value_name = "NAME=URI")]
     nbd_volumes: Vec<String>,
     /// Where to listen: unix:PATH, tcp:HOST:PORT, tcp:PORT (loopback), or tls:HOST:PORT.
+    #[arg(long, value_name = "ADDR", required_unless_present = "nbd")]
+    listen: Option<String>,
+    /// Also export the pool's volumes to NBD clients (qemu-img, nbdcopy, nbdinfo) on
+    /// unix:PATH or tcp:HOST:PORT; read-only unless --nbd-writable.
     #[arg(long, value_name = "ADDR")]
-    listen: String,
+    nbd: Option<String>,
+    /// Let NBD clients write the exported volumes (in place; sizes stay).
+    #[arg(long, requires = "nbd")]
+    nbd_writable: bool,
     #[command(flatten)]
     tls: TlsArgs,
     /// TLS: admit only client certificates whose subject DN matches this glob, e.g.
@@ -107,7 +115,14 @@ impl ServeArgs {
 }
 
 pub fn run(args: ServeArgs) -> Result<(), CliError> {
-    let addr: Address = args.listen.parse().map_err(CliError::Usage)?;
+    let addr: Option<Address> = match &args.listen {
+        Some(a) => Some(a.parse().map_err(CliError::Usage)?),
+        None => None,
+    };
+    let nbd_addr: Option<Address> = match &args.nbd {
+        Some(a) => Some(a.parse().map_err(CliError::Usage)?),
+        None => None,
+    };
     // A pool that is not there is a mistake in the command line, not a service that failed.
     match std::fs::metadata(&args.pool) {
         Ok(m) if m.is_dir() => {}
@@ -172,31 +187,33 @@ pub fn run(args: ServeArgs) -> Result<(), CliError> {
             ..HelperOptions::default()
         }));
     }
-    if let Address::Tcp(sock) = &addr {
-        if !sock.ip().is_loopback() {
-            if !args.insecure {
-                return Err(CliError::Usage(format!(
-                    "refusing to serve {sock} without TLS: use tls:{sock}, or --insecure to let anyone who can reach it read and write the pool"
-                )));
-            }
-            crate::out::tell!(
-                "volstream: warning: listening on {sock} without authentication (--insecure): anyone who can reach it can read and write the pool"
-            );
-        }
+    if let Some(Address::Tcp(sock)) = &addr {
+        refuse_open_tcp(sock, args.insecure, "read and write the pool")?;
+    }
+    if let Some(Address::Tcp(sock)) = &nbd_addr {
+        let what = if args.nbd_writable {
+            "read and write the pool over NBD"
+        } else {
+            "read the pool over NBD"
+        };
+        refuse_open_tcp(sock, args.insecure, what)?;
     }
     let unix_policy = !(args.allow_uids.is_empty() && args.allow_gids.is_empty());
-    if unix_policy && !matches!(addr, Address::Unix(_)) {
+    if unix_policy && !matches!(addr, Some(Address::Unix(_))) {
         return Err(CliError::Usage(
             "--allow-uid and --allow-gid apply to unix: listeners".into(),
         ));
     }
     let tls_policy = !(args.allow_dn.is_empty() && args.allow_san.is_empty());
-    if tls_policy && !matches!(addr, Address::Tls { .. }) {
+    if tls_policy && !matches!(addr, Some(Address::Tls { .. })) {
         return Err(CliError::Usage(
             "--tls-allow-dn and --tls-allow-san apply to tls: listeners".into(),
         ));
     }
-    if let Address::Unix(path) = &addr {
+    if let Some(Address::Unix(path)) = &addr {
+        remove_stale_socket(path)?;
+    }
+    if let Some(Address::Unix(path)) = &nbd_addr {
         remove_stale_socket(path)?;
     }
     let mut config = args.engine_config()?;
@@ -204,7 +221,9 @@ pub fn run(args: ServeArgs) -> Result<(), CliError> {
         subjects: args.allow_dn.clone(),
         alt_names: args.allow_san.clone(),
     };
-    args.tls.apply(&addr, Role::Server, allow, &mut config)?;
+    if let Some(addr) = &addr {
+        args.tls.apply(addr, Role::Server, allow, &mut config)?;
+    }
     let provider = Policy {
         inner: provider,
         read_only: args.read_only,
@@ -222,10 +241,16 @@ pub fn run(args: ServeArgs) -> Result<(), CliError> {
 
     let mut engine = Engine::new(config)
         .map_err(|e| CliError::Other(format!("cannot start the event loop: {e}")))?;
-    let (_, bound) = engine
-        .listen(&addr, Arc::new(provider))
-        .map_err(|e| CliError::Connect(format!("cannot listen on {addr}: {e}")))?;
-    crate::out::tell!("volstream: serving {} on {bound}", args.pool.display());
+    if let Some(addr) = &addr {
+        let (_, bound) = engine
+            .listen(addr, Arc::new(provider))
+            .map_err(|e| CliError::Connect(format!("cannot listen on {addr}: {e}")))?;
+        crate::out::tell!("volstream: serving {} on {bound}", args.pool.display());
+    }
+    let export = match &nbd_addr {
+        Some(a) => Some(start_nbd_export(&args, a)?),
+        None => None,
+    };
     if let Some(spec) = &args.metrics {
         let at = crate::metrics::serve(spec, engine.handle())?;
         if !at.ip().is_loopback() {
@@ -236,9 +261,13 @@ pub fn run(args: ServeArgs) -> Result<(), CliError> {
         crate::out::tell!("volstream: metrics on http://{at}/metrics");
     }
     let handle = engine.handle();
+    let export_handle = export.as_ref().map(|(h, _)| h.clone());
     std::thread::spawn(move || {
         if let Ok(signal) = signals.wait() {
             log::info!("{signal:?}: shutting down");
+        }
+        if let Some(h) = export_handle {
+            h.shutdown();
         }
         handle.shutdown();
     });
@@ -247,6 +276,70 @@ pub fn run(args: ServeArgs) -> Result<(), CliError> {
             .turn(None)
             .map_err(|e| CliError::Other(format!("event loop failed: {e}")))?;
     }
+    if let Some((_, thread)) = export {
+        match thread.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(CliError::Other(format!("NBD export failed: {e}"))),
+            Err(_) => return Err(CliError::Other("the NBD export thread panicked".into())),
+        }
+    }
+    Ok(())
+}
+
+/// Starts the NBD export of the pool on its own loop thread.
+fn start_nbd_export(
+    args: &ServeArgs,
+    addr: &Address,
+) -> Result<(ExportHandle, std::thread::JoinHandle<std::io::Result<()>>), CliError> {
+    let mut exports = Exports::new(&args.pool, args.nbd_writable && !args.read_only)
+        .map_err(|e| CliError::Connect(format!("cannot export {}: {e}", args.pool.display())))?;
+    for spec in &args.devices {
+        if let Some((name, path)) = spec.split_once('=') {
+            exports = exports.with_device(name, path);
+        }
+    }
+    let config = ExportConfig {
+        max_connections: args.max_connections,
+        timeout: std::time::Duration::from_secs(args.idle_timeout),
+        pool: None,
+    };
+    let mut server = ExportServer::bind(addr, exports, config)
+        .map_err(|e| CliError::Connect(format!("cannot listen for NBD on {addr}: {e}")))?;
+    crate::out::tell!(
+        "volstream: exporting {} over NBD on {} ({})",
+        args.pool.display(),
+        server.local_addr(),
+        if args.nbd_writable && !args.read_only {
+            "writable"
+        } else {
+            "read-only"
+        }
+    );
+    let handle = server.handle();
+    let thread = std::thread::Builder::new()
+        .name("nbd-export".into())
+        .spawn(move || server.run())
+        .map_err(|e| CliError::Other(format!("cannot start the NBD export: {e}")))?;
+    Ok((handle, thread))
+}
+
+/// Plain TCP off loopback lets anyone who reaches it in: only with --insecure.
+fn refuse_open_tcp(
+    sock: &std::net::SocketAddr,
+    insecure: bool,
+    what: &str,
+) -> Result<(), CliError> {
+    if sock.ip().is_loopback() {
+        return Ok(());
+    }
+    if !insecure {
+        return Err(CliError::Usage(format!(
+            "refusing to serve {sock} without TLS: use tls:{sock}, or --insecure to let anyone who can reach it {what}"
+        )));
+    }
+    crate::out::tell!(
+        "volstream: warning: listening on {sock} without authentication (--insecure): anyone who can reach it can {what}"
+    );
     Ok(())
 }
 

@@ -7,6 +7,7 @@
 //!   files and devices in place with the zeroing cascade ([`punch`]); pipes sequentially.
 //! - [`DirProvider`]: serves a directory (and named devices) to an engine listener.
 //! - [`extents`]: the allocation map of a file or device.
+//! - [`export`]: the NBD export server, a pool's volumes for any NBD client.
 //! - [`helper`]: the same readers and writers run in a `volstream-iohelper` process per volume
 //!   (crash isolation, O_DIRECT).
 
@@ -15,6 +16,7 @@ pub mod copy;
 mod direct;
 pub mod document;
 pub mod error;
+pub mod export;
 pub mod extents;
 mod fd;
 pub mod helper;

@@ -271,7 +271,7 @@ impl Provider for DirProvider {
     }
 }
 
-fn list_volumes(
+pub(crate) fn list_volumes(
     path: &Path,
     devices: &HashMap<String, PathBuf>,
     exports: &HashMap<String, nbd::Uri>,
