@@ -1,4 +1,4 @@
-//! Helpers shared by the benchmark binaries: argument parsing, percentiles, memory volumes.
+//! Helpers shared by the benchmark binaries: percentiles, memory volumes, probes, loops.
 
 pub mod delay;
 pub mod floor;
@@ -13,61 +13,6 @@ use engine::{
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::task::Poll;
-
-/// `--name value` arguments; unknown names are an error so a typo never runs the wrong bench.
-pub struct Args(HashMap<String, String>);
-
-impl Args {
-    pub fn parse(known: &[&str]) -> Args {
-        let mut map = HashMap::new();
-        let mut it = std::env::args().skip(1);
-        while let Some(arg) = it.next() {
-            let Some(name) = arg.strip_prefix("--") else {
-                die(&format!("unexpected argument {arg:?}"));
-            };
-            if !known.contains(&name) {
-                die(&format!(
-                    "unknown option --{name}; known: {}",
-                    known.join(", ")
-                ));
-            }
-            let Some(value) = it.next() else {
-                die(&format!("--{name} needs a value"));
-            };
-            map.insert(name.to_owned(), value);
-        }
-        Args(map)
-    }
-
-    pub fn get<T: std::str::FromStr>(&self, name: &str, default: T) -> T {
-        match self.0.get(name) {
-            None => default,
-            Some(v) => v
-                .parse()
-                .unwrap_or_else(|_| die(&format!("bad value {v:?} for --{name}"))),
-        }
-    }
-
-    /// A comma-separated list.
-    pub fn list(&self, name: &str, default: &[u64]) -> Vec<u64> {
-        match self.0.get(name) {
-            None => default.to_vec(),
-            Some(v) => v
-                .split(',')
-                .map(|x| {
-                    x.trim()
-                        .parse()
-                        .unwrap_or_else(|_| die(&format!("bad value {x:?} in --{name}")))
-                })
-                .collect(),
-        }
-    }
-}
-
-pub fn die(message: &str) -> ! {
-    eprintln!("error: {message}");
-    std::process::exit(2)
-}
 
 /// The 1, 5 and 15 minute load averages: wall-clock figures mean little without them.
 pub fn load_average() -> [f64; 3] {

@@ -14,7 +14,8 @@
 //! Each case (a tool, or volstream with one backend) runs once untimed (warm-up, content
 //! check), then `--runs N` times; the JSON gives every timed run, the median and the best.
 
-use bench::{random_bytes, socket_path, Args};
+use bench::{random_bytes, socket_path};
+use clap::Parser;
 use engine::proto::OpenOptions;
 use engine::{Engine, EngineConfig};
 use fdstream::{extents, Backend, DirProvider, ExtentKind, HelperOptions, WriterOptions};
@@ -230,16 +231,41 @@ fn same(src: &Path, dst: &Path) -> bool {
     true
 }
 
+#[derive(Parser)]
+#[command(about = "Real files through two engines against cp, qemu-img convert and nbdcopy")]
+struct Cli {
+    /// Where the workloads' files are created (once) and copied.
+    #[arg(long, default_value = "/var/tmp/volstream-bench")]
+    dir: PathBuf,
+    /// Timed runs per case, after one untimed warm-up.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Only workloads whose name starts with this.
+    #[arg(long, default_value = "")]
+    only: String,
+    /// The engine's initial stream window in bytes.
+    #[arg(long)]
+    window: Option<u32>,
+    /// Where each volume's I/O runs: inproc, helper, helper-direct or all.
+    #[arg(long, default_value = "inproc")]
+    backend: String,
+    /// 0 skips the peers (cp, qemu-img, nbdcopy).
+    #[arg(long, default_value_t = 1)]
+    peers: u32,
+}
+
 fn main() {
     engine::memory::keep_freed_buffers();
-    let args = Args::parse(&["dir", "runs", "only", "window", "backend", "peers"]);
-    let only: String = args.get("only", String::new());
+    let cli = Cli::parse();
+    let only = cli.only;
     let mut config = EngineConfig::default();
-    config.connection.stream_window = args.get("window", config.connection.stream_window);
-    let dir = PathBuf::from(args.get("dir", "/var/tmp/volstream-bench".to_owned()));
-    let runs: usize = args.get("runs", 3);
-    let with_peers: u32 = args.get("peers", 1);
-    let backend_arg: String = args.get("backend", "inproc".to_owned());
+    if let Some(window) = cli.window {
+        config.connection.stream_window = window;
+    }
+    let dir = cli.dir;
+    let runs = cli.runs;
+    let with_peers = cli.peers;
+    let backend_arg = cli.backend;
     let helper = |direct| {
         Backend::Helper(HelperOptions {
             direct,

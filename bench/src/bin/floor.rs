@@ -5,18 +5,38 @@
 //! `floor [--frame 65536] [--messages 2000] [--interval-us 1000] [--repeat 3]`
 
 use bench::floor::{latency_floor, FloorConfig};
-use bench::{load_average, Args};
+use bench::load_average;
+use clap::Parser;
 use std::time::Duration;
 
+#[derive(Parser)]
+#[command(
+    about = "Latency floor of one Unix socket (bulk frames, probe at the next frame boundary)"
+)]
+struct Cli {
+    /// Bytes per bulk frame.
+    #[arg(long, default_value_t = 64 * 1024)]
+    frame: usize,
+    /// Probe messages per run.
+    #[arg(long, default_value_t = 2000)]
+    messages: u64,
+    /// Microseconds between probe messages.
+    #[arg(long, default_value_t = 1000)]
+    interval_us: u64,
+    /// Runs.
+    #[arg(long, default_value_t = 3)]
+    repeat: u64,
+}
+
 fn main() {
-    let args = Args::parse(&["frame", "messages", "interval-us", "repeat"]);
+    let cli = Cli::parse();
     let config = FloorConfig {
-        frame: args.get("frame", 64 * 1024),
-        messages: args.get("messages", 2000),
-        interval: Duration::from_micros(args.get("interval-us", 1000)),
+        frame: cli.frame,
+        messages: cli.messages,
+        interval: Duration::from_micros(cli.interval_us),
         ..FloorConfig::default()
     };
-    let repeat: u64 = args.get("repeat", 3);
+    let repeat = cli.repeat;
     let runs: Vec<serde_json::Value> = (0..repeat)
         .map(|_| {
             let load = load_average()[0];

@@ -16,28 +16,44 @@
 
 use bench::floor::{latency_floor, FloorConfig};
 use bench::probe::{probe_with, MESSAGE};
-use bench::{load_average, socket_path, Args};
+use bench::{load_average, socket_path};
+use clap::Parser;
 use engine::proto::OpenOptions;
 use engine::EngineConfig;
 use std::time::Duration;
 
+#[derive(Parser)]
+#[command(about = "Latency of a 4 KiB probe stream while bulk streams saturate the connection")]
+struct Cli {
+    /// Bulk stream counts, one case each.
+    #[arg(long, value_delimiter = ',', default_values_t = [0, 100, 499])]
+    bulk: Vec<u64>,
+    /// Microseconds between probe messages, one case each.
+    #[arg(long, value_delimiter = ',', default_values_t = [1000])]
+    interval_us: Vec<u64>,
+    /// Probe messages per run.
+    #[arg(long, default_value_t = 2000)]
+    messages: u64,
+    /// Runs of each case (tails on a 2-vCPU VM move with the host's scheduler).
+    #[arg(long, default_value_t = 3)]
+    repeat: u64,
+    /// 1 opens the probe in the priority class.
+    #[arg(long, default_value_t = 0)]
+    priority: u8,
+    /// 0 skips the socket floor measured before each run.
+    #[arg(long, default_value_t = 1)]
+    floor: u8,
+}
+
 fn main() {
     engine::memory::keep_freed_buffers();
-    let args = Args::parse(&[
-        "bulk",
-        "messages",
-        "interval-us",
-        "repeat",
-        "priority",
-        "floor",
-    ]);
-    let bulks = args.list("bulk", &[0, 100, 499]);
-    let intervals = args.list("interval-us", &[1000]);
-    let messages: u64 = args.get("messages", 2000);
-    let priority = args.get::<u8>("priority", 0) != 0;
-    let with_floor = args.get::<u8>("floor", 1) != 0;
-    // Tails on a 2-vCPU VM move with the scheduler's mood: each case runs several times.
-    let repeat: u64 = args.get("repeat", 3);
+    let cli = Cli::parse();
+    let bulks = cli.bulk;
+    let intervals = cli.interval_us;
+    let messages = cli.messages;
+    let priority = cli.priority != 0;
+    let with_floor = cli.floor != 0;
+    let repeat = cli.repeat;
     let options = OpenOptions::default().with_priority(priority);
     let mut runs = Vec::new();
     let mut cases = Vec::new();

@@ -9,20 +9,37 @@
 //! with one stream, in the same run.
 
 use bench::floor::bare_copy;
-use bench::{load_average, percentile, provider, random_bytes, socket_path, Args, Usage};
+use bench::{load_average, percentile, provider, random_bytes, socket_path, Usage};
+use clap::Parser;
 use engine::proto::OpenOptions;
 use engine::DiscardWriter;
 use engine::{Engine, EngineConfig};
 use std::time::{Duration, Instant};
 
+#[derive(Parser)]
+#[command(about = "Aggregate throughput of N concurrent downloads over one Unix connection")]
+struct Cli {
+    /// Stream counts, one run each.
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 100, 500])]
+    streams: Vec<u64>,
+    /// Bytes per stream (0: total / streams).
+    #[arg(long, default_value_t = 0)]
+    size: u64,
+    /// Bytes per run, shared by its streams.
+    #[arg(long, default_value_t = 8 << 30)]
+    total: u64,
+    /// 0 skips the bare socketpair copies (for profiling the engine alone).
+    #[arg(long, default_value_t = 1)]
+    bare: u8,
+}
+
 fn main() {
     engine::memory::keep_freed_buffers();
-    let args = Args::parse(&["streams", "size", "total", "bare"]);
-    // --bare 0 skips the socketpair copies (for profiling the engine alone).
-    let with_bare = args.get::<u8>("bare", 1) != 0;
-    let counts = args.list("streams", &[1, 100, 500]);
-    let total: u64 = args.get("total", 8 << 30);
-    let fixed_size: u64 = args.get("size", 0);
+    let cli = Cli::parse();
+    let with_bare = cli.bare != 0;
+    let counts = cli.streams;
+    let total = cli.total;
+    let fixed_size = cli.size;
     let block = random_bytes(1 << 20, 42);
     let load = load_average();
     let mut runs = Vec::new();

@@ -4,8 +4,9 @@
 //! `streams [--idle 1000] [--bulk 499] [--probes 200]`
 
 use bench::{
-    provider, random_bytes, socket_path, start_bulk_uploads, Args, MemoryProvider, RepeatReader,
+    provider, random_bytes, socket_path, start_bulk_uploads, MemoryProvider, RepeatReader,
 };
+use clap::Parser;
 use engine::proto::{OpenOptions, Reason};
 use engine::DiscardWriter;
 use engine::{
@@ -61,7 +62,7 @@ fn rss() -> u64 {
 }
 
 /// RSS growth per open idle stream, both ends (client and server) in this process.
-fn idle_streams(count: usize) -> String {
+fn idle_streams(count: usize) -> serde_json::Value {
     let opened = Arc::new(AtomicUsize::new(0));
     let (server, st) = Engine::spawn(EngineConfig::default()).unwrap();
     let (_, addr) = server
@@ -111,9 +112,13 @@ fn idle_streams(count: usize) -> String {
     st.join().unwrap();
     drop(receivers);
     let per_stream = after.saturating_sub(before) as f64 / count as f64;
-    format!(
-        "{{\"idle_streams\":{count},\"opened\":{open_now},\"rss_before\":{before},\"rss_after\":{after},\"rss_per_stream_bytes\":{per_stream:.0}}}"
-    )
+    serde_json::json!({
+        "idle_streams": count,
+        "opened": open_now,
+        "rss_before": before,
+        "rss_after": after,
+        "rss_per_stream_bytes": per_stream.round() as u64,
+    })
 }
 
 /// A sink that notes when its first byte arrives.
@@ -147,7 +152,7 @@ impl VolumeWriter for FirstByte {
 }
 
 /// Time from asking for a new upload to its first byte at the server, under bulk load.
-fn time_to_first_byte(bulk: u64, probes: u64) -> String {
+fn time_to_first_byte(bulk: u64, probes: u64) -> serde_json::Value {
     let epoch = Instant::now();
     let histogram = Arc::new(Mutex::new(
         Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap(),
@@ -194,22 +199,38 @@ fn time_to_first_byte(bulk: u64, probes: u64) -> String {
     ct.join().unwrap();
     st.join().unwrap();
     let h = histogram.lock().unwrap();
-    format!(
-        "{{\"bulk_streams\":{bulk},\"probes\":{},\"ttfb_p50_us\":{},\"ttfb_p99_us\":{},\"ttfb_p999_us\":{},\"ttfb_max_us\":{}}}",
-        h.len(),
-        h.value_at_quantile(0.5),
-        h.value_at_quantile(0.99),
-        h.value_at_quantile(0.999),
-        h.max()
-    )
+    serde_json::json!({
+        "bulk_streams": bulk,
+        "probes": h.len(),
+        "ttfb_p50_us": h.value_at_quantile(0.5),
+        "ttfb_p99_us": h.value_at_quantile(0.99),
+        "ttfb_p999_us": h.value_at_quantile(0.999),
+        "ttfb_max_us": h.max(),
+    })
+}
+
+#[derive(Parser)]
+#[command(about = "Per-stream costs: RSS of idle streams, time to first byte under bulk load")]
+struct Cli {
+    /// Idle streams to open for the RSS measurement.
+    #[arg(long, default_value_t = 1000)]
+    idle: usize,
+    /// Bulk uploads running while new streams are timed.
+    #[arg(long, default_value_t = 499)]
+    bulk: u64,
+    /// New streams timed to their first byte.
+    #[arg(long, default_value_t = 200)]
+    probes: u64,
 }
 
 fn main() {
     engine::memory::keep_freed_buffers();
-    let args = Args::parse(&["idle", "bulk", "probes"]);
-    let idle = idle_streams(args.get("idle", 1000));
-    let ttfb = time_to_first_byte(args.get("bulk", 499), args.get("probes", 200));
-    println!(
-        "{{\"bench\":\"streams\",\"transport\":\"unix\",\"idle\":{idle},\"first_byte\":{ttfb}}}"
-    );
+    let cli = Cli::parse();
+    let out = serde_json::json!({
+        "bench": "streams",
+        "transport": "unix",
+        "idle": idle_streams(cli.idle),
+        "first_byte": time_to_first_byte(cli.bulk, cli.probes),
+    });
+    println!("{out}");
 }

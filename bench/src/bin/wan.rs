@@ -17,7 +17,8 @@
 //! proxy (the check that the proxy gives the configured RTT).
 
 use bench::delay::{DelayConfig, DelayProxy};
-use bench::{random_bytes, Args};
+use bench::random_bytes;
+use clap::Parser;
 use engine::proto::OpenOptions;
 use engine::{Address, Engine, EngineConfig, EngineHandle};
 use fdstream::{Backend, DirProvider, WriterOptions};
@@ -364,33 +365,56 @@ fn median(v: &[f64]) -> f64 {
     v[v.len() / 2]
 }
 
+#[derive(Parser)]
+#[command(about = "Throughput through a delay proxy: volstream, raw TCP and nbdcopy, same run")]
+struct Cli {
+    /// Round trips in milliseconds, one case each.
+    #[arg(long, value_delimiter = ',', default_values_t = [0, 1, 10, 50])]
+    rtt_ms: Vec<u64>,
+    /// File counts (volstream streams, raw connections, nbdcopy processes), one case each.
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 16])]
+    streams: Vec<u64>,
+    /// Cap per direction of each proxied connection in bytes per second (0: uncapped).
+    #[arg(long, default_value_t = 125_000_000)]
+    rate: u64,
+    /// Bytes per file.
+    #[arg(long, default_value_t = 512 * MIB)]
+    size: u64,
+    /// Runs of each case.
+    #[arg(long, default_value_t = 1)]
+    runs: usize,
+    /// Where the source files are created (once) and copied.
+    #[arg(long, default_value = "/var/tmp/volstream-wan")]
+    dir: PathBuf,
+    /// The engine's initial stream window in bytes.
+    #[arg(long)]
+    stream_window: Option<u32>,
+    /// The engine's initial connection window in bytes.
+    #[arg(long)]
+    conn_window: Option<u32>,
+    /// The most a stream window may grow to (equal to the initial window: no growth).
+    #[arg(long)]
+    max_stream_window: Option<u32>,
+    /// The most the connection window may grow to.
+    #[arg(long)]
+    max_conn_window: Option<u32>,
+}
+
 fn main() {
     engine::memory::keep_freed_buffers();
-    let args = Args::parse(&[
-        "rtt-ms",
-        "streams",
-        "rate",
-        "size",
-        "runs",
-        "dir",
-        "stream-window",
-        "conn-window",
-        "max-stream-window",
-        "max-conn-window",
-    ]);
-    let rtts = args.list("rtt-ms", &[0, 1, 10, 50]);
-    let stream_counts = args.list("streams", &[1, 16]);
-    let rate: u64 = args.get("rate", 125_000_000);
-    let rate = (rate > 0).then_some(rate);
-    let size: u64 = args.get("size", 512 * MIB);
-    let runs: usize = args.get("runs", 1);
-    let dir = PathBuf::from(args.get("dir", "/var/tmp/volstream-wan".to_owned()));
+    let cli = Cli::parse();
+    let rtts = cli.rtt_ms;
+    let stream_counts = cli.streams;
+    let rate = (cli.rate > 0).then_some(cli.rate);
+    let size = cli.size;
+    let runs = cli.runs;
+    let dir = cli.dir;
     let mut config = EngineConfig::default();
-    config.connection.stream_window = args.get("stream-window", config.connection.stream_window);
-    config.connection.conn_window = args.get("conn-window", config.connection.conn_window);
     let c = &mut config.connection;
-    c.max_stream_window = args.get("max-stream-window", c.max_stream_window);
-    c.max_conn_window = args.get("max-conn-window", c.max_conn_window);
+    c.stream_window = cli.stream_window.unwrap_or(c.stream_window);
+    c.conn_window = cli.conn_window.unwrap_or(c.conn_window);
+    c.max_stream_window = cli.max_stream_window.unwrap_or(c.max_stream_window);
+    c.max_conn_window = cli.max_conn_window.unwrap_or(c.max_conn_window);
 
     let src = dir.join("src");
     let out = dir.join("out");
