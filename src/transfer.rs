@@ -40,6 +40,7 @@ impl Settings {
             .with_destination_is_zero(self.destination_is_zero)
             .with_no_extents(self.no_extents)
             .with_force_share(self.force_share && self.direction == Direction::Download)
+            .with_top_only(self.top_only && self.direction == Direction::Download)
             .with_overwrite(self.overwrite && self.direction == Direction::Upload)
             .with_zero_granularity(self.sparse_size)
     }

@@ -261,3 +261,76 @@ fn a_backing_file_outside_the_pool_is_refused() {
     assert_ne!(out.status.code(), Some(0));
     line_with(&out, "outside the pool");
 }
+
+#[test]
+fn top_only_through_serve_gives_just_the_overlays_own_clusters() {
+    if !have("qemu-img") || !have("qemu-io") || !have("qemu-nbd") {
+        return;
+    }
+    let dir = TempDir::new("qcow2-top-only");
+    let pool = dir.join("pool");
+    std::fs::create_dir_all(&pool).unwrap();
+    chain(&pool);
+    let listen = format!("unix:{}", dir.join("vs.sock").display());
+    let _server = Server::start(&pool, &listen);
+
+    let ours = dir.join("top-only.raw");
+    let out = run(bin()
+        .args(["download", "--top-only", "--connect", &listen, "top.qcow2"])
+        .arg(&ours));
+    assert!(out.status.success(), "{:?}", stderr_lines(&out));
+    let whole = dir.join("whole.raw");
+    qemu(
+        &pool,
+        &[
+            "qemu-img",
+            "convert",
+            "-O",
+            "raw",
+            "top.qcow2",
+            whole.to_str().unwrap(),
+        ],
+    );
+    let (ours_b, whole_b) = (read_all(&ours), read_all(&whole));
+    assert_eq!(ours_b.len() as u64, 64 * MIB);
+    // Where qemu-img map says the top layer holds data, the guest's bytes; everywhere else
+    // (backing layers, the top's zeroed and discarded clusters, unallocated) zeroes.
+    let map = Command::new("qemu-img")
+        .args(["map", "--output=json", "top.qcow2"])
+        .current_dir(&pool)
+        .output()
+        .unwrap();
+    let map: serde_json::Value = serde_json::from_slice(&map.stdout).unwrap();
+    let mut own = 0;
+    for r in map.as_array().unwrap() {
+        let (start, len, depth, data) = range_of(r, "start", "length").into_parts();
+        let range = start as usize..(start + len) as usize;
+        if depth == 0 && data {
+            own += len;
+            assert!(
+                ours_b[range.clone()] == whole_b[range],
+                "top data at {start}"
+            );
+        } else {
+            assert!(
+                ours_b[range].iter().all(|&b| b == 0),
+                "{len} bytes at {start} (depth {depth}) are not zero"
+            );
+        }
+    }
+    assert_eq!(own, 192 * 1024, "the top layer's own data");
+    // Backing data is there in the whole view, so the test can tell the two apart.
+    assert!(whole_b[..2 * MIB as usize].contains(&0x11));
+    assert!(allocated(&ours) <= own + 256 * 1024, "{}", allocated(&ours));
+}
+
+trait Parts {
+    fn into_parts(self) -> (u64, u64, u64, bool);
+}
+
+impl Parts for Range {
+    /// (start, length, depth, data)
+    fn into_parts(self) -> (u64, u64, u64, bool) {
+        (self.0, self.1, self.2, self.5)
+    }
+}

@@ -33,6 +33,7 @@ pub fn reader_options(open: &OpenOptions) -> ReaderOptions {
         zero_granularity: open.zero_granularity(),
         no_extents: open.no_extents(),
         force_share: open.force_share(),
+        top_only: open.top_only(),
         ..ReaderOptions::default()
     }
 }
@@ -214,7 +215,7 @@ impl Provider for DirProvider {
             let source = crate::nbd::SourceOptions {
                 no_extents: options.no_extents,
                 zero_granularity: options.zero_granularity,
-                top_only: false,
+                top_only: options.top_only,
             };
             return Ok(Box::new(crate::nbd::NbdReader::new(
                 uri.clone(),

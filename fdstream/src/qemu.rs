@@ -284,12 +284,13 @@ impl PoolFile {
             ))));
         };
         chain_layers(&self.pool, &self.path, &header, &self.shown)?;
-        let server = QemuNbd::start(&self.path, false, &self.shown)?;
+        // --top-only needs qemu:allocation-depth to tell the layers apart.
+        let server = QemuNbd::start(&self.path, self.options.top_only, &self.shown)?;
         let source = Source::new(
             server.uri().clone(),
             SourceOptions {
                 no_extents: self.options.no_extents,
-                top_only: false,
+                top_only: self.options.top_only,
                 zero_granularity: self.options.zero_granularity,
             },
         )

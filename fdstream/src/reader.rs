@@ -67,6 +67,8 @@ pub struct ReaderOptions {
     /// qemu-img's `-U`); without it such a source is refused, since it may change while it is
     /// copied.
     pub force_share: bool,
+    /// For a qcow2 overlay: only its own clusters are data (TOP_ONLY).
+    pub top_only: bool,
     /// Workers to use; the process-wide pool when `None`.
     pub pool: Option<Arc<Pool>>,
 }
@@ -79,6 +81,7 @@ impl Default for ReaderOptions {
             stream_size: None,
             direct: false,
             force_share: false,
+            top_only: false,
             pool: None,
         }
     }

@@ -237,6 +237,8 @@ fn read(a: &Args, conn: &mut Conn) -> Result<(), Failure> {
         stream_size: a.stream_size,
         direct: a.direct,
         force_share: a.force_share,
+        // The helper reads a volume's own bytes; layered images are read in process.
+        top_only: false,
         pool: None,
     };
     let mut core = if let Some(p) = &a.path {

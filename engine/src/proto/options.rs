@@ -14,7 +14,9 @@ mod bits {
     pub const NO_SPARSE: u8 = 16;
     pub const FORCE_SHARE: u8 = 32;
     pub const PRIORITY: u8 = 64;
-    pub const KNOWN: u8 = 127;
+    pub const TOP_ONLY: u8 = 128;
+    #[cfg(test)]
+    pub const KNOWN: u8 = 255;
 }
 
 /// What a stream's opener asks for. All off, and zero detection off, by default.
@@ -27,6 +29,7 @@ pub struct OpenOptions {
     no_sparse: bool,
     force_share: bool,
     priority: bool,
+    top_only: bool,
     zero_granularity: u32,
 }
 
@@ -75,6 +78,13 @@ impl OpenOptions {
         self
     }
 
+    /// For a layered source (a qcow2 overlay): only its own clusters are data, what its
+    /// backing files hold reads as holes. Other sources ignore it.
+    pub fn with_top_only(mut self, on: bool) -> Self {
+        self.top_only = on;
+        self
+    }
+
     /// Zero-detection granularity in bytes (`-S`); 0 turns zero detection off.
     pub fn with_zero_granularity(mut self, bytes: u32) -> Self {
         self.zero_granularity = bytes;
@@ -109,6 +119,10 @@ impl OpenOptions {
         self.priority
     }
 
+    pub fn top_only(&self) -> bool {
+        self.top_only
+    }
+
     pub fn zero_granularity(&self) -> u32 {
         self.zero_granularity
     }
@@ -116,9 +130,8 @@ impl OpenOptions {
     /// The options of an OPEN's flags byte and granularity; `None` for a flag this version
     /// does not know.
     pub(super) fn from_wire(flags: u8, zero_granularity: u32) -> Option<Self> {
-        if flags & !bits::KNOWN != 0 {
-            return None;
-        }
+        // All eight bits are defined (TOP_ONLY took the last): no flag byte is unknown. The
+        // Option stays for the next version's flags, which this one will refuse.
         let on = |bit: u8| flags & bit != 0;
         Some(OpenOptions {
             allocated: on(bits::ALLOCATED),
@@ -128,6 +141,7 @@ impl OpenOptions {
             no_sparse: on(bits::NO_SPARSE),
             force_share: on(bits::FORCE_SHARE),
             priority: on(bits::PRIORITY),
+            top_only: on(bits::TOP_ONLY),
             zero_granularity,
         })
     }
@@ -142,6 +156,7 @@ impl OpenOptions {
             (self.no_sparse, bits::NO_SPARSE),
             (self.force_share, bits::FORCE_SHARE),
             (self.priority, bits::PRIORITY),
+            (self.top_only, bits::TOP_ONLY),
         ]
         .iter()
         .filter(|(on, _)| *on)
@@ -154,15 +169,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_known_flag_byte_round_trips_and_unknown_bits_are_refused() {
+    fn every_flag_byte_round_trips() {
         for flags in 0..=bits::KNOWN {
             let options = OpenOptions::from_wire(flags, 512).unwrap();
             assert_eq!(options.wire_flags(), flags);
             assert_eq!(options.zero_granularity(), 512);
         }
-        for bit in 7..8 {
-            assert_eq!(OpenOptions::from_wire(1 << bit, 0), None);
-        }
+        // Every bit of the byte has a meaning now: nothing is left to refuse.
+        assert_eq!(bits::KNOWN, u8::MAX);
         let o = OpenOptions::default()
             .with_overwrite(true)
             .with_no_sparse(true);
