@@ -3,9 +3,11 @@
 //! thousands of streams, queues them instead of failing with EMFILE.
 //!
 //! An in-process [`FileReader`](crate::FileReader) or [`FileWriter`](crate::FileWriter) takes
-//! a slot before it opens anything and gives it back when its files are closed. (Volumes in a
-//! helper process do not take one yet: each helper has its own fd table, but the parent's
-//! socket and pidfd per helper still count here.) A volume that finds none free waits in line,
+//! a slot before it opens anything and gives it back when its files are closed; a
+//! [`HelperReader`](crate::HelperReader) or [`HelperWriter`](crate::HelperWriter) takes one
+//! before its helper is spawned and gives it back once the helper is reaped (the helper's own
+//! fds are in its own table, but the parent's socket, pidfd and directory per helper count
+//! here). A volume that finds none free waits in line,
 //! first come first served, and its job runs again when a slot is handed to it. The number of
 //! slots follows the soft RLIMIT_NOFILE when the budget is first used (see [`capacity`]):
 //! [`raise_fd_limit`] first, as the CLI does at start.
@@ -22,8 +24,9 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-/// File descriptors a volume may need at once: its file, the directory of a new file, and for
-/// a helper its socket, pidfd and the fds of the spawn.
+/// File descriptors a volume may need at once: in process its file and the directory of a new
+/// file; for a helper the parent's socket, pidfd and directory (the few more of a spawn in
+/// progress, one per pool worker at a time, come from the reserve).
 pub const FDS_PER_VOLUME: u64 = 4;
 
 struct Budget {

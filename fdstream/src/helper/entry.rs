@@ -4,8 +4,10 @@
 
 use super::wire::{self, Msg};
 use super::Role;
+use crate::budget;
 use crate::error::Error;
 use crate::fd;
+use crate::pool::WeakJobHandle;
 use bytes::{Bytes, BytesMut};
 use engine::Reason;
 use engine::{Chunk, Notify, VolumeError};
@@ -17,7 +19,7 @@ use std::ffi::CString;
 use std::io::{self, IoSlice, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// How long a cancelled helper may take to notice its closed socket before it is killed.
@@ -29,6 +31,12 @@ pub(super) struct Entry {
     pub notify: Notify,
     timeout: Duration,
     pub st: Mutex<State>,
+    /// This volume's place in the open-volume budget: held from before the spawn until the
+    /// helper is reaped (or until it is clear that no helper was spawned).
+    pub slot: Mutex<budget::Slot>,
+    /// The job that spawns the helper once the slot is there; woken to leave the line when the
+    /// stream is cancelled while it waits.
+    pub spawner: OnceLock<WeakJobHandle>,
 }
 
 pub(super) struct State {
@@ -272,6 +280,8 @@ impl Entry {
             shown,
             notify,
             timeout,
+            slot: Mutex::default(),
+            spawner: OnceLock::new(),
             st: Mutex::new(State {
                 pid: None,
                 sock: None,
@@ -391,6 +401,8 @@ impl Entry {
         }
         st.out.clear();
         drop(st);
+        // Its socket, pidfd and directory are closed: the slot is someone else's now.
+        self.slot.lock().unwrap().release();
         self.notify.notify();
         true
     }
@@ -447,6 +459,14 @@ impl Entry {
         }
         st.cancelled = Some(Instant::now());
         st.hang_up();
+        let unspawned = st.pid.is_none();
+        drop(st);
+        if unspawned {
+            // Perhaps waiting in line for a slot: its job leaves the line (or lets the slot go).
+            if let Some(job) = self.spawner.get() {
+                job.schedule();
+            }
+        }
     }
 }
 

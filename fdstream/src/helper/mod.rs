@@ -25,6 +25,15 @@
 //! as stdin and stdout, the parent's stderr (inherited, so its log lines land where the
 //! parent's do; nothing on the protocol goes there), its socket (fd 3) and its volume or
 //! directory (fd 4).
+//!
+//! A helper is a volume open in this process as much as an in-process one is: it is spawned
+//! only once it holds a slot of the [open-volume budget](crate::budget), and the slot is given
+//! back when it has been reaped. The helper's own fds are in its own table, but the parent
+//! keeps its end of the socketpair, the pidfd and, for a new file, the directory (the
+//! temporary's cleanup needs it) for as long as the helper lives; during the spawn itself also
+//! the child's end, the volume fd, /dev/null for stdin and stdout and std's exec-error pipe,
+//! which come from the budget's reserve (one spawn per pool worker at a time). A reader that
+//! waits in line reports no size and a writer is not ready, so no waiting helper holds credit.
 
 mod entry;
 mod options;

@@ -7,6 +7,7 @@ use super::wire::Msg;
 use super::READ_WINDOW;
 use crate::error::Error;
 use crate::fd::Location;
+use crate::pool::JobHandle;
 use crate::reader::ReaderOptions;
 use engine::{Chunk, Notify, VolumeError, VolumeReader};
 use std::ffi::OsString;
@@ -23,6 +24,8 @@ pub struct HelperReader {
     options: ReaderOptions,
     helper: HelperOptions,
     entry: Option<Arc<Entry>>,
+    /// The job that spawns the helper, kept alive while it waits for a slot.
+    spawner: Option<JobHandle>,
 }
 
 fn side(st: &mut State) -> &mut ReadSide {
@@ -39,6 +42,7 @@ impl HelperReader {
             options,
             helper,
             entry: None,
+            spawner: None,
         }
     }
 
@@ -81,12 +85,15 @@ impl VolumeReader for HelperReader {
         let entry = Entry::new(side, location.describe(), notify, self.helper.timeout);
         self.entry = Some(Arc::clone(&entry));
         let (options, helper) = (self.options.clone(), self.helper.clone());
-        on_pool(self.options.pool.clone(), move || {
-            match launch(location, &options, helper.direct) {
+        let spawner = on_pool(
+            self.options.pool.clone(),
+            Arc::clone(&entry),
+            move || match launch(location, &options, helper.direct) {
                 Ok(l) => spawn(&entry, helper.program(), l, Some(Msg::Credit(READ_WINDOW))),
                 Err(e) => entry.fail(e.into()),
-            }
-        });
+            },
+        );
+        self.spawner = Some(spawner);
     }
 
     fn poll_size(&mut self) -> Poll<Result<u64, VolumeError>> {

@@ -5,7 +5,7 @@ use super::entry::{Entry, Side};
 use super::watcher::{pidfd_open, watcher};
 use super::wire::Msg;
 use super::{PROGRAM, SOCK_FD, VOLUME_FD};
-use crate::pool::{Job, Pool, Step};
+use crate::pool::{Job, JobHandle, Pool, Step};
 use engine::event_loop::socket::set_send_buffer;
 use engine::Reason;
 use engine::VolumeError;
@@ -24,22 +24,53 @@ use std::time::Instant;
 /// shares a helper's socket.
 const SEND_BUFFER: usize = 4 << 20;
 
-struct Once(Mutex<Option<Box<dyn FnOnce() + Send>>>);
+/// Runs `launch` (which spawns the helper) on a pool worker once the entry holds a slot of
+/// the open-volume budget; until then it waits in line, and the budget schedules it again.
+struct Spawn {
+    entry: Arc<Entry>,
+    launch: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
 
-impl Job for Once {
+impl Job for Spawn {
     fn run(&self) -> Step {
-        if let Some(f) = self.0.lock().unwrap().take() {
-            f();
+        let entry = &self.entry;
+        if entry.st.lock().unwrap().cancelled.is_some() {
+            // Cancelled before it ran: nothing to start, and the place in line is someone's.
+            drop(self.launch.lock().unwrap().take());
+            entry.slot.lock().unwrap().release();
+            return Step::Idle;
+        }
+        let me = entry.spawner.get().expect("set when registered");
+        if !entry.slot.lock().unwrap().try_hold(me) {
+            return Step::Idle;
+        }
+        let Some(launch) = self.launch.lock().unwrap().take() else {
+            return Step::Idle;
+        };
+        launch();
+        // No helper came of it (it failed first): no fds stand behind the slot.
+        if entry.st.lock().unwrap().pid.is_none() {
+            entry.slot.lock().unwrap().release();
         }
         Step::Idle
     }
 }
 
-/// Runs `f` once on a worker of `pool` (the shared pool by default).
-pub(super) fn on_pool(pool: Option<Arc<Pool>>, f: impl FnOnce() + Send + 'static) {
+/// Runs `launch` once on a worker of `pool` (the shared pool by default), when the budget has
+/// a slot for `entry`. The handle keeps the job alive while it waits in line.
+pub(super) fn on_pool(
+    pool: Option<Arc<Pool>>,
+    entry: Arc<Entry>,
+    launch: impl FnOnce() + Send + 'static,
+) -> JobHandle {
     let pool = pool.unwrap_or_else(Pool::shared);
-    pool.register(Once(Mutex::new(Some(Box::new(f)))))
-        .schedule();
+    let handle = pool.register(Spawn {
+        entry: Arc::clone(&entry),
+        launch: Mutex::new(Some(Box::new(launch))),
+    });
+    let _ = entry.spawner.set(handle.downgrade());
+    handle.schedule();
+    handle
 }
 
 /// What the helper is given: its command line, and the fd that becomes its fd 4.

@@ -6,6 +6,7 @@ use super::spawn::{on_pool, spawn, Launch};
 use super::wire::Msg;
 use crate::error::Error;
 use crate::fd::{self, Location};
+use crate::pool::JobHandle;
 use crate::writer::{WriteTarget, WriterOptions};
 use engine::{Chunk, Notify, VolumeError, VolumeWriter, WriteProgress};
 use std::ffi::OsString;
@@ -22,6 +23,8 @@ pub struct HelperWriter {
     options: WriterOptions,
     helper: HelperOptions,
     entry: Option<Arc<Entry>>,
+    /// The job that spawns the helper, kept alive while it waits for a slot.
+    spawner: Option<JobHandle>,
 }
 
 fn side(st: &mut State) -> &mut WriteSide {
@@ -38,6 +41,7 @@ impl HelperWriter {
             options,
             helper,
             entry: None,
+            spawner: None,
         }
     }
 
@@ -111,12 +115,15 @@ impl VolumeWriter for HelperWriter {
         let entry = Entry::new(side, target.describe(), notify, self.helper.timeout);
         self.entry = Some(Arc::clone(&entry));
         let (options, helper) = (self.options.clone(), self.helper.clone());
-        on_pool(self.options.pool.clone(), move || {
-            match launch(&entry, target, size, &options, helper.direct) {
+        let spawner = on_pool(
+            self.options.pool.clone(),
+            Arc::clone(&entry),
+            move || match launch(&entry, target, size, &options, helper.direct) {
                 Ok(l) => spawn(&entry, helper.program(), l, None),
                 Err(e) => entry.fail(e.into()),
-            }
-        });
+            },
+        );
+        self.spawner = Some(spawner);
     }
 
     fn poll_ready(&mut self) -> Poll<Result<(), VolumeError>> {
