@@ -577,7 +577,7 @@ mod tests {
         let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let s = Socket::Tcp(TcpStream::from_std(c));
         s.tune();
-        let fd = s.raw_fd();
+        let fd = s.as_fd().as_raw_fd();
         let mut v: libc::c_int = 0;
         let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
         // SAFETY: getsockopt writes at most `len` bytes into `v`; the fd is open.
@@ -598,6 +598,61 @@ mod tests {
         match receive_bound(rtt, limits.tcp_rmem_max, limits.rmem_max) {
             Some(size) => assert!(bounded && after == size * 2, "{after} for {size}"),
             None => assert!(!bounded),
+        }
+    }
+
+    /// Bytes in a TCP socket's queue it has not sent yet (SIOCOUTQNSD), or has received and
+    /// not yet been read (FIONREAD).
+    fn queued(fd: i32, request: libc::c_ulong) -> usize {
+        let mut n: libc::c_int = 0;
+        // SAFETY: both ioctls write one int; the fd is open.
+        let r = unsafe { libc::ioctl(fd, request as _, &mut n) };
+        assert_eq!(r, 0, "ioctl {request:#x}: {}", io::Error::last_os_error());
+        n as usize
+    }
+
+    #[test]
+    fn a_reader_that_falls_behind_leaves_little_unsent_and_unread_on_a_short_path() {
+        const SIOCOUTQNSD: libc::c_ulong = 0x894b;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (r, _) = l.accept().unwrap();
+        c.set_nonblocking(true).unwrap();
+        let (mut sender, receiver) = (
+            Socket::Tcp(TcpStream::from_std(c)),
+            Socket::Tcp(TcpStream::from_std(r)),
+        );
+        sender.tune();
+        let bounded = receiver.bound_receive_queue(std::time::Duration::from_micros(50));
+        // The receiver reads nothing: write until the sender's socket takes no more (loopback
+        // moves what the window allows at once; a second pass catches what was in flight).
+        let block = vec![7u8; 64 * 1024];
+        let mut written = 0;
+        for _ in 0..2 {
+            while written < 256 << 20 {
+                match sender.write_vectored(&[IoSlice::new(&block)]) {
+                    Ok(n) => written += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => panic!("write: {e}"),
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let unsent = queued(sender.as_fd().as_raw_fd(), SIOCOUTQNSD);
+        let unread = queued(
+            receiver.as_fd().as_raw_fd(),
+            libc::FIONREAD as libc::c_ulong,
+        );
+        let rcvbuf =
+            getsockopt_int(receiver.as_fd().as_raw_fd(), libc::SO_RCVBUF).unwrap() as usize;
+        eprintln!("{written} written: {unsent} unsent, {unread} unread, SO_RCVBUF {rcvbuf} (bounded: {bounded})");
+        // One write may go past the mark before the socket stops taking more.
+        assert!(unsent <= TCP_UNSENT + block.len(), "{unsent} unsent");
+        if bounded {
+            assert!(
+                unread <= rcvbuf,
+                "{unread} unread with a {rcvbuf}-byte buffer"
+            );
         }
     }
 
