@@ -787,6 +787,13 @@ impl Driver {
             if !self.write_once(now, &mut budget) {
                 break;
             }
+            // A source's wake-up (an interactive stream's next message) is served at the next
+            // turn: ending the burst here bounds its wait to one write, not the whole budget
+            // and the work of every source the burst made writable.
+            if self.shared.has_pending() {
+                self.write_pending = true;
+                break;
+            }
         }
         if self.input_stalled && self.conn.input_room() > 0 {
             self.input_stalled = false;
