@@ -114,6 +114,11 @@ pub struct UploadArgs {
     /// program (the copy may then be inconsistent); without it that is refused.
     #[arg(short = 'U', long)]
     force_share: bool,
+    /// The server reads each VOLUME back after writing it (data by its map, holes as holes)
+    /// and compares it with what it received before the VOLUME gets its name; a difference
+    /// fails that volume, naming the first offset found to differ.
+    #[arg(long)]
+    verify: bool,
     #[command(flatten)]
     output: OutputArgs,
     /// FILE VOLUME pairs: the local FILE (`-` is stdin, with --size) becomes the server's
@@ -225,7 +230,7 @@ impl UploadArgs {
             direct: self.direct,
             force_share: self.force_share,
             top_only: false,
-            verify: false,
+            verify: self.verify,
             progress: self.output.progress,
             json: self.output.json,
             progress_interval: self.output.progress_interval,

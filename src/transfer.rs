@@ -42,6 +42,8 @@ impl Settings {
             .with_force_share(self.force_share && self.direction == Direction::Download)
             .with_top_only(self.top_only && self.direction == Direction::Download)
             .with_overwrite(self.overwrite && self.direction == Direction::Upload)
+            // A download's sink is ours (WriterOptions::verify); an upload's is the server's.
+            .with_verify(self.verify && self.direction == Direction::Upload)
             .with_zero_granularity(self.sparse_size)
     }
 }

@@ -396,8 +396,10 @@ fn tshark_sees_what_the_engine_counted() {
     let upload = client.upload(
         conn,
         "up.raw",
+        // Read back by the server before it gets its name: both announce VERIFY.
         OpenOptions::default()
             .with_overwrite(true)
+            .with_verify(true)
             .with_zero_granularity(4096),
         Box::new(FileReader::open(&up_source, ReaderOptions::default())),
     );
@@ -436,7 +438,8 @@ fn tshark_sees_what_the_engine_counted() {
     // Peers that break the rules, each on its own connection (tcp.streams 1 to 4): a frame
     // with reserved header bits set behind a valid PING in the same segment, a HOLE with an
     // impossible body length, a frame longer than the server's max_frame, and an OPEN in the
-    // priority class from a peer whose Hello did not announce PRIORITY.
+    // priority class from a peer whose Hello did not announce PRIORITY, and one that asks for
+    // verification from a peer whose Hello did not announce VERIFY.
     let mut reserved = header(8, 9, 0, 0, 0);
     reserved.extend_from_slice(&7u64.to_be_bytes());
     reserved.extend(header(8, 9, 0, 0x0100, 0));
@@ -451,8 +454,20 @@ fn tshark_sees_what_the_engine_counted() {
     unnegotiated_priority.extend_from_slice(&(name.len() as u16).to_be_bytes());
     unnegotiated_priority.extend_from_slice(&[0; 12]);
     unnegotiated_priority.extend_from_slice(name);
+    // OPEN's header flag VERIFY (docs/PROTOCOL.md 4.3), op READ, no options.
+    let mut unnegotiated_verify = header(16 + name.len() as u32, 1, 1, 0, 1);
+    unnegotiated_verify.extend([1, 0]);
+    unnegotiated_verify.extend_from_slice(&(name.len() as u16).to_be_bytes());
+    unnegotiated_verify.extend_from_slice(&[0; 12]);
+    unnegotiated_verify.extend_from_slice(name);
     let mut raw_bytes = 0;
-    for frames in [&reserved, &short_hole, &too_long, &unnegotiated_priority] {
+    for frames in [
+        &reserved,
+        &short_hole,
+        &too_long,
+        &unnegotiated_priority,
+        &unnegotiated_verify,
+    ] {
         raw_bytes += raw_peer(&addr, frames);
     }
 
@@ -484,6 +499,8 @@ fn tshark_sees_what_the_engine_counted() {
         "volstream.goaway.reason",
         "-e",
         "volstream.open.options.PRIORITY",
+        "-e",
+        "volstream.flags.VERIFY",
     ];
     let common_args = [
         "-n",
@@ -597,6 +614,15 @@ fn tshark_sees_what_the_engine_counted() {
         priority_opens, 1,
         "OPENs with the PRIORITY option on tcp.stream 0"
     );
+    let verify_opens = main
+        .iter()
+        .flat_map(|r| &r.fields[7])
+        .filter(|v| *v == "1" || *v == "True")
+        .count();
+    assert_eq!(
+        verify_opens, 1,
+        "OPENs with the VERIFY option on tcp.stream 0"
+    );
     let expect = [
         (1, "Reserved header bits are not zero"),
         (2, "Body length impossible for this frame type"),
@@ -607,6 +633,10 @@ fn tshark_sees_what_the_engine_counted() {
         (
             4,
             "OPEN asks for the priority class although PRIORITY was not negotiated",
+        ),
+        (
+            5,
+            "OPEN asks for verification although VERIFY was not negotiated",
         ),
     ];
     for (stream, text) in expect {

@@ -71,7 +71,7 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
         (
             arb_stream(),
             prop_oneof![Just(Op::Read), Just(Op::Write)],
-            0u8..=127,
+            0u16..512,
             any::<u32>(),
             any::<u64>(),
             arb_name()
@@ -80,13 +80,17 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
                 |(stream, op, flags, zero_granularity, size, name)| Frame::Open {
                     stream,
                     op,
-                    // Each of the five known flag bits, set through its setter.
+                    // Each of the known flag bits, set through its setter.
                     options: OpenOptions::default()
                         .with_allocated(flags & 1 != 0)
                         .with_destination_is_zero(flags & 2 != 0)
                         .with_no_extents(flags & 4 != 0)
                         .with_overwrite(flags & 8 != 0)
                         .with_no_sparse(flags & 16 != 0)
+                        .with_force_share(flags & 32 != 0)
+                        .with_priority(flags & 64 != 0)
+                        .with_top_only(flags & 128 != 0)
+                        .with_verify(flags & 256 != 0)
                         .with_zero_granularity(zero_granularity),
                     size,
                     name

@@ -17,6 +17,7 @@ use crate::writer::{WriteTarget, WriterOptions};
 use bytes::Bytes;
 use engine::document::{self, VolumeEntry};
 use engine::proto::OpenOptions;
+use engine::Reason;
 use engine::{OpenRequest, Provider, VolumeError, VolumeReader, VolumeWriter};
 use std::collections::HashMap;
 use std::fs::File;
@@ -45,6 +46,7 @@ pub fn writer_options(open: &OpenOptions) -> WriterOptions {
         allocated: open.allocated(),
         destination_is_zero: open.destination_is_zero(),
         overwrite: open.overwrite(),
+        verify: open.verify(),
         ..WriterOptions::default()
     }
 }
@@ -261,6 +263,17 @@ impl Provider for DirProvider {
         options.no_sync = self.no_sync;
         options.direct = self.direct;
         if let Some(uri) = self.nbd_volumes.get(&request.name) {
+            if options.verify {
+                // The NBD sink does not read back; a check that was asked for must not be
+                // skipped quietly.
+                return Err(VolumeError::new(
+                    Reason::Unsupported,
+                    format!(
+                        "{} is an NBD export, which cannot be verified",
+                        request.name
+                    ),
+                ));
+            }
             return Ok(Box::new(crate::nbd::NbdWriter::new(uri.clone(), options)));
         }
         let shown = self.shown(&request.name);

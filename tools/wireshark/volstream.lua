@@ -45,12 +45,14 @@ local REASONS = {
 }
 
 -- Section 3.2.
-local SPARSE, DIGEST, PRIORITY = 0x1, 0x2, 0x4
+local SPARSE, DIGEST, PRIORITY, VERIFY = 0x1, 0x2, 0x4, 0x8
 -- Section 4.2, FINISH flags.
 local FLAG_ACK, FLAG_DIGEST = 0x01, 0x02
 -- Section 4.3.
 local OPTION_PRIORITY = 0x40
-local OPTIONS_KNOWN = 0x7f
+local OPTION_TOP_ONLY = 0x80
+-- Section 4.3: OPEN's header flag.
+local FLAG_VERIFY = 0x01
 
 local f = {
     -- Section 2: the Hello record.
@@ -65,6 +67,8 @@ local f = {
         "a data sender's FINISH carries a CRC-32C the receiver checks"),
     feature_priority = ProtoField.bool("volstream.hello.features.PRIORITY", "PRIORITY", 32, nil,
         PRIORITY, "OPEN may put a stream in the priority class"),
+    feature_verify = ProtoField.bool("volstream.hello.features.VERIFY", "VERIFY", 32, nil,
+        VERIFY, "OPEN may ask the sink to read the volume back"),
     feature_reserved = ProtoField.uint32("volstream.hello.features.reserved", "reserved",
         base.HEX, nil, 0xfffffff8),
     max_frame = ProtoField.uint32("volstream.hello.max_frame", "max_frame", base.DEC),
@@ -103,8 +107,10 @@ local f = {
         nil, 0x20, "the source may be read while it is in use"),
     option_priority = ProtoField.bool("volstream.open.options.PRIORITY", "PRIORITY", 8, nil,
         OPTION_PRIORITY, "the stream is in the priority class"),
-    option_reserved = ProtoField.uint8("volstream.open.options.reserved", "reserved", base.HEX,
-        nil, 0x80),
+    option_top_only = ProtoField.bool("volstream.open.options.TOP_ONLY", "TOP_ONLY", 8, nil,
+        OPTION_TOP_ONLY, "only a layered source's own clusters are data"),
+    flag_verify = ProtoField.bool("volstream.flags.VERIFY", "VERIFY", 8, nil, FLAG_VERIFY,
+        "OPEN: the sink reads the volume back before it gets its name"),
     open_name_len = ProtoField.uint16("volstream.open.name_len", "name_len", base.DEC),
     open_zero_granularity = ProtoField.uint32("volstream.open.zero_granularity",
         "zero_granularity", base.DEC),
@@ -156,13 +162,14 @@ local e = {
     bad_length = violation("bad_length", "Body length impossible for this frame type"),
     -- Section 4.2: body checks.
     bad_op = violation("bad_op", "Unknown OPEN op"),
-    reserved_options = violation("reserved_options", "Reserved OPEN options bits are not zero"),
     bad_name = violation("bad_name", "OPEN name_len or name is invalid"),
     bad_message = violation("bad_message", "Message is not UTF-8"),
     hole_without_sparse = violation("hole_without_sparse",
         "HOLE frame although SPARSE was not negotiated"),
     priority_without_feature = violation("priority_without_feature",
         "OPEN asks for the priority class although PRIORITY was not negotiated"),
+    verify_without_feature = violation("verify_without_feature",
+        "OPEN asks for verification although VERIFY was not negotiated"),
     -- Stream errors (section 6.4) and oddities that are not violations.
     empty_content = ProtoExpert.new("volstream.expert.empty_content",
         "DATA or HOLE covering no bytes (aborts the stream)", expert.group.PROTOCOL,
@@ -272,8 +279,9 @@ local function dissect_hello(tvb, pinfo, tree, offset)
     ft:add(f.feature_sparse, tvb(offset + 12, 4))
     ft:add(f.feature_digest, tvb(offset + 12, 4))
     ft:add(f.feature_priority, tvb(offset + 12, 4))
+    ft:add(f.feature_verify, tvb(offset + 12, 4))
     local fr = ft:add(f.feature_reserved, tvb(offset + 12, 4))
-    if bit32.band(features, 0xfffffff8) ~= 0 then fr:add_proto_expert_info(e.reserved_features) end
+    if bit32.band(features, 0xfffffff0) ~= 0 then fr:add_proto_expert_info(e.reserved_features) end
     local max_frame = tvb(offset + 16, 4):uint()
     local mitem = t:add(f.max_frame, tvb(offset + 16, 4))
     if max_frame < MIN_MAX_FRAME then mitem:add_proto_expert_info(e.small_max_frame) end
@@ -286,7 +294,8 @@ local function dissect_hello(tvb, pinfo, tree, offset)
     t:add(f.max_streams, tvb(offset + 28, 4))
     hellos[direction_key(pinfo, true)] = { max_frame = max_frame, features = features }
     local names = bit_names(features,
-        { { SPARSE, "SPARSE" }, { DIGEST, "DIGEST" }, { PRIORITY, "PRIORITY" } })
+        { { SPARSE, "SPARSE" }, { DIGEST, "DIGEST" }, { PRIORITY, "PRIORITY" },
+          { VERIFY, "VERIFY" } })
     return string.format("Hello v%d..%d features %s max_frame %d", vmin, vmax,
         names == "" and "none" or names, max_frame)
 end
@@ -295,7 +304,9 @@ end
 local function header_problem(kind, flags, reserved, len, stream)
     if reserved ~= 0 then return e.reserved end
     if TYPES[kind] == nil then return e.unknown_type end
-    local allowed = kind == T.FINISH and bit32.bor(FLAG_ACK, FLAG_DIGEST) or 0
+    local allowed = 0
+    if kind == T.FINISH then allowed = bit32.bor(FLAG_ACK, FLAG_DIGEST) end
+    if kind == T.OPEN then allowed = FLAG_VERIFY end
     if bit32.band(flags, bit32.bnot(allowed)) ~= 0 then return e.bad_flags end
     local connection_level = kind == T.PING or kind == T.PONG or kind == T.GOAWAY
     if connection_level and stream ~= 0 then return e.bad_stream end
@@ -337,16 +348,21 @@ local function dissect_body(tvb, pinfo, t, kind, flags, o, len)
         ot:add(f.option_no_sparse, tvb(o + 1, 1))
         ot:add(f.option_force_share, tvb(o + 1, 1))
         local pitem = ot:add(f.option_priority, tvb(o + 1, 1))
-        local orsv = ot:add(f.option_reserved, tvb(o + 1, 1))
-        if bit32.band(options, bit32.bnot(OPTIONS_KNOWN)) ~= 0 then
-            orsv:add_proto_expert_info(e.reserved_options)
-        end
+        ot:add(f.option_top_only, tvb(o + 1, 1))
         -- Section 4.3: PRIORITY needs the PRIORITY feature from both Hellos.
         if bit32.band(options, OPTION_PRIORITY) ~= 0 then
             local ours = hellos[direction_key(pinfo, true)]
             local theirs = hellos[direction_key(pinfo, false)]
             if ours and theirs and bit32.band(ours.features, theirs.features, PRIORITY) == 0 then
                 pitem:add_proto_expert_info(e.priority_without_feature)
+            end
+        end
+        -- Section 4.3: so does VERIFY.
+        if bit32.band(flags, FLAG_VERIFY) ~= 0 then
+            local ours = hellos[direction_key(pinfo, true)]
+            local theirs = hellos[direction_key(pinfo, false)]
+            if ours and theirs and bit32.band(ours.features, theirs.features, VERIFY) == 0 then
+                t:add_proto_expert_info(e.verify_without_feature)
             end
         end
         local name_len = tvb(o + 2, 2):uint()
@@ -367,7 +383,9 @@ local function dissect_body(tvb, pinfo, t, kind, flags, o, len)
             text = text .. " " .. bit_names(options, {
                 { 0x01, "ALLOCATED" }, { 0x02, "DESTINATION_IS_ZERO" }, { 0x04, "NO_EXTENTS" },
                 { 0x08, "OVERWRITE" }, { 0x10, "NO_SPARSE" }, { 0x20, "FORCE_SHARE" },
-                { OPTION_PRIORITY, "PRIORITY" } })
+                { OPTION_PRIORITY, "PRIORITY" }, { OPTION_TOP_ONLY, "TOP_ONLY" } })
+        end
+        if bit32.band(flags, FLAG_VERIFY) ~= 0 then text = text .. " VERIFY"
         end
         if name ~= "" then text = text .. " " .. name end
         return text
@@ -466,6 +484,8 @@ local function dissect_frame(tvb, pinfo, tree, offset)
     if kind == T.FINISH then
         items[e.bad_flags]:add(f.flag_ack, tvb(offset + 5, 1))
         items[e.bad_flags]:add(f.flag_digest, tvb(offset + 5, 1))
+    elseif kind == T.OPEN then
+        items[e.bad_flags]:add(f.flag_verify, tvb(offset + 5, 1))
     end
     items[e.reserved] = t:add(f.reserved, tvb(offset + 6, 2))
     items[e.bad_stream] = t:add(f.stream, tvb(offset + 8, 4))

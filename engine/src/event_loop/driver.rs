@@ -141,10 +141,6 @@ pub(crate) struct Driver {
     /// The connection is over and its socket may be dropped.
     pub finished: bool,
     created: Instant,
-    /// The smallest round trip the socket's receive buffer was last bounded for, and whether
-    /// it was (see `Socket::bound_receive_queue`).
-    bounded_at: Option<Duration>,
-    receive_bounded: bool,
 }
 
 impl Driver {
@@ -180,8 +176,6 @@ impl Driver {
             input_stalled: false,
             finished: false,
             created: Instant::now(),
-            bounded_at: None,
-            receive_bounded: false,
         }
     }
 
@@ -332,6 +326,15 @@ impl Driver {
                     let error = failure(
                         Reason::InvalidName,
                         format!("cannot ask for {:?}", local.name),
+                        Origin::Protocol,
+                    );
+                    self.end_local(key, StreamStats::default(), Err(error), now);
+                }
+                Err(OpenError::Unsupported) => {
+                    self.waiting.pop_front();
+                    let error = failure(
+                        Reason::Unsupported,
+                        "the peer cannot verify what it writes (it does not announce VERIFY)",
                         Origin::Protocol,
                     );
                     self.end_local(key, StreamStats::default(), Err(error), now);
@@ -733,18 +736,9 @@ impl Driver {
             }
         }
         self.drain_events(now);
-        // PONGs arrive with input; each may shorten the smallest round trip, which bounds
-        // the receive buffer, or raise the estimate of the path, which may grow it.
-        if let Some(rtt) = self.conn.min_rtt() {
-            if self.bounded_at.is_none_or(|at| rtt < at) {
-                self.bounded_at = Some(rtt);
-                self.receive_bounded |= self.transport.socket.bound_receive_queue(rtt);
-            }
-        }
+        // PONGs arrive with input; each may raise the estimate of the path.
         if let Some(bytes) = self.conn.poll_buffer_hint() {
-            self.transport
-                .socket
-                .fit_buffers(bytes, self.receive_bounded);
+            self.transport.socket.fit_buffers(bytes);
         }
     }
 
@@ -785,13 +779,6 @@ impl Driver {
                 self.drain_events(now);
             }
             if !self.write_once(now, &mut budget) {
-                break;
-            }
-            // A source's wake-up (an interactive stream's next message) is served at the next
-            // turn: ending the burst here bounds its wait to one write, not the whole budget
-            // and the work of every source the burst made writable.
-            if self.shared.has_pending() {
-                self.write_pending = true;
                 break;
             }
         }

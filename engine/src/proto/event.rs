@@ -63,6 +63,8 @@ pub enum OpenError {
     GoingAway,
     /// The name cannot be sent: empty (except for LIST, where it must be) or too long.
     InvalidName,
+    /// The options ask for something the peer did not announce (VERIFY).
+    Unsupported,
 }
 
 /// Connection-wide counters and gauges. Counters only grow; gauges (marked so) say how things

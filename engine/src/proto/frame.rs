@@ -164,6 +164,8 @@ impl FrameCounts {
 const FLAG_ACK: u8 = 1;
 /// FINISH flag: the digest field is meaningful.
 const FLAG_DIGEST: u8 = 2;
+/// OPEN flag: the sink verifies (`OpenOptions::verify`); here since the options byte is full.
+const FLAG_VERIFY: u8 = 1;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
@@ -298,7 +300,8 @@ impl Frame {
                 size,
                 name,
             } => {
-                put_header(out, kind::OPEN, 0, *stream, body::OPEN_MIN + name.len());
+                let flags = if options.verify() { FLAG_VERIFY } else { 0 };
+                put_header(out, kind::OPEN, flags, *stream, body::OPEN_MIN + name.len());
                 out.put_u8(*op as u8);
                 out.put_u8(options.wire_flags());
                 out.put_u16(name.len() as u16);
@@ -440,10 +443,10 @@ fn check_shape(kind: u8, flags: u8, len: u32, stream: StreamId) -> Result<(), De
             Err(bad_len())
         }
     };
-    let allowed_flags = if kind == kind::FINISH {
-        FLAG_ACK | FLAG_DIGEST
-    } else {
-        0
+    let allowed_flags = match kind {
+        kind::FINISH => FLAG_ACK | FLAG_DIGEST,
+        kind::OPEN => FLAG_VERIFY,
+        _ => 0,
     };
     if flags & !allowed_flags != 0 {
         return Err(DecodeError::UnknownFlags { kind, flags });
@@ -486,10 +489,12 @@ fn parse_body(
                 4 => Op::Extents,
                 other => return Err(DecodeError::BadOp(other)),
             };
+            let verify = flags & FLAG_VERIFY != 0;
             let flags = body.get_u8();
             let name_len = body.get_u16() as usize;
             let options = OpenOptions::from_wire(flags, body.get_u32())
-                .ok_or(DecodeError::UnknownFlags { kind, flags })?;
+                .ok_or(DecodeError::UnknownFlags { kind, flags })?
+                .with_verify(verify);
             let size = body.get_u64();
             if name_len != body.len() || (name_len == 0) != (op == Op::List) {
                 return Err(DecodeError::BadName);

@@ -24,7 +24,10 @@ impl Features {
     pub const DIGEST: Features = Features(2);
     /// OPEN may put a stream in the priority class (`OpenOptions::with_priority`).
     pub const PRIORITY: Features = Features(4);
-    pub const ALL: Features = Features(7);
+    /// OPEN may ask the sink to read the volume back before it commits
+    /// (`OpenOptions::with_verify`).
+    pub const VERIFY: Features = Features(8);
+    pub const ALL: Features = Features(15);
 
     pub fn contains(self, other: Features) -> bool {
         self.0 & other.0 == other.0

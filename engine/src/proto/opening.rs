@@ -24,6 +24,11 @@ impl Connection {
                 "OPEN of {id} asks for the priority class, which was not negotiated"
             )));
         }
+        if options.verify() && !self.features().contains(Features::VERIFY) {
+            return Err(ConnError::Protocol(format!(
+                "OPEN of {id} asks for verification, which was not negotiated"
+            )));
+        }
         if self.sent_goaway {
             Frame::Reject {
                 stream: id,
@@ -111,6 +116,10 @@ impl Connection {
         }
         if name.is_empty() != (op == Op::List) || name.len() > frame::MAX_NAME_LEN {
             return Err(OpenError::InvalidName);
+        }
+        // Unlike the class, a check that was asked for cannot quietly not happen.
+        if options.verify() && !self.features().contains(Features::VERIFY) {
+            return Err(OpenError::Unsupported);
         }
         let id = self.counts.open_local()?;
         // The class is a request of ours: a peer that does not know it serves the stream as bulk.

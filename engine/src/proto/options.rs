@@ -1,5 +1,6 @@
-//! Per-stream options carried in OPEN, and their encoding (the flag bits exist only here; the
-//! frame codec is the only caller of [`OpenOptions::from_wire`] and [`OpenOptions::wire_flags`]).
+//! Per-stream options carried in OPEN, and their encoding (the flag bits exist only here, but
+//! for VERIFY, which is one of OPEN's header flags since this byte is full; the frame codec is
+//! the only caller of [`OpenOptions::from_wire`] and [`OpenOptions::wire_flags`]).
 //!
 //! They mean what the nbdcopy/qemu-img flags of the same names mean and are interpreted by
 //! whichever side touches the volume (fdstream's provider turns them into reader and writer
@@ -30,6 +31,8 @@ pub struct OpenOptions {
     force_share: bool,
     priority: bool,
     top_only: bool,
+    /// Carried in OPEN's header flags, not the options byte (which is full): see frame.rs.
+    verify: bool,
     zero_granularity: u32,
 }
 
@@ -85,6 +88,13 @@ impl OpenOptions {
         self
     }
 
+    /// The sink reads the volume back after its last write and compares it with what it
+    /// received before the volume gets its name; only with the VERIFY feature.
+    pub fn with_verify(mut self, on: bool) -> Self {
+        self.verify = on;
+        self
+    }
+
     /// Zero-detection granularity in bytes (`-S`); 0 turns zero detection off.
     pub fn with_zero_granularity(mut self, bytes: u32) -> Self {
         self.zero_granularity = bytes;
@@ -123,6 +133,10 @@ impl OpenOptions {
         self.top_only
     }
 
+    pub fn verify(&self) -> bool {
+        self.verify
+    }
+
     pub fn zero_granularity(&self) -> u32 {
         self.zero_granularity
     }
@@ -142,6 +156,8 @@ impl OpenOptions {
             force_share: on(bits::FORCE_SHARE),
             priority: on(bits::PRIORITY),
             top_only: on(bits::TOP_ONLY),
+            // From OPEN's header flags (the frame codec sets it).
+            verify: false,
             zero_granularity,
         })
     }
