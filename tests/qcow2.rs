@@ -263,6 +263,49 @@ fn a_backing_file_outside_the_pool_is_refused() {
 }
 
 #[test]
+fn a_qcow2_volume_is_refused_through_an_iohelper_not_sent_as_container_bytes() {
+    if !have("qemu-img") || !have("qemu-nbd") {
+        return;
+    }
+    let dir = TempDir::new("qcow2-helper");
+    let pool = dir.join("pool");
+    std::fs::create_dir_all(&pool).unwrap();
+    qemu(
+        &pool,
+        &[
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "disk.qcow2",
+            "64M",
+        ],
+    );
+    filled(&pool.join("plain.raw"), MIB, 0x3c);
+    let listen = format!("unix:{}", dir.join("vs.sock").display());
+    let _server = Server::start_with(&pool, &listen, &["--iohelper"]);
+    let out_file = dir.join("out.raw");
+    let out = run(bin()
+        .args(["download", "--connect", &listen, "disk.qcow2"])
+        .arg(&out_file));
+    assert_eq!(out.status.code(), Some(1), "{:?}", stderr_lines(&out));
+    let line = line_with(&out, "qcow2 image");
+    assert!(line.contains("disk.qcow2"), "{line}");
+    assert!(!out_file.exists());
+    // A raw volume of the same pool still goes through the helper.
+    let raw_out = dir.join("plain.out");
+    let out = run(bin()
+        .args(["download", "--connect", &listen, "plain.raw"])
+        .arg(&raw_out));
+    assert_eq!(out.status.code(), Some(0), "{:?}", stderr_lines(&out));
+    assert_eq!(
+        std::fs::read(&raw_out).unwrap(),
+        std::fs::read(pool.join("plain.raw")).unwrap()
+    );
+}
+
+#[test]
 fn top_only_through_serve_gives_just_the_overlays_own_clusters() {
     if !have("qemu-img") || !have("qemu-io") || !have("qemu-nbd") {
         return;

@@ -141,6 +141,10 @@ pub(crate) struct Driver {
     /// The connection is over and its socket may be dropped.
     pub finished: bool,
     created: Instant,
+    /// The smallest round trip the socket's receive buffer was last bounded for, and whether
+    /// it was (see `Socket::bound_receive_queue`).
+    bounded_at: Option<Duration>,
+    receive_bounded: bool,
 }
 
 impl Driver {
@@ -176,6 +180,8 @@ impl Driver {
             input_stalled: false,
             finished: false,
             created: Instant::now(),
+            bounded_at: None,
+            receive_bounded: false,
         }
     }
 
@@ -736,9 +742,18 @@ impl Driver {
             }
         }
         self.drain_events(now);
-        // PONGs arrive with input; each may raise the estimate of the path.
+        // PONGs arrive with input; each may shorten the smallest round trip, which bounds
+        // the receive buffer, or raise the estimate of the path, which may grow it.
+        if let Some(rtt) = self.conn.min_rtt() {
+            if self.bounded_at.is_none_or(|at| rtt < at) {
+                self.bounded_at = Some(rtt);
+                self.receive_bounded |= self.transport.socket.bound_receive_queue(rtt);
+            }
+        }
         if let Some(bytes) = self.conn.poll_buffer_hint() {
-            self.transport.socket.fit_buffers(bytes);
+            self.transport
+                .socket
+                .fit_buffers(bytes, self.receive_bounded);
         }
     }
 
@@ -779,6 +794,13 @@ impl Driver {
                 self.drain_events(now);
             }
             if !self.write_once(now, &mut budget) {
+                break;
+            }
+            // A source's wake-up (an interactive stream's next message) is served at the next
+            // turn: ending the burst here bounds its wait to one write, not the whole budget
+            // and the work of every source the burst made writable.
+            if self.shared.has_pending() {
+                self.write_pending = true;
                 break;
             }
         }

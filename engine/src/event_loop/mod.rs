@@ -35,6 +35,7 @@ pub use socket::Socket;
 use std::fmt;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -264,6 +265,8 @@ enum Command {
 pub(crate) struct Shared {
     waker: Waker,
     queue: Mutex<Wakeups>,
+    /// `queue` holds something: lets a long write burst end early so the turn can serve it.
+    pending: AtomicBool,
 }
 
 #[derive(Default)]
@@ -277,6 +280,7 @@ impl Shared {
         let first = {
             let mut q = self.queue.lock().unwrap();
             q.streams.push(key);
+            self.pending.store(true, Ordering::Release);
             q.streams.len() == 1 && q.commands.is_empty()
         };
         if first {
@@ -286,7 +290,19 @@ impl Shared {
 
     fn command(&self, command: Command) {
         self.queue.lock().unwrap().commands.push(command);
+        self.pending.store(true, Ordering::Release);
         let _ = self.waker.wake();
+    }
+
+    /// Whether wake-ups or commands wait for the next turn.
+    pub(crate) fn has_pending(&self) -> bool {
+        self.pending.load(Ordering::Acquire)
+    }
+
+    fn take(&self) -> Wakeups {
+        let mut q = self.queue.lock().unwrap();
+        self.pending.store(false, Ordering::Release);
+        std::mem::take(&mut *q)
     }
 }
 
@@ -332,6 +348,7 @@ impl Engine {
             shared: Arc::new(Shared {
                 waker,
                 queue: Mutex::new(Wakeups::default()),
+                pending: AtomicBool::new(false),
             }),
             config,
             listeners: Slab::new(),
@@ -676,7 +693,7 @@ impl Engine {
 
     fn run_wakeups(&mut self, now: Instant) {
         // Commands may wake streams and streams may not issue commands, so one pass of each.
-        let Wakeups { commands, streams } = std::mem::take(&mut *self.shared.queue.lock().unwrap());
+        let Wakeups { commands, streams } = self.shared.take();
         for command in commands {
             self.run_command(command);
         }

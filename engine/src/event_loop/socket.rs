@@ -218,12 +218,68 @@ impl Socket {
     /// default the receiving loop woke for about every frame, 7,000 context switches per GiB;
     /// with this, about 4,500 and 10-20 % less CPU on each side. Kept small because a frame of an
     /// interactive stream waits behind whatever the socket holds (512 KiB is ~0.15 ms at
-    /// 3.5 GB/s). TCP keeps the kernel's autotuning. Best effort: the kernel caps the size at
-    /// net.core.wmem_max.
+    /// 3.5 GB/s). Best effort: the kernel caps the size at net.core.wmem_max.
+    ///
+    /// A TCP socket keeps the kernel's autotuning of its buffers but holds at most
+    /// [`TCP_UNSENT`] bytes it has not sent yet (TCP_NOTSENT_LOWAT): the scheduler can only put
+    /// an interactive frame ahead of what is still ours, and without the limit a receiver
+    /// slower than the link (TLS decryption) let 4 MiB (tcp_wmem's maximum) wait unsent in the
+    /// sender's socket, ahead of every frame. Bytes sent and not yet acknowledged are not
+    /// limited by it, so a long path keeps its window.
     pub fn tune(&self) {
-        if let Socket::Unix(s) = self {
+        match self {
             // 256 KiB gives 512 KiB (see set_send_buffer).
-            set_send_buffer(s.as_fd(), 256 * 1024);
+            Socket::Unix(s) => set_send_buffer(s.as_fd(), 256 * 1024),
+            Socket::Tcp(s) => {
+                let unsent = TCP_UNSENT as libc::c_int;
+                if let Err(e) = setsockopt_int(
+                    s.as_raw_fd(),
+                    libc::IPPROTO_TCP,
+                    libc::TCP_NOTSENT_LOWAT,
+                    unsent,
+                ) {
+                    log::debug!("TCP_NOTSENT_LOWAT: {e}");
+                }
+            }
+        }
+    }
+
+    /// Bounds what a TCP socket's receive buffer holds on a path whose round trip is short, so
+    /// that when this side's loop is slower than the link the bytes it has not read yet stay
+    /// about one round trip of the fastest link we plan for ([`FASTEST_PATH`]), not the
+    /// 6-32 MiB receive autotuning grows to. Those bytes are a FIFO ahead of every interactive
+    /// frame: with TLS, 6.5 MB waited there (16 ms at the 0.4 GB/s the receiver decrypted).
+    /// Bounded, the excess waits in the sender's stream queues, where the scheduler can let an
+    /// interactive frame go first. A path whose round trip needs more than autotuning gives
+    /// is left alone. Call it with the smallest round trip seen, whenever it shrinks; returns
+    /// whether the buffer is now set (autotuning is then off for it).
+    pub fn bound_receive_queue(&self, min_rtt: std::time::Duration) -> bool {
+        let Socket::Tcp(s) = self else {
+            return false;
+        };
+        let limits = buffer_limits();
+        let Some(size) = receive_bound(min_rtt, limits.tcp_rmem_max, limits.rmem_max) else {
+            return false;
+        };
+        let fd = s.as_raw_fd();
+        if getsockopt_int(fd, libc::SO_RCVBUF).is_some_and(|current| current == size * 2) {
+            return true;
+        }
+        // The kernel doubles what is set, for its own bookkeeping.
+        match setsockopt_int(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            size.min(i32::MAX as u64) as libc::c_int,
+        ) {
+            Ok(()) => {
+                log::debug!("SO_RCVBUF {size} for a round trip of {min_rtt:?}");
+                true
+            }
+            Err(e) => {
+                log::debug!("SO_RCVBUF: {e}");
+                false
+            }
         }
     }
 
@@ -237,7 +293,9 @@ impl Socket {
     /// set only when that gives it more than autotuning could. Unix sockets keep [`tune`].
     ///
     /// [`tune`]: Socket::tune
-    pub fn fit_buffers(&self, bytes: u64) {
+    /// `receive_bounded` says [`Socket::bound_receive_queue`] set the receive buffer, which
+    /// then grows only this way.
+    pub fn fit_buffers(&self, bytes: u64, receive_bounded: bool) {
         let Socket::Tcp(s) = self else {
             return;
         };
@@ -260,22 +318,16 @@ impl Socket {
             let Some(current) = getsockopt_int(fd, option) else {
                 continue;
             };
+            let autotune_max = match option {
+                libc::SO_RCVBUF if receive_bounded => current,
+                _ => autotune_max,
+            };
             let Some(value) = buffer_to_set(bytes, current, autotune_max, set_max) else {
                 continue;
             };
             let v = value.min(i32::MAX as u64) as libc::c_int;
-            // SAFETY: setsockopt reads `v` for the given length; the fd is open.
-            let r = unsafe {
-                libc::setsockopt(
-                    fd,
-                    libc::SOL_SOCKET,
-                    option,
-                    (&v as *const libc::c_int).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            };
-            if r != 0 {
-                log::debug!("{name}: {}", io::Error::last_os_error());
+            if let Err(e) = setsockopt_int(fd, libc::SOL_SOCKET, option, v) {
+                log::debug!("{name}: {e}");
                 continue;
             }
             log::debug!(
@@ -355,6 +407,51 @@ fn buffer_limits() -> BufferLimits {
             rmem_max: read("/proc/sys/net/core/rmem_max", 0, 212_992),
         }
     })
+}
+
+/// Unsent bytes a TCP socket may hold (see [`Socket::tune`]): two of the driver's
+/// interactive transmit batches, so the socket never runs dry between two writes.
+pub const TCP_UNSENT: usize = 128 * 1024;
+
+/// The link speed a short path is given receive buffer for (see
+/// [`Socket::bound_receive_queue`]): 4 GB/s, about the most this engine moves on one connection.
+pub const FASTEST_PATH: u64 = 4_000_000_000;
+
+/// The least receive buffer [`Socket::bound_receive_queue`] leaves (as the kernel counts it,
+/// payload and overhead): about half of it is TCP's window.
+const RECEIVE_FLOOR: u64 = 512 * 1024;
+
+/// The receive buffer (as set, before the kernel doubles it) for a path with round trip
+/// `rtt`: twice [`FASTEST_PATH`]'s bytes per round trip as the kernel counts them, at least
+/// [`RECEIVE_FLOOR`]; `None` where autotuning (up to `autotune_max`) would not give more or
+/// the kernel does not allow setting that much.
+fn receive_bound(rtt: std::time::Duration, autotune_max: u64, set_max: u64) -> Option<u64> {
+    let path = (FASTEST_PATH as u128 * rtt.as_nanos() / 1_000_000_000) as u64;
+    let counted = path.saturating_mul(2).max(RECEIVE_FLOOR);
+    (counted < autotune_max && counted / 2 <= set_max).then_some(counted / 2)
+}
+
+fn setsockopt_int(
+    fd: i32,
+    level: libc::c_int,
+    option: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: setsockopt reads `value` for the given length; the fd is open.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            option,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 fn getsockopt_int(fd: i32, option: libc::c_int) -> Option<u64> {
@@ -460,6 +557,106 @@ mod tests {
     }
 
     #[test]
+    fn a_short_path_bounds_its_receive_buffer_and_a_long_one_keeps_autotuning() {
+        const M: u64 = 1 << 20;
+        let us = std::time::Duration::from_micros;
+        // Loopback: the floor (set as half, the kernel doubles it).
+        assert_eq!(receive_bound(us(30), 32 * M, 4 * M), Some(256 << 10));
+        // 0.2 ms: two round trips of 4 GB/s, 1.6 MB as counted, 0.8 MB set.
+        assert_eq!(receive_bound(us(200), 32 * M, 4 * M), Some(800_000));
+        // 2 ms: more than rmem_max lets us set; 50 ms: more than autotuning gives anyway.
+        assert_eq!(receive_bound(us(2000), 32 * M, 4 * M), None);
+        assert_eq!(receive_bound(us(50_000), 32 * M, 64 * M), None);
+        // Stock autotuning (6 MiB) already is the bound for a 1 ms path.
+        assert_eq!(receive_bound(us(1000), 6 * M, 64 * M), None);
+    }
+
+    #[test]
+    fn a_tcp_socket_holds_little_unsent_and_a_bounded_receive_buffer() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let s = Socket::Tcp(TcpStream::from_std(c));
+        s.tune();
+        let fd = s.as_fd().as_raw_fd();
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `v`; the fd is open.
+        let r = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_NOTSENT_LOWAT,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!((r, v as usize), (0, TCP_UNSENT));
+        let limits = buffer_limits();
+        let rtt = std::time::Duration::from_micros(50);
+        let bounded = s.bound_receive_queue(rtt);
+        let after = getsockopt_int(fd, libc::SO_RCVBUF).unwrap();
+        match receive_bound(rtt, limits.tcp_rmem_max, limits.rmem_max) {
+            Some(size) => assert!(bounded && after == size * 2, "{after} for {size}"),
+            None => assert!(!bounded),
+        }
+    }
+
+    /// Bytes in a TCP socket's queue it has not sent yet (SIOCOUTQNSD), or has received and
+    /// not yet been read (FIONREAD).
+    fn queued(fd: i32, request: libc::c_ulong) -> usize {
+        let mut n: libc::c_int = 0;
+        // SAFETY: both ioctls write one int; the fd is open.
+        let r = unsafe { libc::ioctl(fd, request as _, &mut n) };
+        assert_eq!(r, 0, "ioctl {request:#x}: {}", io::Error::last_os_error());
+        n as usize
+    }
+
+    #[test]
+    fn a_reader_that_falls_behind_leaves_little_unsent_and_unread_on_a_short_path() {
+        const SIOCOUTQNSD: libc::c_ulong = 0x894b;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (r, _) = l.accept().unwrap();
+        c.set_nonblocking(true).unwrap();
+        let (mut sender, receiver) = (
+            Socket::Tcp(TcpStream::from_std(c)),
+            Socket::Tcp(TcpStream::from_std(r)),
+        );
+        sender.tune();
+        let bounded = receiver.bound_receive_queue(std::time::Duration::from_micros(50));
+        // The receiver reads nothing: write until the sender's socket takes no more (loopback
+        // moves what the window allows at once; a second pass catches what was in flight).
+        let block = vec![7u8; 64 * 1024];
+        let mut written = 0;
+        for _ in 0..2 {
+            while written < 256 << 20 {
+                match sender.write_vectored(&[IoSlice::new(&block)]) {
+                    Ok(n) => written += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => panic!("write: {e}"),
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let unsent = queued(sender.as_fd().as_raw_fd(), SIOCOUTQNSD);
+        let unread = queued(
+            receiver.as_fd().as_raw_fd(),
+            libc::FIONREAD as libc::c_ulong,
+        );
+        let rcvbuf =
+            getsockopt_int(receiver.as_fd().as_raw_fd(), libc::SO_RCVBUF).unwrap() as usize;
+        eprintln!("{written} written: {unsent} unsent, {unread} unread, SO_RCVBUF {rcvbuf} (bounded: {bounded})");
+        // One write may go past the mark before the socket stops taking more.
+        assert!(unsent <= TCP_UNSENT + block.len(), "{unsent} unsent");
+        if bounded {
+            assert!(
+                unread <= rcvbuf,
+                "{unread} unread with a {rcvbuf}-byte buffer"
+            );
+        }
+    }
+
+    #[test]
     fn a_tcp_socket_gets_the_buffers_the_path_needs_where_the_kernel_allows() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
@@ -468,7 +665,7 @@ mod tests {
         let before = getsockopt_int(fd, libc::SO_SNDBUF).unwrap();
         let limits = buffer_limits();
         let path = 64 << 20;
-        s.fit_buffers(path);
+        s.fit_buffers(path, false);
         let after = getsockopt_int(fd, libc::SO_SNDBUF).unwrap();
         match buffer_to_set(path, before, limits.tcp_wmem_max, limits.wmem_max) {
             Some(v) => assert_eq!(after, v * 2, "set, and the kernel doubled it"),

@@ -18,7 +18,9 @@ use std::io::{self, BufRead, IoSlice, Write};
 /// `read_tls`, so it is fed from this buffer rather than with a syscall per 4-16 KiB.
 const CIPHERTEXT_READ: usize = 256 * 1024;
 /// Encrypted records rustls may hold for the socket before `write` takes no more plaintext.
-const CIPHERTEXT_QUEUE: usize = 256 * 1024;
+/// What it holds waits ahead of every frame the scheduler picks later, as the socket's unsent
+/// bytes do (`TCP_UNSENT`): four records, the size of the driver's interactive transmit batch.
+const CIPHERTEXT_QUEUE: usize = 64 * 1024;
 
 /// A TLS failure, carried inside an `io::Error` so the driver can tell it from a socket error.
 #[derive(Debug)]

@@ -152,6 +152,11 @@ impl Connection {
         stats
     }
 
+    /// The smallest round trip measured so far: the path's own delay.
+    pub fn min_rtt(&self) -> Option<std::time::Duration> {
+        self.stats.min_rtt
+    }
+
     /// A size for the socket's kernel buffers, each way, whenever the estimate of the path's
     /// bandwidth-delay product has grown by a quarter since the last one (never below what
     /// kernels give anyway): see `Socket::fit_buffers`.

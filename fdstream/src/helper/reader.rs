@@ -10,7 +10,7 @@ use crate::fd::Location;
 use crate::pool::JobHandle;
 use crate::reader::ReaderOptions;
 use engine::{Chunk, Notify, VolumeError, VolumeReader};
-use std::ffi::OsString;
+use std::ffi::{CStr, OsString};
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStringExt;
 use std::sync::Arc;
@@ -55,11 +55,13 @@ impl HelperReader {
 /// The helper's command line for reading `location`.
 fn launch(location: Location, options: &ReaderOptions, direct: bool) -> Result<Launch, Error> {
     let mut l = Launch::new("read");
-    l.value("--shown", location.describe());
+    let location_shown = location.describe();
+    l.value("--shown", &location_shown);
     match location {
         Location::Path(p) | Location::Named(p, _) => l.value("--path", p),
         Location::Open(f) => l.fd(OwnedFd::from(f), "--fd", None),
         Location::At { dir, name, .. } => {
+            refuse_qcow2(&dir, &name, &location_shown)?;
             let d = dir
                 .try_clone()
                 .map_err(|e| Error::io("duplicating the pool fd", e))?;
@@ -74,6 +76,27 @@ fn launch(location: Location, options: &ReaderOptions, direct: bool) -> Result<L
     }
     l.flag("--direct", direct || options.direct);
     Ok(l)
+}
+
+/// A helper copies a file's bytes; a qcow2 image in a pool is a volume only as its guest view,
+/// which the in-process reader gives through qemu-nbd. Sending the container's bytes under the
+/// guest size that LIST reports would hand the client a corrupt disk, so the helper path
+/// refuses it instead.
+fn refuse_qcow2(dir: &OwnedFd, name: &CStr, shown: &str) -> Result<(), Error> {
+    let Ok(file) = crate::fd::open_beneath(dir, name, libc::O_RDONLY | libc::O_NONBLOCK) else {
+        // The helper opens it again and reports why it cannot.
+        return Ok(());
+    };
+    if !file.metadata().is_ok_and(|m| m.is_file()) {
+        return Ok(());
+    }
+    match crate::qemu::qcow2_header(&file) {
+        Ok(None) => Ok(()),
+        Ok(Some(_)) => Err(Error::Unsupported(format!(
+            "{shown} is a qcow2 image, which is read through qemu-nbd, not through --iohelper; serve it without --iohelper"
+        ))),
+        Err(e) => Err(Error::io(format!("reading the header of {shown}"), e)),
+    }
 }
 
 impl VolumeReader for HelperReader {
