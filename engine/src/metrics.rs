@@ -230,8 +230,7 @@ fn connections(w: &mut Writer, conns: &[ConnectionSnapshot]) {
         .map(|(l, c)| (&l[..], &c.stats))
         .collect();
     counters(w, "volstream_connection_", "per connection", &items);
-    type Value = fn(&ConnectionSnapshot) -> Option<f64>;
-    let gauges: [(&str, &str, Value); 7] = [
+    let table: [Gauge<ConnectionSnapshot>; 7] = [
         ("established", "1 once the handshake is done.", |c| {
             Some(c.established as u8 as f64)
         }),
@@ -262,12 +261,22 @@ fn connections(w: &mut Writer, conns: &[ConnectionSnapshot]) {
             |c| c.stats.rtt.map(|d| d.as_secs_f64()),
         ),
     ];
-    for (suffix, help, value) in gauges {
-        let name = format!("volstream_connection_{suffix}");
+    let items: Vec<_> = conns.iter().zip(labels.iter().map(|l| &l[..])).collect();
+    gauges(w, "volstream_connection_", &table, &items);
+}
+
+/// A gauge family: its name after the prefix, its help, and an item's value (`None`: the item
+/// has no sample).
+type Gauge<T> = (&'static str, &'static str, fn(&T) -> Option<f64>);
+
+/// Every family of `table`, with a sample for each item that has a value.
+fn gauges<T>(w: &mut Writer, prefix: &str, table: &[Gauge<T>], items: &[(&T, &[(&str, &str)])]) {
+    for (suffix, help, value) in table {
+        let name = format!("{prefix}{suffix}");
         w.family(&name, "gauge", help);
-        for (c, l) in conns.iter().zip(&labels) {
-            if let Some(v) = value(c) {
-                w.sample(&name, l, v);
+        for (item, labels) in items {
+            if let Some(v) = value(item) {
+                w.sample(&name, labels, v);
             }
         }
     }
@@ -346,7 +355,7 @@ fn streams(w: &mut Writer, conns: &[ConnectionSnapshot]) {
             }
         }
     }
-    let gauges: [(&str, &str, Value); 6] = [
+    let table: [Gauge<StreamSnapshot>; 6] = [
         (
             "size_bytes",
             "The content's logical length (0 until known).",
@@ -376,15 +385,8 @@ fn streams(w: &mut Writer, conns: &[ConnectionSnapshot]) {
             |s| s.first_byte.map(|d| d.as_secs_f64()),
         ),
     ];
-    for (suffix, help, value) in gauges {
-        let name = format!("volstream_stream_{suffix}");
-        w.family(&name, "gauge", help);
-        for (s, l) in all.iter().zip(&labels) {
-            if let Some(v) = value(s.2) {
-                w.sample(&name, l, v);
-            }
-        }
-    }
+    let items: Vec<_> = all.iter().map(|s| s.2).zip(labels.iter().map(|l| &l[..])).collect();
+    gauges(w, "volstream_stream_", &table, &items);
 }
 
 #[cfg(test)]
