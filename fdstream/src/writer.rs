@@ -379,6 +379,21 @@ impl WriteTarget {
     }
 }
 
+/// The directory a new file goes into (see [`WriteTarget::Create`]): the one held open, or
+/// `dir_path` opened now.
+pub(crate) fn create_dir(
+    dir: Option<Arc<OwnedFd>>,
+    dir_path: Option<PathBuf>,
+) -> Result<Arc<OwnedFd>, Error> {
+    match (dir, dir_path) {
+        (Some(d), _) => Ok(d),
+        (None, Some(p)) => Ok(Arc::new(
+            fd::open_dir(&p).map_err(|e| Error::io(format!("opening {}", p.display()), e))?,
+        )),
+        (None, None) => Err(Error::Cancelled),
+    }
+}
+
 struct Work {
     target: Option<WriteTarget>,
     options: WriterOptions,
@@ -539,14 +554,7 @@ impl Work {
                 shown,
             } => {
                 self.shown = shown;
-                let dir = match (dir, dir_path) {
-                    (Some(d), _) => d,
-                    (None, Some(p)) => Arc::new(
-                        fd::open_dir(&p)
-                            .map_err(|e| Error::io(format!("opening {}", p.display()), e))?,
-                    ),
-                    (None, None) => return Err(Error::Cancelled),
-                };
+                let dir = create_dir(dir, dir_path)?;
                 let temp = self
                     .temp
                     .take()

@@ -5,9 +5,9 @@ use super::options::HelperOptions;
 use super::spawn::{on_pool, spawn, Launch};
 use super::wire::Msg;
 use crate::error::Error;
-use crate::fd::{self, Location};
+use crate::fd::Location;
 use crate::pool::JobHandle;
-use crate::writer::{WriteTarget, WriterOptions};
+use crate::writer::{create_dir, WriteTarget, WriterOptions};
 use engine::{Chunk, Notify, VolumeError, VolumeWriter, WriteProgress};
 use std::ffi::OsString;
 use std::os::fd::OwnedFd;
@@ -76,14 +76,7 @@ fn launch(
         } => {
             // The parent opens the directory so that it can remove the temporary file of a
             // helper that died.
-            let dir = match (dir, dir_path) {
-                (Some(d), _) => d,
-                (None, Some(p)) => Arc::new(
-                    fd::open_dir(&p)
-                        .map_err(|e| Error::io(format!("opening {}", p.display()), e))?,
-                ),
-                (None, None) => return Err(Error::Cancelled),
-            };
+            let dir = create_dir(dir, dir_path)?;
             // Named here, so the name is known whenever the helper dies.
             let temp = crate::temp::name(name.as_bytes());
             l.value("--temp", OsString::from_vec(temp.as_bytes().to_vec()));
