@@ -88,9 +88,7 @@ impl VolumeReader for MemoryReader {
 pub struct MemoryWriter {
     content: Arc<std::sync::Mutex<Vec<u8>>>,
     hole_bytes: Arc<AtomicU64>,
-    digest: Digest,
-    completed: u64,
-    outcome: Option<Result<(), VolumeError>>,
+    tally: Tally,
 }
 
 impl MemoryWriter {
@@ -113,65 +111,70 @@ impl VolumeWriter for MemoryWriter {
 
     fn write(&mut self, chunk: Chunk) {
         let mut content = self.content.lock().unwrap();
-        match chunk {
-            Chunk::Data { bytes, .. } => {
-                content.extend_from_slice(&bytes);
-                self.digest.update(&bytes);
-            }
+        match &chunk {
+            Chunk::Data { bytes, .. } => content.extend_from_slice(bytes),
             Chunk::Hole { len, .. } => {
-                let end = content.len() + len as usize;
+                let end = content.len() + *len as usize;
                 content.resize(end, 0);
-                self.digest.update_zeroes(len);
-                self.hole_bytes.fetch_add(len, Ordering::Relaxed);
+                self.hole_bytes.fetch_add(*len, Ordering::Relaxed);
             }
-            Chunk::End { digest, .. } => self.outcome = Some(verdict(&self.digest, digest)),
+            Chunk::End { .. } => {}
         }
-        self.completed += 1;
+        self.tally.take(&chunk);
     }
 
     fn poll_progress(&mut self) -> WriteProgress {
-        WriteProgress {
-            completed: self.completed,
-            outcome: self.outcome.clone(),
-        }
-    }
-}
-
-/// Whether what a sink saw matches the sender's digest (absent when DIGEST was not negotiated).
-fn verdict(ours: &Digest, theirs: Option<u32>) -> Result<(), VolumeError> {
-    match theirs {
-        Some(d) if d != ours.value() => Err(VolumeError::new(
-            Reason::DigestMismatch,
-            format!(
-                "content digest {:#010x}, sender says {d:#010x}",
-                ours.value()
-            ),
-        )),
-        _ => Ok(()),
+        self.tally.progress()
     }
 }
 
 /// A sink that keeps nothing and checks only the digest (benchmarks).
 #[derive(Default)]
 pub struct DiscardWriter {
-    digest: Digest,
-    completed: u64,
-    outcome: Option<Result<(), VolumeError>>,
+    tally: Tally,
 }
 
 impl VolumeWriter for DiscardWriter {
     fn start(&mut self, _size: u64, _notify: Notify) {}
 
     fn write(&mut self, chunk: Chunk) {
+        self.tally.take(&chunk);
+    }
+
+    fn poll_progress(&mut self) -> WriteProgress {
+        self.tally.progress()
+    }
+}
+
+/// What both sinks report: the digest of what came, the chunks taken, and at the end whether
+/// the digest matched the sender's (absent when DIGEST was not negotiated).
+#[derive(Default)]
+struct Tally {
+    digest: Digest,
+    completed: u64,
+    outcome: Option<Result<(), VolumeError>>,
+}
+
+impl Tally {
+    fn take(&mut self, chunk: &Chunk) {
         match chunk {
-            Chunk::Data { bytes, .. } => self.digest.update(&bytes),
-            Chunk::Hole { len, .. } => self.digest.update_zeroes(len),
-            Chunk::End { digest, .. } => self.outcome = Some(verdict(&self.digest, digest)),
+            Chunk::Data { bytes, .. } => self.digest.update(bytes),
+            Chunk::Hole { len, .. } => self.digest.update_zeroes(*len),
+            Chunk::End { digest, .. } => {
+                let ours = self.digest.value();
+                self.outcome = Some(match digest {
+                    Some(d) if *d != ours => Err(VolumeError::new(
+                        Reason::DigestMismatch,
+                        format!("content digest {ours:#010x}, sender says {d:#010x}"),
+                    )),
+                    _ => Ok(()),
+                });
+            }
         }
         self.completed += 1;
     }
 
-    fn poll_progress(&mut self) -> WriteProgress {
+    fn progress(&self) -> WriteProgress {
         WriteProgress {
             completed: self.completed,
             outcome: self.outcome.clone(),
