@@ -1,8 +1,8 @@
 //! One connection's protocol state, without I/O: the phase (handshake, open, closed), frame
 //! dispatch, the events for the driver, and how streams and the connection end. The rules of
-//! each concern live beside it: `handshake`, `store` and `counts` (which streams exist),
-//! `stream` (their states), `send` and `recv` (each direction's rules), `prioritize` (who sends
-//! next) and `timers` (every deadline).
+//! each concern live beside it: `input` (reading frames), `handshake`, `store` and `counts`
+//! (which streams exist), `stream` (their states), `send` and `recv` (each direction's rules),
+//! `prioritize` (who sends next) and `timers` (every deadline).
 //!
 //! Call order, for a driver that owns the socket:
 //! - read from the socket into [`Connection::input_buffer`], then call [`Connection::handle_input`];
@@ -19,7 +19,7 @@ use super::config::Config;
 use super::counts::{Counts, Side};
 use super::error::ConnError;
 use super::event::{ConnStats, Event};
-use super::frame::{self, Features, Frame, Hello, StreamId};
+use super::frame::{Features, Frame, Hello, StreamId};
 use super::handshake::{self, Agreed};
 use super::recv::RecvSide;
 use super::send::SendSide;
@@ -41,7 +41,7 @@ pub(super) enum Phase {
 }
 
 /// The fields are shared with the sibling modules whose `impl Connection` blocks apply their
-/// concern's rules (`opening`, `send`, `recv`, `handshake`, `timers`).
+/// concern's rules (`input`, `opening`, `send`, `recv`, `handshake`, `timers`).
 pub struct Connection {
     pub(super) side: Side,
     pub(super) config: Config,
@@ -61,7 +61,7 @@ pub struct Connection {
     pub(super) events: VecDeque<Event>,
     pub(super) timers: Timers,
     /// Processing stopped with input left in the buffer because the control backlog is full.
-    input_paused: bool,
+    pub(super) input_paused: bool,
     /// The unanswered PING's data and when it went out, and the data last used.
     pub(super) ping_sent: Option<(u64, Instant)>,
     pub(super) ping_counter: u64,
@@ -180,45 +180,6 @@ impl Connection {
         self.store.len()
     }
 
-    /// Where the driver reads socket bytes to. Reading at most `input_room` bytes into it keeps
-    /// the buffer bounded by one maximal frame plus one read.
-    pub fn input_buffer(&mut self) -> &mut BytesMut {
-        &mut self.input
-    }
-
-    /// How many more bytes the driver should read now. Zero while the connection is closed,
-    /// and while the control backlog is full: the driver must then try again after it sent
-    /// something, and call `handle_input` even if nothing new was read (see
-    /// [`Connection::is_input_paused`]).
-    pub fn input_room(&self) -> usize {
-        if self.phase == Phase::Closed || self.backlog_full() {
-            return 0;
-        }
-        let cap = self.config.max_frame as usize + frame::HEADER_LEN + 64 * 1024;
-        cap.saturating_sub(self.input.len())
-    }
-
-    /// Processes everything in the input buffer, or as much as the control backlog allows.
-    pub fn handle_input(&mut self, now: Instant) {
-        if self.phase == Phase::Closed {
-            self.input.clear();
-            return;
-        }
-        if let Err(error) = self.process_input(now) {
-            self.fail(error);
-        }
-    }
-
-    /// Complete frames may be waiting in the input buffer, unprocessed because the control
-    /// backlog was full: once `input_room` is non-zero again, call `handle_input`.
-    pub fn is_input_paused(&self) -> bool {
-        self.input_paused
-    }
-
-    fn backlog_full(&self) -> bool {
-        self.control.len() >= self.config.control_backlog as usize
-    }
-
     /// The peer closed its side of the connection.
     pub fn handle_eof(&mut self) {
         self.close(ConnError::PeerClosed);
@@ -227,44 +188,6 @@ impl Connection {
     /// The socket failed.
     pub fn handle_io_error(&mut self, message: String) {
         self.close(ConnError::Io(message));
-    }
-
-    /// Counts bytes read from the socket (statistics only).
-    pub fn record_bytes_in(&mut self, n: usize) {
-        self.stats.bytes_in += n as u64;
-    }
-
-    fn process_input(&mut self, now: Instant) -> Result<(), ConnError> {
-        if self.phase == Phase::Handshake {
-            self.read_peer_hello(now)?;
-        }
-        // A pause is ours, not the peer's: the frame clock restarts when processing resumes.
-        let mut progressed = std::mem::take(&mut self.input_paused);
-        while self.phase == Phase::Open {
-            if self.backlog_full() {
-                self.input_paused = true;
-                break;
-            }
-            match Frame::decode(&mut self.input, self.config.max_frame)? {
-                Some(frame) => {
-                    self.stats.frames_in.record(frame.kind());
-                    self.heard(now);
-                    progressed = true;
-                    self.handle_frame(frame, now)?;
-                }
-                None => break,
-            }
-        }
-        // The frame clock runs while the buffer holds the start of a frame that is not complete,
-        // from when the last complete one was taken (or the first bytes came).
-        let partial = self.phase == Phase::Open && !self.input.is_empty() && !self.input_paused;
-        if !partial {
-            self.timers.stop(Timer::Frame);
-        } else if progressed || !self.timers.is_armed(Timer::Frame) {
-            let deadline = now + self.config.frame_timeout;
-            self.timers.set(Timer::Frame, deadline);
-        }
-        Ok(())
     }
 
     /// Finds the stream a frame is for. `Ok(None)`: the stream is gone because we aborted it,
@@ -284,7 +207,7 @@ impl Connection {
         }
     }
 
-    fn handle_frame(&mut self, frame: Frame, now: Instant) -> Result<(), ConnError> {
+    pub(super) fn handle_frame(&mut self, frame: Frame, now: Instant) -> Result<(), ConnError> {
         match frame {
             Frame::Open {
                 stream,
@@ -573,7 +496,7 @@ impl Connection {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::frame::{HELLO_LEN, VERSION_MAX, VERSION_MIN};
+    use crate::proto::frame::{self, HELLO_LEN, VERSION_MAX, VERSION_MIN};
     use std::time::Duration;
 
     fn client_hello() -> BytesMut {

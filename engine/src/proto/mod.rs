@@ -9,6 +9,7 @@
 //! |---|---|
 //! | `connection` | the phase, frame dispatch, events, how streams and the connection end |
 //! | `hello`, `handshake` | the Hello record each side sends; what the two agree on |
+//! | `input` | the bounded input buffer, frame decoding, the pause while the control backlog is full, the frame clock |
 //! | `opening` | how a stream begins: OPEN, then ACCEPT or REJECT |
 //! | `store` | which streams exist: ids to streams, tombstones of aborted ones |
 //! | `counts` | stream ids, and how many streams each side may open |
@@ -28,6 +29,7 @@ pub mod flow;
 pub mod frame;
 mod handshake;
 mod hello;
+mod input;
 mod opening;
 mod options;
 mod prioritize;
