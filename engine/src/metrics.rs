@@ -385,7 +385,11 @@ fn streams(w: &mut Writer, conns: &[ConnectionSnapshot]) {
             |s| s.first_byte.map(|d| d.as_secs_f64()),
         ),
     ];
-    let items: Vec<_> = all.iter().map(|s| s.2).zip(labels.iter().map(|l| &l[..])).collect();
+    let items: Vec<_> = all
+        .iter()
+        .map(|s| s.2)
+        .zip(labels.iter().map(|l| &l[..]))
+        .collect();
     gauges(w, "volstream_stream_", &table, &items);
 }
 

@@ -387,9 +387,11 @@ pub(crate) fn create_dir(
 ) -> Result<Arc<OwnedFd>, Error> {
     match (dir, dir_path) {
         (Some(d), _) => Ok(d),
-        (None, Some(p)) => Ok(Arc::new(
-            fd::open_dir(&p).map_err(|e| Error::io(format!("opening {}", p.display()), e))?,
-        )),
+        (None, Some(p)) => {
+            Ok(Arc::new(fd::open_dir(&p).map_err(|e| {
+                Error::io(format!("opening {}", p.display()), e)
+            })?))
+        }
         (None, None) => Err(Error::Cancelled),
     }
 }
