@@ -8,25 +8,28 @@
 //!   [`Engine::turn`] with a zero timeout when it fires (and at [`Engine::next_deadline`]).
 
 mod driver;
+mod handle;
 pub mod peer;
+mod provider;
+mod report;
 pub mod snapshot;
 pub mod socket;
 pub mod tls;
 mod token;
 mod transport;
 
-use driver::WakeKey;
 pub use driver::{Endpoint, OnDone, Transfer, INTERACTIVE_TRANSMIT_TARGET, TRANSMIT_TARGET};
+pub use handle::EngineHandle;
+pub(crate) use handle::Shared;
 pub use peer::{CertIdentity, PeerIdentity, UnixPeerPolicy};
+pub use provider::{OpenRequest, Provider};
+pub use report::{Origin, TransferError, TransferReport};
 pub use snapshot::{ConnectionSnapshot, EngineSnapshot, StreamSnapshot};
 pub use socket::Address;
 pub use tls::{AllowList, Credentials, TlsConfig, TlsError};
 use transport::Transport;
 
-use crate::proto::{
-    Config, ConnStats, Connection, Op, OpenOptions, Reason, ReasonCounts, Side, StreamStats,
-};
-use crate::volume::{VolumeError, VolumeReader, VolumeWriter};
+use crate::proto::{Config, ConnStats, Connection, Reason, ReasonCounts, Side, StreamStats};
 use driver::Driver;
 use mio::{Events, Poll, Waker};
 use slab::Slab;
@@ -35,9 +38,7 @@ pub use socket::Socket;
 use std::fmt;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 use token::Source;
@@ -59,114 +60,6 @@ impl fmt::Display for ConnectionId {
 /// Names a listener of an engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ListenerId(usize);
-
-/// What a server asks its host for: a volume by name, for reading or writing.
-#[derive(Debug, Clone)]
-pub struct OpenRequest {
-    pub name: String,
-    pub options: OpenOptions,
-    /// For writes, the length of the content the peer will send.
-    pub size: u64,
-    /// Where the request came from, for logs (an address, or a Unix peer's pid and uid).
-    pub peer: String,
-    /// Who asks, as the transport proved it: the place for access control.
-    pub identity: PeerIdentity,
-}
-
-/// Resolves volume names on the serving side; the place for access control. Called on the
-/// loop thread: it must only decide and build the reader or writer, whose `start` does the
-/// opening off the loop.
-pub trait Provider: Send + Sync {
-    fn open_read(&self, request: &OpenRequest) -> Result<Box<dyn VolumeReader>, VolumeError>;
-    fn open_write(&self, request: &OpenRequest) -> Result<Box<dyn VolumeWriter>, VolumeError>;
-
-    /// The volume list, as content: one line per volume, `name TAB size TAB allocated LF`.
-    fn open_list(&self, _request: &OpenRequest) -> Result<Box<dyn VolumeReader>, VolumeError> {
-        Err(VolumeError::new(
-            Reason::Unsupported,
-            "listing is not offered",
-        ))
-    }
-
-    /// A volume's allocation map, as content: one line per extent,
-    /// `offset TAB length TAB data|hole|zero LF`.
-    fn open_extents(&self, _request: &OpenRequest) -> Result<Box<dyn VolumeReader>, VolumeError> {
-        Err(VolumeError::new(
-            Reason::Unsupported,
-            "allocation maps are not offered",
-        ))
-    }
-}
-
-/// Why a transfer failed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TransferError {
-    /// The category, for programs (and the peer).
-    pub reason: Reason,
-    pub message: String,
-    pub origin: Origin,
-}
-
-/// Who ended a transfer, which decides how its error reads: a local source or sink and the
-/// connection describe themselves fully ("opening /x: No such file or directory"), while a
-/// peer's message and the protocol's own aborts are details of their reason. The reason names
-/// volumes ("no such volume"), so it is no category for a local file's failure.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Origin {
-    /// This side's own source or sink failed.
-    Local,
-    /// This side's protocol state ended the stream (a timeout, a peer breaking the rules).
-    Protocol,
-    /// The connection ended under the stream.
-    Connection,
-    RefusedByPeer,
-    AbortedByPeer,
-}
-
-impl fmt::Display for TransferError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let (reason, message) = (self.reason, &self.message);
-        if message.is_empty() {
-            return write!(f, "{reason}");
-        }
-        match self.origin {
-            Origin::Local | Origin::Connection => f.write_str(message),
-            Origin::Protocol => write!(f, "{reason}: {message}"),
-            Origin::RefusedByPeer | Origin::AbortedByPeer => {
-                let how = match self.origin {
-                    Origin::RefusedByPeer => "refused",
-                    _ => "aborted",
-                };
-                // A peer's message may begin with its reason, as a local error's does: say it
-                // once.
-                let category = reason.to_string();
-                let detail = message
-                    .strip_prefix(category.as_str())
-                    .and_then(|m| m.strip_prefix(": "))
-                    .unwrap_or(message);
-                write!(f, "{reason} ({how} by peer): {detail}")
-            }
-        }
-    }
-}
-
-impl std::error::Error for TransferError {}
-
-/// How a transfer the local user started ended.
-#[derive(Debug, Clone)]
-pub struct TransferReport {
-    pub name: String,
-    /// `Op::Read` for a download, `Op::Write` for an upload.
-    pub op: Op,
-    /// The volume's logical length.
-    pub size: u64,
-    pub stats: StreamStats,
-    pub elapsed: Duration,
-    /// From the start until the first content chunk was handed to the sink (a download) or
-    /// taken from the source (an upload); `None` if none moved.
-    pub first_byte: Option<Duration>,
-    pub result: Result<(), TransferError>,
-}
 
 /// Engine-wide counters: what an operator watches to see that hostile or stuck peers do not
 /// make the engine grow.
@@ -219,93 +112,6 @@ pub struct ConnectionInfo {
     pub tls: Option<String>,
 }
 
-enum Command {
-    Connect {
-        addr: Address,
-        reply: mpsc::Sender<io::Result<ConnectionId>>,
-    },
-    Attach {
-        socket: Socket,
-        addr: Address,
-        reply: mpsc::Sender<io::Result<ConnectionId>>,
-    },
-    Info {
-        conn: ConnectionId,
-        reply: mpsc::Sender<Option<ConnectionInfo>>,
-    },
-    Listen {
-        addr: Address,
-        provider: Arc<dyn Provider>,
-        reply: mpsc::Sender<io::Result<(ListenerId, Address)>>,
-    },
-    Transfer {
-        conn: ConnectionId,
-        transfer: Transfer,
-    },
-    Stats {
-        conn: ConnectionId,
-        reply: mpsc::Sender<Option<ConnStats>>,
-    },
-    EngineStats {
-        reply: mpsc::Sender<EngineStats>,
-    },
-    Snapshot {
-        reply: mpsc::Sender<EngineSnapshot>,
-    },
-    GoAway {
-        conn: ConnectionId,
-    },
-    Ping {
-        conn: ConnectionId,
-    },
-    Shutdown,
-}
-
-/// State shared between the loop and other threads: the waker, and what woke it.
-pub(crate) struct Shared {
-    waker: Waker,
-    queue: Mutex<Wakeups>,
-    /// `queue` holds something: lets a long write burst end early so the turn can serve it.
-    pending: AtomicBool,
-}
-
-#[derive(Default)]
-struct Wakeups {
-    commands: Vec<Command>,
-    streams: Vec<WakeKey>,
-}
-
-impl Shared {
-    fn wake(&self, key: WakeKey) {
-        let first = {
-            let mut q = self.queue.lock().unwrap();
-            q.streams.push(key);
-            self.pending.store(true, Ordering::Release);
-            q.streams.len() == 1 && q.commands.is_empty()
-        };
-        if first {
-            let _ = self.waker.wake();
-        }
-    }
-
-    fn command(&self, command: Command) {
-        self.queue.lock().unwrap().commands.push(command);
-        self.pending.store(true, Ordering::Release);
-        let _ = self.waker.wake();
-    }
-
-    /// Whether wake-ups or commands wait for the next turn.
-    pub(crate) fn has_pending(&self) -> bool {
-        self.pending.load(Ordering::Acquire)
-    }
-
-    fn take(&self) -> Wakeups {
-        let mut q = self.queue.lock().unwrap();
-        self.pending.store(false, Ordering::Release);
-        std::mem::take(&mut *q)
-    }
-}
-
 /// The event loop and everything it owns.
 pub struct Engine {
     poll: Poll,
@@ -345,11 +151,7 @@ impl Engine {
         Ok(Engine {
             poll,
             events: Events::with_capacity(1024),
-            shared: Arc::new(Shared {
-                waker,
-                queue: Mutex::new(Wakeups::default()),
-                pending: AtomicBool::new(false),
-            }),
+            shared: Arc::new(Shared::new(waker)),
             config,
             listeners: Slab::new(),
             conns: Slab::new(),
@@ -691,57 +493,6 @@ impl Engine {
         Ok(())
     }
 
-    fn run_wakeups(&mut self, now: Instant) {
-        // Commands may wake streams and streams may not issue commands, so one pass of each.
-        let Wakeups { commands, streams } = self.shared.take();
-        for command in commands {
-            self.run_command(command);
-        }
-        for key in streams {
-            if let Some(d) = self.driver(key.conn) {
-                d.service(key.local, now);
-            }
-        }
-    }
-
-    fn run_command(&mut self, command: Command) {
-        match command {
-            Command::Connect { addr, reply } => {
-                let _ = reply.send(self.connect(&addr));
-            }
-            Command::Attach {
-                socket,
-                addr,
-                reply,
-            } => {
-                let _ = reply.send(self.attach_to(socket, &addr));
-            }
-            Command::Info { conn, reply } => {
-                let _ = reply.send(self.info(conn));
-            }
-            Command::Listen {
-                addr,
-                provider,
-                reply,
-            } => {
-                let _ = reply.send(self.listen(&addr, provider));
-            }
-            Command::Transfer { conn, transfer } => self.submit(conn, transfer),
-            Command::Stats { conn, reply } => {
-                let _ = reply.send(self.stats(conn));
-            }
-            Command::EngineStats { reply } => {
-                let _ = reply.send(self.engine_stats());
-            }
-            Command::Snapshot { reply } => {
-                let _ = reply.send(self.snapshot());
-            }
-            Command::GoAway { conn } => self.go_away(conn),
-            Command::Ping { conn } => self.ping(conn),
-            Command::Shutdown => self.shutdown(),
-        }
-    }
-
     fn accept(&mut self, slot: usize) {
         loop {
             let Some((listener, provider, security)) = self.listeners.get(slot) else {
@@ -833,162 +584,4 @@ fn transport(socket: Socket, security: &Security) -> io::Result<Transport> {
     };
     let tls = tls.map_err(|e| io::Error::other(format!("TLS: {e}")))?;
     Ok(Transport::tls(socket, tls))
-}
-
-/// Drives an engine from other threads. Cloneable and `Send`. Methods that answer block the
-/// calling thread until the loop replies: do not call them from the loop's own thread.
-#[derive(Clone)]
-pub struct EngineHandle {
-    shared: Arc<Shared>,
-}
-
-/// The loop is gone.
-fn loop_gone() -> io::Error {
-    io::Error::other("volstream event loop is not running")
-}
-
-impl EngineHandle {
-    pub fn connect(&self, addr: &Address) -> io::Result<ConnectionId> {
-        let (reply, rx) = mpsc::channel();
-        self.shared.command(Command::Connect {
-            addr: addr.clone(),
-            reply,
-        });
-        rx.recv().map_err(|_| loop_gone())?
-    }
-
-    /// Connects on the calling thread (at most `timeout`), then hands the socket to the loop.
-    pub fn connect_blocking(&self, addr: &Address, timeout: Duration) -> io::Result<ConnectionId> {
-        let socket = Socket::connect_blocking(addr, timeout)?;
-        let (reply, rx) = mpsc::channel();
-        self.shared.command(Command::Attach {
-            socket,
-            addr: addr.clone(),
-            reply,
-        });
-        rx.recv().map_err(|_| loop_gone())?
-    }
-
-    pub fn listen(
-        &self,
-        addr: &Address,
-        provider: Arc<dyn Provider>,
-    ) -> io::Result<(ListenerId, Address)> {
-        let (reply, rx) = mpsc::channel();
-        self.shared.command(Command::Listen {
-            addr: addr.clone(),
-            provider,
-            reply,
-        });
-        rx.recv().map_err(|_| loop_gone())?
-    }
-
-    /// Starts a transfer; `transfer.on_done` runs on the loop thread when it ends.
-    pub fn submit(&self, conn: ConnectionId, transfer: Transfer) {
-        self.shared.command(Command::Transfer { conn, transfer });
-    }
-
-    /// Downloads `name` into `writer`; returns a receiver for the report.
-    pub fn download(
-        &self,
-        conn: ConnectionId,
-        name: &str,
-        options: OpenOptions,
-        writer: Box<dyn VolumeWriter>,
-    ) -> mpsc::Receiver<TransferReport> {
-        self.start(conn, Op::Read, name, options, Endpoint::Writer(writer))
-    }
-
-    /// Uploads the content of `reader` as `name`; returns a receiver for the report.
-    pub fn upload(
-        &self,
-        conn: ConnectionId,
-        name: &str,
-        options: OpenOptions,
-        reader: Box<dyn VolumeReader>,
-    ) -> mpsc::Receiver<TransferReport> {
-        self.start(conn, Op::Write, name, options, Endpoint::Reader(reader))
-    }
-
-    /// Fetches a document the peer generates (`Op::List`, `Op::Extents`) into `writer`.
-    pub fn fetch(
-        &self,
-        conn: ConnectionId,
-        op: Op,
-        name: &str,
-        writer: Box<dyn VolumeWriter>,
-    ) -> mpsc::Receiver<TransferReport> {
-        self.start(
-            conn,
-            op,
-            name,
-            OpenOptions::default(),
-            Endpoint::Writer(writer),
-        )
-    }
-
-    fn start(
-        &self,
-        conn: ConnectionId,
-        op: Op,
-        name: &str,
-        options: OpenOptions,
-        endpoint: Endpoint,
-    ) -> mpsc::Receiver<TransferReport> {
-        let (tx, rx) = mpsc::channel();
-        self.submit(
-            conn,
-            Transfer {
-                op,
-                name: name.to_owned(),
-                options,
-                endpoint,
-                on_done: Box::new(move |report| {
-                    let _ = tx.send(report);
-                }),
-            },
-        );
-        rx
-    }
-
-    /// The peer and transport of a connection (`None` once it is gone).
-    pub fn info(&self, conn: ConnectionId) -> io::Result<Option<ConnectionInfo>> {
-        let (reply, rx) = mpsc::channel();
-        self.shared.command(Command::Info { conn, reply });
-        rx.recv().map_err(|_| loop_gone())
-    }
-
-    pub fn stats(&self, conn: ConnectionId) -> io::Result<Option<ConnStats>> {
-        let (reply, rx) = mpsc::channel();
-        self.shared.command(Command::Stats { conn, reply });
-        rx.recv().map_err(|_| loop_gone())
-    }
-
-    /// Every connection and stream with its counters and gauges (see [`Engine::snapshot`]).
-    pub fn snapshot(&self) -> io::Result<EngineSnapshot> {
-        let (reply, rx) = mpsc::channel();
-        self.shared.command(Command::Snapshot { reply });
-        rx.recv().map_err(|_| loop_gone())
-    }
-
-    /// Counters over all connections of the engine.
-    pub fn engine_stats(&self) -> io::Result<EngineStats> {
-        let (reply, rx) = mpsc::channel();
-        self.shared.command(Command::EngineStats { reply });
-        rx.recv().map_err(|_| loop_gone())
-    }
-
-    pub fn go_away(&self, conn: ConnectionId) {
-        self.shared.command(Command::GoAway { conn });
-    }
-
-    /// Sends a PING unless one is outstanding (see [`Engine::ping`]).
-    pub fn ping(&self, conn: ConnectionId) {
-        self.shared.command(Command::Ping { conn });
-    }
-
-    /// Ends every connection and stops the loop thread (see [`Engine::shutdown`]).
-    pub fn shutdown(&self) {
-        self.shared.command(Command::Shutdown);
-    }
 }
