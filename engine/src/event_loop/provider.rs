@@ -26,7 +26,7 @@ pub trait Provider: Send + Sync {
     fn open_read(&self, request: &OpenRequest) -> Result<Box<dyn VolumeReader>, VolumeError>;
     fn open_write(&self, request: &OpenRequest) -> Result<Box<dyn VolumeWriter>, VolumeError>;
 
-    /// The volume list, as content: one line per volume, `name TAB size TAB allocated LF`.
+    /// The volume list, as content: a LIST document ([`crate::document::format_list`]).
     fn open_list(&self, _request: &OpenRequest) -> Result<Box<dyn VolumeReader>, VolumeError> {
         Err(VolumeError::new(
             Reason::Unsupported,
@@ -34,8 +34,8 @@ pub trait Provider: Send + Sync {
         ))
     }
 
-    /// A volume's allocation map, as content: one line per extent,
-    /// `offset TAB length TAB data|hole|zero LF`.
+    /// A volume's allocation map, as content: an EXTENTS document
+    /// ([`crate::document::format_extents`]).
     fn open_extents(&self, _request: &OpenRequest) -> Result<Box<dyn VolumeReader>, VolumeError> {
         Err(VolumeError::new(
             Reason::Unsupported,
