@@ -221,6 +221,7 @@ fn number(line: &str, field: &str) -> Result<u64, DocumentError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn documents_round_trip_and_name_kinds_explicitly() {
@@ -293,6 +294,62 @@ mod tests {
             ("0\t1\tdata\tx\t1\t0\t1\n", "depth is not a number or -"),
         ] {
             assert_eq!(parse_extents(text).unwrap_err().problem, problem);
+        }
+    }
+
+    fn kind() -> impl Strategy<Value = ExtentKind> {
+        proptest::sample::select(vec![
+            ExtentKind::Data,
+            ExtentKind::Hole,
+            ExtentKind::Zero,
+            ExtentKind::Backing,
+            ExtentKind::Unallocated,
+        ])
+    }
+
+    fn extent() -> impl Strategy<Value = ExtentEntry> {
+        let layer = proptest::option::of(
+            (
+                proptest::option::of(any::<u32>()),
+                any::<bool>(),
+                any::<bool>(),
+                any::<bool>(),
+            )
+                .prop_map(|(depth, present, zero, data)| Layer {
+                    depth,
+                    present,
+                    zero,
+                    data,
+                }),
+        );
+        (any::<u64>(), any::<u64>(), kind(), layer).prop_map(|(offset, len, kind, layer)| {
+            ExtentEntry {
+                layer,
+                ..ExtentEntry::new(offset, len, kind)
+            }
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn every_document_round_trips(
+            extents in proptest::collection::vec(extent(), 0..20),
+            names in proptest::collection::vec("[^\t\n\r]{1,12}", 0..8),
+            size in any::<u64>(),
+        ) {
+            prop_assert_eq!(parse_extents(&format_extents(&extents)).unwrap(), extents);
+            let volumes: Vec<VolumeEntry> = names
+                .into_iter()
+                .map(|name| VolumeEntry { name, size, allocated: size / 2 })
+                .collect();
+            prop_assert_eq!(parse_list(&format_list(&volumes)).unwrap(), volumes);
+        }
+
+        /// A peer's document is any bytes: it parses or is refused, never panics.
+        #[test]
+        fn any_text_parses_or_is_refused(text in "[0-9a-z\\t\\n-]{0,200}") {
+            let _ = parse_extents(&text);
+            let _ = parse_list(&text);
         }
     }
 }
