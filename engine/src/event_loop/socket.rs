@@ -520,18 +520,8 @@ pub fn read_into(fd: BorrowedFd<'_>, buf: &mut BytesMut, max: usize) -> io::Resu
 /// carry nothing interactive, for more.
 pub fn set_send_buffer(fd: BorrowedFd<'_>, bytes: usize) {
     let size = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-    // SAFETY: setsockopt reads `size` for the given length; the fd is open.
-    let r = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUF,
-            (&size as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r != 0 {
-        log::debug!("SO_SNDBUF: {}", io::Error::last_os_error());
+    if let Err(e) = setsockopt_int(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_SNDBUF, size) {
+        log::debug!("SO_SNDBUF: {e}");
     }
 }
 
