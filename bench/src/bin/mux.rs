@@ -1,12 +1,17 @@
 //! Aggregate throughput and per-stream completion times of N concurrent downloads over one
 //! Unix connection, memory sources and discarding (digest-checking) sinks. Prints JSON.
 //!
-//! `mux [--streams 1,100,500] [--size BYTES per stream] [--total BYTES per run]`
+//! `mux [--streams 1,100,500] [--size BYTES per stream] [--total BYTES per run] [--repeat N]`
 //! With --total (default 8 GiB), each stream moves total/N bytes unless --size is given.
 //!
-//! Each run also copies the same number of bytes over a bare Unix socketpair (256 KiB writes,
-//! the engine's send buffer, no engine; `--bare 0` skips it): one stream is compared with it, and the most streams
-//! with one stream, in the same run.
+//! Each engine run is paired with a copy of the same number of bytes over a bare Unix
+//! socketpair (256 KiB writes, the engine's send buffer, no engine; `--bare 0` skips it), run
+//! right before or after it (the order alternates between repeats), so a ratio compares two
+//! runs that saw the same machine. On a shared 2-vCPU VM the copy rate moves by 30 % from one
+//! second to the next; a ratio against the best copy of the whole run, or one run of each, is
+//! mostly that noise. The summary gives, per stream count, the median and range over the
+//! repeats of the engine's rate, of its ratio to its paired copy, and of the most streams'
+//! rate over one stream's in the same repeat.
 
 use bench::floor::bare_copy;
 use bench::{load_average, percentile, provider, random_bytes, socket_path, Usage};
@@ -14,12 +19,13 @@ use clap::Parser;
 use engine::proto::OpenOptions;
 use engine::DiscardWriter;
 use engine::{Engine, EngineConfig};
+use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
 #[derive(Parser)]
 #[command(about = "Aggregate throughput of N concurrent downloads over one Unix connection")]
 struct Cli {
-    /// Stream counts, one run each.
+    /// Stream counts, one run each per repeat.
     #[arg(long, value_delimiter = ',', default_values_t = [1, 100, 500])]
     streams: Vec<u64>,
     /// Bytes per stream (0: total / streams).
@@ -28,6 +34,9 @@ struct Cli {
     /// Bytes per run, shared by its streams.
     #[arg(long, default_value_t = 8 << 30)]
     total: u64,
+    /// How many times to run every stream count (each with its paired bare copy).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    repeat: u64,
     /// 0 skips the bare socketpair copies (for profiling the engine alone).
     #[arg(long, default_value_t = 1)]
     bare: u8,
@@ -37,57 +46,114 @@ fn main() {
     engine::memory::keep_freed_buffers();
     let cli = Cli::parse();
     let with_bare = cli.bare != 0;
-    let counts = cli.streams;
-    let total = cli.total;
-    let fixed_size = cli.size;
     let block = random_bytes(1 << 20, 42);
     let load = load_average();
     let mut runs = Vec::new();
-    let mut rates = Vec::new();
     let mut bare = Vec::new();
-    for &n in &counts {
-        let size = if fixed_size > 0 {
-            fixed_size
-        } else {
-            (total / n).max(4096) & !4095
-        };
-        // Interleaved with the engine's runs, so both see the same machine.
-        if with_bare {
-            let before = Usage::now();
-            let gbps = bare_copy(n * size, 256 * 1024);
-            let mut b = Usage::now().per_gib_since(&before, n * size);
-            b["GBps"] = round3(gbps).into();
-            bare.push(b);
+    // rates[repeat][count] and ratios[count][repeat], GB/s and engine / paired copy.
+    let mut rates = Vec::new();
+    let mut ratios = vec![Vec::new(); cli.streams.len()];
+    for repeat in 0..cli.repeat {
+        let mut row = Vec::new();
+        for (i, &n) in cli.streams.iter().enumerate() {
+            let size = if cli.size > 0 {
+                cli.size
+            } else {
+                (cli.total / n).max(4096) & !4095
+            };
+            let bare_first = repeat % 2 == 0;
+            let mut copy = None;
+            if with_bare && bare_first {
+                copy = Some(bare_run(n * size));
+            }
+            let (mut run, gbps) = run(n, size, block.clone());
+            if with_bare && !bare_first {
+                copy = Some(bare_run(n * size));
+            }
+            run["repeat"] = repeat.into();
+            if let Some((mut b, bare_gbps)) = copy {
+                let ratio = ratio(gbps, bare_gbps);
+                run["ratio_to_paired_bare"] = ratio.into();
+                ratios[i].push(ratio);
+                b["repeat"] = repeat.into();
+                b["streams_paired"] = n.into();
+                b["bare_first"] = bare_first.into();
+                bare.push(b);
+            }
+            runs.push(run);
+            row.push(gbps);
         }
-        let (run, gbps) = run(n, size, block.clone());
-        runs.push(run);
-        rates.push(gbps);
+        rates.push(row);
     }
-    let bare_best = bare
+    let last = cli.streams.len() - 1;
+    let summary: Vec<Value> = cli
+        .streams
         .iter()
-        .filter_map(|b| b["GBps"].as_f64())
-        .fold(0.0, f64::max);
-    let ratio = |a: f64, b: f64| if b > 0.0 { round3(a / b) } else { 0.0 };
-    let (first, last) = (rates[0], rates[rates.len() - 1]);
-    let out = serde_json::json!({
+        .enumerate()
+        .map(|(i, &n)| {
+            json!({
+                "streams": n,
+                "aggregate_GBps": spread(rates.iter().map(|r| r[i]).collect()),
+                "ratio_to_paired_bare": spread(ratios[i].clone()),
+            })
+        })
+        .collect();
+    let last_to_first = spread(rates.iter().map(|r| ratio(r[last], r[0])).collect());
+    let out = json!({
         "bench": "mux",
         "transport": "unix",
+        "repeat": cli.repeat,
         "load_1min_at_start": load[0],
         "runs": runs,
         "bare_socketpair": bare,
-        // Against the best bare copy of the run: the stricter comparison.
-        "ratio_first_to_bare": ratio(first, bare_best),
-        "ratio_last_to_first": ratio(last, first),
+        "summary": summary,
+        // Medians over the repeats, each ratio taken within one pair or one repeat.
+        "ratio_first_to_bare": spread(ratios[0].clone())["median"],
+        "ratio_last_to_first": last_to_first["median"],
+        "ratio_last_to_first_spread": last_to_first,
         "load_1min_at_end": load_average()[0],
     });
     println!("{out}");
+}
+
+fn bare_run(bytes: u64) -> (Value, f64) {
+    let load = load_average()[0];
+    let before = Usage::now();
+    let gbps = bare_copy(bytes, 256 * 1024);
+    let mut b = Usage::now().per_gib_since(&before, bytes);
+    b["GBps"] = round3(gbps).into();
+    b["load_1min"] = load.into();
+    (b, gbps)
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        round3(a / b)
+    } else {
+        0.0
+    }
+}
+
+/// Median, minimum and maximum (null when there are no values).
+fn spread(mut values: Vec<f64>) -> Value {
+    if values.is_empty() {
+        return json!({ "median": null, "min": null, "max": null });
+    }
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    let median = if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    };
+    json!({ "median": round3(median), "min": round3(values[0]), "max": round3(values[n - 1]), "n": n })
 }
 
 fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
-fn run(streams: u64, size: u64, block: bytes::Bytes) -> (serde_json::Value, f64) {
+fn run(streams: u64, size: u64, block: bytes::Bytes) -> (Value, f64) {
     let (server, server_thread) = Engine::spawn(EngineConfig::default()).unwrap();
     let (_, addr) = server
         .listen(&socket_path("mux"), provider(block, size))
@@ -120,6 +186,7 @@ fn run(streams: u64, size: u64, block: bytes::Bytes) -> (serde_json::Value, f64)
     let elapsed = start.elapsed().as_secs_f64();
     let bytes = streams * size;
     let mut row = Usage::now().per_gib_since(&usage, bytes);
+    row["load_1min"] = load_average()[0].into();
     client.shutdown();
     server.shutdown();
     client_thread.join().unwrap();
@@ -127,7 +194,7 @@ fn run(streams: u64, size: u64, block: bytes::Bytes) -> (serde_json::Value, f64)
     done.sort_by(f64::total_cmp);
     let gbps = bytes as f64 / elapsed / 1e9;
     for (k, v) in [
-        ("streams", serde_json::json!(streams)),
+        ("streams", json!(streams)),
         ("bytes_per_stream", size.into()),
         ("seconds", round3(elapsed).into()),
         ("aggregate_GBps", round3(gbps).into()),
