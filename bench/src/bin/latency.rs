@@ -5,17 +5,20 @@
 //! under the same machine load. Prints JSON.
 //!
 //! `latency [--bulk 0,100,499] [--interval-us 1000,5000] [--messages 2000] [--repeat 3]
-//!  [--priority 0|1] [--floor 0|1]`
+//!  [--priority 0|1] [--floor 0|1] [--trace 0|1]`
 //!
 //! `--priority 1` opens the probe in the priority class (`OpenOptions::with_priority`): it is then
 //! below its class's share even when the loaded link gives a bulk stream less than the probe's
 //! 4 MB/s (at 499 bulk streams, whenever the link runs below 2 GB/s).
 //!
+//! `--trace 1` adds to each run the link's rate and the probe's longest wait per 10 ms (see
+//! `bench::probe`), to see what opened a tail episode.
+//!
 //! A run passes the interactive-latency target when its p99 is at most 1 ms and at most 3x the
 //! floor of the same run.
 
 use bench::floor::{latency_floor, FloorConfig};
-use bench::probe::{probe_with, MESSAGE};
+use bench::probe::{probe_traced, MESSAGE};
 use bench::{load_average, socket_path};
 use clap::Parser;
 use engine::proto::OpenOptions;
@@ -43,6 +46,9 @@ struct Cli {
     /// 0 skips the socket floor measured before each run.
     #[arg(long, default_value_t = 1)]
     floor: u8,
+    /// 1 adds the per-10 ms trace of the link's rate and the probe's waits to each run.
+    #[arg(long, default_value_t = 0)]
+    trace: u8,
 }
 
 fn main() {
@@ -71,9 +77,11 @@ fn main() {
                     })
                     .json()
                 });
-                let (server, client) = (EngineConfig::default(), EngineConfig::default());
+                let configs = (EngineConfig::default(), EngineConfig::default());
                 let listen = socket_path("latency");
-                let result = probe_with(bulk, messages, interval, server, client, &listen, options);
+                let trace = cli.trace != 0;
+                let result =
+                    probe_traced(bulk, messages, interval, configs, &listen, options, trace);
                 let mut r: serde_json::Value =
                     serde_json::from_str(&result.json).expect("probe JSON");
                 r["interval_us"] = interval_us.into();
