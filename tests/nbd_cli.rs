@@ -252,3 +252,52 @@ fn qemu_nbd_raw_export_as_source_and_sink() {
         "{text}"
     );
 }
+
+/// `--verify` into an export reads it back over NBD. An nbdkit that acknowledges writes and
+/// keeps none (eval: reads come from a 0xAA file, writes are swallowed) passes the digest, so
+/// the copy succeeds without --verify; with it, the read-back finds the first byte.
+#[test]
+fn verify_into_an_export_reads_it_back_and_finds_a_server_that_drops_writes() {
+    if !have("nbdkit") {
+        return;
+    }
+    let dir = TempDir::new("nbd-verify");
+    let src = dir.join("src.raw");
+    sparse_file(&src, 4 * MIB, &[(MIB + 100, 5000), (3 * MIB, MIB)], 9);
+
+    let honest = NbdPeer::nbdkit(&dir.join("m"), &["memory", "4M"]);
+    let out = run(bin().args(["upload", "--verify"]).arg(&src).arg(honest.uri()));
+    assert!(out.status.success(), "{:?}", stderr_lines(&out));
+    let back = dir.join("back.raw");
+    let out = run(bin().arg("download").arg(honest.uri()).arg(&back));
+    assert!(out.status.success(), "{:?}", stderr_lines(&out));
+    assert!(read_all(&src) == read_all(&back), "content differs");
+
+    let stale = dir.join("stale.img");
+    std::fs::write(&stale, vec![0xAAu8; 4 * MIB as usize]).unwrap();
+    let pread = format!(
+        "dd if={} skip=$4 count=$3 iflag=skip_bytes,count_bytes status=none",
+        stale.display()
+    );
+    let liar = NbdPeer::nbdkit(
+        &dir.join("l"),
+        &[
+            "eval",
+            "get_size=echo 4194304",
+            &format!("pread={pread}"),
+            "pwrite=cat >/dev/null",
+            "can_write=exit 0",
+        ],
+    );
+    let out = run(bin().arg("upload").arg(&src).arg(liar.uri()));
+    assert!(out.status.success(), "{:?}", stderr_lines(&out));
+    let out = run(bin().args(["upload", "--verify"]).arg(&src).arg(liar.uri()));
+    assert_eq!(out.status.code(), Some(1), "{:?}", stderr_lines(&out));
+    let lines = stderr_lines(&out);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("read back differs") && l.contains("at byte 0")),
+        "{lines:?}"
+    );
+}

@@ -62,7 +62,21 @@ impl Expected {
 
     /// Reads the first `size` bytes of `file` back and compares them with what was received;
     /// a hole of a regular file (by SEEK_DATA) reads as zero without being read.
-    pub fn check(mut self, file: &File, kind: Kind, size: u64, shown: &str) -> Result<(), Error> {
+    pub fn check(self, file: &File, kind: Kind, size: u64, shown: &str) -> Result<(), Error> {
+        self.check_with(size, shown, |start, buf| {
+            read_region(file, kind, start, buf)
+                .map_err(|e| Error::io(format!("reading {shown} back at {start}"), e))
+        })
+    }
+
+    /// [`Expected::check`] with the destination read by `read(offset, buf)`, which fills
+    /// `buf` exactly (an NBD export is read back over its connection).
+    pub fn check_with(
+        mut self,
+        size: u64,
+        shown: &str,
+        mut read: impl FnMut(u64, &mut [u8]) -> Result<(), Error>,
+    ) -> Result<(), Error> {
         if !self.current.is_empty() {
             self.close();
         }
@@ -71,8 +85,7 @@ impl Expected {
             let start = i as u64 * REGION;
             let len = REGION.min(size - start) as usize;
             let buf = &mut buf[..len];
-            read_region(file, kind, start, buf)
-                .map_err(|e| Error::io(format!("reading {shown} back at {start}"), e))?;
+            read(start, buf)?;
             let first = match want {
                 None => buf.iter().position(|&b| b != 0).map(|i| start + i as u64),
                 Some(crc) => {

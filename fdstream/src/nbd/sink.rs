@@ -5,16 +5,19 @@
 //! ask), else writes of zeroes. TRIM is never used: its content afterwards is undefined.
 //!
 //! A chunk is complete, and its credit goes back to the sender, only when every request for it
-//! was acknowledged. The end is acknowledged after FLUSH (unless `no_sync`) and the digest.
+//! was acknowledged. The end is acknowledged after FLUSH (unless `no_sync`), the digest, and
+//! with `verify` after the export was read back over the same connection and compared with
+//! what was received (a server that acknowledges writes it did not do passes the digest).
 
 use super::conn::Conn;
 use crate::error::Error;
+use crate::verify::Expected;
 use crate::writer::{Consume, WriterOptions};
 use bytes::Bytes;
 use engine::{Chunk, Digest};
 use nbd::wire::ENOTSUP;
 use nbd::{Command, Cookie, Reply, Uri};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 /// Requests in flight per export.
 const IN_FLIGHT: usize = 16;
@@ -52,6 +55,8 @@ pub struct Sink {
     open: VecDeque<Open>,
     in_flight: HashMap<Cookie, Sent>,
     digest: Digest,
+    /// What the export must read back as (`verify`).
+    expected: Option<Expected>,
     /// None until the first FAST_ZERO answer.
     fast_zero: Option<bool>,
     failed: Option<Error>,
@@ -61,6 +66,7 @@ impl Sink {
     pub fn new(uri: Uri, options: WriterOptions, size: u64) -> Sink {
         Sink {
             uri,
+            expected: options.verify.then(Expected::default),
             options,
             size,
             conn: None,
@@ -102,8 +108,18 @@ impl Sink {
                 sent: false,
             });
             match chunk {
-                Chunk::Data { bytes, .. } => self.digest.update(bytes),
-                Chunk::Hole { len, .. } => self.digest.update_zeroes(*len),
+                Chunk::Data { bytes, .. } => {
+                    self.digest.update(bytes);
+                    if let Some(x) = &mut self.expected {
+                        x.data(bytes);
+                    }
+                }
+                Chunk::Hole { len, .. } => {
+                    self.digest.update_zeroes(*len);
+                    if let Some(x) = &mut self.expected {
+                        x.hole(*len);
+                    }
+                }
                 Chunk::End { .. } => {}
             }
         }
@@ -272,6 +288,13 @@ impl Sink {
                 }
             }
         }
+        if let Some(expected) = self.expected.take() {
+            let conn = self.conn.as_mut().ok_or(Error::Cancelled)?;
+            let shown = conn.shown().to_string();
+            expected.check_with(self.size, &shown, |offset, buf| {
+                read_back(conn, offset, buf)
+            })?;
+        }
         if let Some(c) = self.conn.take() {
             c.disconnect();
         }
@@ -285,6 +308,59 @@ impl Sink {
             from: self.completed_until,
             to: self.size.max(self.completed_until),
             cause: Box::new(e),
+        }
+    }
+}
+
+/// Fills `buf` with the export's bytes at `offset`: READs of at most the export's payload,
+/// as many in flight as the connection allows; holes the server reports read as zeroes.
+fn read_back(conn: &mut Conn, offset: u64, buf: &mut [u8]) -> Result<(), Error> {
+    let max = conn.export().block_size.maximum as usize;
+    let end = offset + buf.len() as u64;
+    let mut asked = HashSet::new();
+    let mut at = 0;
+    loop {
+        while at < buf.len() && conn.can_send() {
+            let n = (buf.len() - at).min(max);
+            asked.insert(conn.send(Command::Read {
+                offset: offset + at as u64,
+                len: n as u32,
+            })?);
+            at += n;
+        }
+        if asked.is_empty() {
+            return Ok(());
+        }
+        // The codec checks each piece against its READ; this checks the READ is one of ours.
+        match conn.recv()? {
+            Reply::Data {
+                cookie,
+                offset: o,
+                bytes,
+            } if asked.contains(&cookie) && o >= offset && o + bytes.len() as u64 <= end => {
+                let from = (o - offset) as usize;
+                buf[from..from + bytes.len()].copy_from_slice(&bytes);
+            }
+            Reply::Hole {
+                cookie,
+                offset: o,
+                len,
+            } if asked.contains(&cookie) && o >= offset && o + len as u64 <= end => {
+                let from = (o - offset) as usize;
+                buf[from..from + len as usize].fill(0);
+            }
+            Reply::Done { cookie, result } if asked.remove(&cookie) => {
+                result.map_err(|e| Error::NbdCommand {
+                    context: format!("{}: reading back at {offset}", conn.shown()),
+                    source: e,
+                })?;
+            }
+            _ => {
+                return Err(Error::Unsupported(format!(
+                    "{}: a reply to no READ while reading back at {offset}",
+                    conn.shown()
+                )))
+            }
         }
     }
 }
