@@ -119,6 +119,12 @@ pub struct UploadArgs {
     /// fails that volume, naming the first offset found to differ.
     #[arg(long)]
     verify: bool,
+    /// How the server stores each VOLUME: raw, or qcow2 (a new image created through
+    /// qemu-img, whose guest view is FILE; an existing qcow2 with --overwrite is written in
+    /// place through qemu-nbd).
+    #[arg(long, value_name = "FORMAT", default_value = "raw",
+          value_parser = ["raw", "qcow2"])]
+    format: String,
     #[command(flatten)]
     output: OutputArgs,
     /// FILE VOLUME pairs: the local FILE (`-` is stdin, with --size) becomes the server's
@@ -177,6 +183,8 @@ pub struct Settings {
     /// Downloads: only a qcow2 overlay's own clusters.
     pub top_only: bool,
     pub verify: bool,
+    /// Uploads: the server writes a qcow2 image.
+    pub qcow2: bool,
     pub progress: bool,
     pub json: bool,
     pub progress_interval: Duration,
@@ -203,6 +211,7 @@ impl DownloadArgs {
             force_share: self.force_share,
             top_only: self.top_only,
             verify: self.verify,
+            qcow2: false,
             progress: self.output.progress,
             json: self.output.json,
             progress_interval: self.output.progress_interval,
@@ -231,6 +240,7 @@ impl UploadArgs {
             force_share: self.force_share,
             top_only: false,
             verify: self.verify,
+            qcow2: self.format == "qcow2",
             progress: self.output.progress,
             json: self.output.json,
             progress_interval: self.output.progress_interval,

@@ -44,6 +44,7 @@ impl Settings {
             .with_overwrite(self.overwrite && self.direction == Direction::Upload)
             // A download's sink is ours (WriterOptions::verify); an upload's is the server's.
             .with_verify(self.verify && self.direction == Direction::Upload)
+            .with_qcow2(self.qcow2 && self.direction == Direction::Upload)
             .with_zero_granularity(self.sparse_size)
     }
 }
@@ -85,6 +86,15 @@ pub fn run(args: Settings) -> Result<(), CliError> {
         .iter()
         .map(|p| nbd_uri(&p.volume))
         .collect::<Result<Vec<_>, _>>()?;
+    if let (true, Some(p)) = (
+        args.qcow2,
+        args.pairs.iter().zip(&volumes).find(|(_, v)| v.is_some()),
+    ) {
+        return Err(CliError::Usage(format!(
+            "--format qcow2 is for volumes of a server, not the NBD export {}",
+            p.0.volume
+        )));
+    }
     let interrupts = Interrupts::block()?;
     // Local copies look at this between chunks; transfers stop with the event loop.
     let stop = Arc::new(AtomicBool::new(false));

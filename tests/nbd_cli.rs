@@ -266,7 +266,10 @@ fn verify_into_an_export_reads_it_back_and_finds_a_server_that_drops_writes() {
     sparse_file(&src, 4 * MIB, &[(MIB + 100, 5000), (3 * MIB, MIB)], 9);
 
     let honest = NbdPeer::nbdkit(&dir.join("m"), &["memory", "4M"]);
-    let out = run(bin().args(["upload", "--verify"]).arg(&src).arg(honest.uri()));
+    let out = run(bin()
+        .args(["upload", "--verify"])
+        .arg(&src)
+        .arg(honest.uri()));
     assert!(out.status.success(), "{:?}", stderr_lines(&out));
     let back = dir.join("back.raw");
     let out = run(bin().arg("download").arg(honest.uri()).arg(&back));

@@ -71,7 +71,7 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
         (
             arb_stream(),
             prop_oneof![Just(Op::Read), Just(Op::Write)],
-            0u16..512,
+            0u16..1024,
             any::<u32>(),
             any::<u64>(),
             arb_name()
@@ -91,6 +91,7 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
                         .with_priority(flags & 64 != 0)
                         .with_top_only(flags & 128 != 0)
                         .with_verify(flags & 256 != 0)
+                        .with_qcow2(flags & 512 != 0)
                         .with_zero_granularity(zero_granularity),
                     size,
                     name

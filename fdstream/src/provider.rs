@@ -13,6 +13,7 @@ use crate::helper::Backend;
 use crate::pool::Pool;
 use crate::reader::{FileReader, ReaderOptions};
 use crate::temp;
+use crate::writer::FileWriter;
 use crate::writer::{WriteTarget, WriterOptions};
 use bytes::Bytes;
 use engine::document::{self, VolumeEntry};
@@ -146,6 +147,42 @@ impl DirProvider {
     fn shown(&self, name: &str) -> String {
         name.to_owned()
     }
+
+    /// An upload written as a qcow2 image of the pool through qemu-nbd.
+    fn open_qcow2_write(
+        &self,
+        request: &OpenRequest,
+        options: WriterOptions,
+    ) -> Result<Box<dyn VolumeWriter>, VolumeError> {
+        let unsupported = |why: &str| {
+            Err(VolumeError::new(
+                Reason::Unsupported,
+                format!("{}: {why}", request.name),
+            ))
+        };
+        if self.nbd_volumes.contains_key(&request.name) || self.devices.contains_key(&request.name)
+        {
+            return unsupported("a qcow2 image is written only as a file of the pool");
+        }
+        if !matches!(self.backend, Backend::InProcess) {
+            // A helper writes a file's bytes; qemu-nbd is the one that writes qcow2.
+            return unsupported("qcow2 images are not written through --iohelper");
+        }
+        let (dir, pool, name) = (
+            Arc::clone(&self.dir),
+            self.path.clone(),
+            self.name(&request.name)?,
+        );
+        let (shown, opts) = (self.shown(&request.name), options.clone());
+        Ok(Box::new(FileWriter::with_consumer(
+            Box::new(move |size| {
+                Box::new(crate::qcow2_sink::Qcow2Sink::new(
+                    dir, pool, name, shown, opts, size,
+                ))
+            }),
+            options,
+        )))
+    }
 }
 
 impl Provider for DirProvider {
@@ -262,6 +299,9 @@ impl Provider for DirProvider {
         options.pool = self.pool.clone();
         options.no_sync = self.no_sync;
         options.direct = self.direct;
+        if request.options.qcow2() {
+            return self.open_qcow2_write(request, options);
+        }
         if let Some(uri) = self.nbd_volumes.get(&request.name) {
             if options.verify {
                 // The NBD sink does not read back; a check that was asked for must not be

@@ -130,8 +130,8 @@ pub fn chain_layers(pool: &Path, image: &Path, top: &Qcow2, shown: &str) -> Resu
     Ok(layers)
 }
 
-/// A `qemu-nbd` exporting one image read-only on a private socket; killed, reaped and its
-/// directory removed on drop.
+/// A `qemu-nbd` exporting one image on a private socket (read-only unless it was started for
+/// writing); killed, reaped and its directory removed on drop.
 pub struct QemuNbd {
     child: Child,
     dir: PathBuf,
@@ -142,6 +142,21 @@ impl QemuNbd {
     /// Starts qemu-nbd for the qcow2 `image` and waits until it listens. `allocation_depth`
     /// adds `qemu:allocation-depth` (which layer holds a range).
     pub fn start(image: &Path, allocation_depth: bool, shown: &str) -> Result<QemuNbd, Error> {
+        QemuNbd::spawn(image, allocation_depth, false, shown)
+    }
+
+    /// Starts a writable qemu-nbd for the qcow2 `image`: zeroed ranges may be unmapped rather
+    /// than written (`--discard=unmap`), so holes stay unallocated.
+    pub fn start_writable(image: &Path, shown: &str) -> Result<QemuNbd, Error> {
+        QemuNbd::spawn(image, false, true, shown)
+    }
+
+    fn spawn(
+        image: &Path,
+        allocation_depth: bool,
+        writable: bool,
+        shown: &str,
+    ) -> Result<QemuNbd, Error> {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let dir = std::env::temp_dir().join(format!(
             "volstream-qemu-nbd-{}-{}",
@@ -158,13 +173,13 @@ impl QemuNbd {
         let stderr = File::create(&log).map_err(|e| Error::io("qemu-nbd log", e))?;
         let mut cmd = Command::new("qemu-nbd");
         // --persistent: the map and the reader connect one after the other; --shared: both may.
-        cmd.args([
-            "--read-only",
-            "--format=qcow2",
-            "--persistent",
-            "--shared=4",
-        ])
-        .arg(format!("--socket={}", sock.display()));
+        cmd.args(["--format=qcow2", "--persistent"])
+            .arg(format!("--socket={}", sock.display()));
+        if writable {
+            cmd.args(["--shared=1", "--discard=unmap"]);
+        } else {
+            cmd.args(["--read-only", "--shared=4"]);
+        }
         if allocation_depth {
             cmd.arg("--allocation-depth");
         }
@@ -173,6 +188,18 @@ impl QemuNbd {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr);
+        // A server blocks SIGTERM in its threads (a signal thread takes it), and a child
+        // inherits the mask: qemu-nbd would never see the SIGTERM that `stop` sends.
+        // SAFETY: sigemptyset and pthread_sigmask are async-signal-safe, as pre_exec needs.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                let mut none = std::mem::zeroed::<libc::sigset_t>();
+                libc::sigemptyset(&mut none);
+                libc::pthread_sigmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+                Ok(())
+            });
+        }
         let child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
@@ -210,6 +237,25 @@ impl QemuNbd {
 
     pub fn uri(&self) -> &Uri {
         &self.uri
+    }
+
+    /// Ends qemu-nbd with SIGTERM, on which it closes the image cleanly, and waits for it:
+    /// an image written through it is complete only once it has exited with success.
+    pub fn stop(mut self, shown: &str) -> Result<(), Error> {
+        // SAFETY: kill(2) on our own child, not yet reaped (Drop reaps it).
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let status = self
+            .child
+            .wait()
+            .map_err(|e| Error::io(format!("{shown}: waiting for qemu-nbd"), e))?;
+        if status.success() {
+            return Ok(());
+        }
+        let said = std::fs::read_to_string(self.dir.join("log")).unwrap_or_default();
+        let said = said.lines().last().unwrap_or("").trim().to_string();
+        Err(Error::Qemu(format!(
+            "{shown}: qemu-nbd ended with {status}: {said}"
+        )))
     }
 }
 

@@ -45,14 +45,14 @@ local REASONS = {
 }
 
 -- Section 3.2.
-local SPARSE, DIGEST, PRIORITY, VERIFY = 0x1, 0x2, 0x4, 0x8
+local SPARSE, DIGEST, PRIORITY, VERIFY, QCOW2 = 0x1, 0x2, 0x4, 0x8, 0x10
 -- Section 4.2, FINISH flags.
 local FLAG_ACK, FLAG_DIGEST = 0x01, 0x02
 -- Section 4.3.
 local OPTION_PRIORITY = 0x40
 local OPTION_TOP_ONLY = 0x80
--- Section 4.3: OPEN's header flag.
-local FLAG_VERIFY = 0x01
+-- Section 4.3: OPEN's header flags.
+local FLAG_VERIFY, FLAG_QCOW2 = 0x01, 0x02
 
 local f = {
     -- Section 2: the Hello record.
@@ -69,8 +69,10 @@ local f = {
         PRIORITY, "OPEN may put a stream in the priority class"),
     feature_verify = ProtoField.bool("volstream.hello.features.VERIFY", "VERIFY", 32, nil,
         VERIFY, "OPEN may ask the sink to read the volume back"),
+    feature_qcow2 = ProtoField.bool("volstream.hello.features.QCOW2", "QCOW2", 32, nil,
+        QCOW2, "OPEN may ask the sink to write a qcow2 image"),
     feature_reserved = ProtoField.uint32("volstream.hello.features.reserved", "reserved",
-        base.HEX, nil, 0xfffffff8),
+        base.HEX, nil, 0xffffffe0),
     max_frame = ProtoField.uint32("volstream.hello.max_frame", "max_frame", base.DEC),
     stream_window = ProtoField.uint32("volstream.hello.stream_window", "stream_window", base.DEC),
     conn_window = ProtoField.uint32("volstream.hello.conn_window", "conn_window", base.DEC),
@@ -111,6 +113,8 @@ local f = {
         OPTION_TOP_ONLY, "only a layered source's own clusters are data"),
     flag_verify = ProtoField.bool("volstream.flags.VERIFY", "VERIFY", 8, nil, FLAG_VERIFY,
         "OPEN: the sink reads the volume back before it gets its name"),
+    flag_qcow2 = ProtoField.bool("volstream.flags.QCOW2", "QCOW2", 8, nil, FLAG_QCOW2,
+        "OPEN: the sink writes the volume as a qcow2 image"),
     open_name_len = ProtoField.uint16("volstream.open.name_len", "name_len", base.DEC),
     open_zero_granularity = ProtoField.uint32("volstream.open.zero_granularity",
         "zero_granularity", base.DEC),
@@ -280,6 +284,7 @@ local function dissect_hello(tvb, pinfo, tree, offset)
     ft:add(f.feature_digest, tvb(offset + 12, 4))
     ft:add(f.feature_priority, tvb(offset + 12, 4))
     ft:add(f.feature_verify, tvb(offset + 12, 4))
+    ft:add(f.feature_qcow2, tvb(offset + 12, 4))
     local fr = ft:add(f.feature_reserved, tvb(offset + 12, 4))
     if bit32.band(features, 0xfffffff0) ~= 0 then fr:add_proto_expert_info(e.reserved_features) end
     local max_frame = tvb(offset + 16, 4):uint()
@@ -295,7 +300,7 @@ local function dissect_hello(tvb, pinfo, tree, offset)
     hellos[direction_key(pinfo, true)] = { max_frame = max_frame, features = features }
     local names = bit_names(features,
         { { SPARSE, "SPARSE" }, { DIGEST, "DIGEST" }, { PRIORITY, "PRIORITY" },
-          { VERIFY, "VERIFY" } })
+          { VERIFY, "VERIFY" }, { QCOW2, "QCOW2" } })
     return string.format("Hello v%d..%d features %s max_frame %d", vmin, vmax,
         names == "" and "none" or names, max_frame)
 end
@@ -306,7 +311,7 @@ local function header_problem(kind, flags, reserved, len, stream)
     if TYPES[kind] == nil then return e.unknown_type end
     local allowed = 0
     if kind == T.FINISH then allowed = bit32.bor(FLAG_ACK, FLAG_DIGEST) end
-    if kind == T.OPEN then allowed = FLAG_VERIFY end
+    if kind == T.OPEN then allowed = bit32.bor(FLAG_VERIFY, FLAG_QCOW2) end
     if bit32.band(flags, bit32.bnot(allowed)) ~= 0 then return e.bad_flags end
     local connection_level = kind == T.PING or kind == T.PONG or kind == T.GOAWAY
     if connection_level and stream ~= 0 then return e.bad_stream end
@@ -486,6 +491,7 @@ local function dissect_frame(tvb, pinfo, tree, offset)
         items[e.bad_flags]:add(f.flag_digest, tvb(offset + 5, 1))
     elseif kind == T.OPEN then
         items[e.bad_flags]:add(f.flag_verify, tvb(offset + 5, 1))
+        items[e.bad_flags]:add(f.flag_qcow2, tvb(offset + 5, 1))
     end
     items[e.reserved] = t:add(f.reserved, tvb(offset + 6, 2))
     items[e.bad_stream] = t:add(f.stream, tvb(offset + 8, 4))

@@ -166,6 +166,8 @@ const FLAG_ACK: u8 = 1;
 const FLAG_DIGEST: u8 = 2;
 /// OPEN flag: the sink verifies (`OpenOptions::verify`); here since the options byte is full.
 const FLAG_VERIFY: u8 = 1;
+/// OPEN flag: the sink writes the volume as a qcow2 image (`OpenOptions::qcow2`).
+const FLAG_QCOW2: u8 = 2;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
@@ -300,7 +302,8 @@ impl Frame {
                 size,
                 name,
             } => {
-                let flags = if options.verify() { FLAG_VERIFY } else { 0 };
+                let flags = if options.verify() { FLAG_VERIFY } else { 0 }
+                    | if options.qcow2() { FLAG_QCOW2 } else { 0 };
                 put_header(out, kind::OPEN, flags, *stream, body::OPEN_MIN + name.len());
                 out.put_u8(*op as u8);
                 out.put_u8(options.wire_flags());
@@ -445,7 +448,7 @@ fn check_shape(kind: u8, flags: u8, len: u32, stream: StreamId) -> Result<(), De
     };
     let allowed_flags = match kind {
         kind::FINISH => FLAG_ACK | FLAG_DIGEST,
-        kind::OPEN => FLAG_VERIFY,
+        kind::OPEN => FLAG_VERIFY | FLAG_QCOW2,
         _ => 0,
     };
     if flags & !allowed_flags != 0 {
@@ -490,11 +493,13 @@ fn parse_body(
                 other => return Err(DecodeError::BadOp(other)),
             };
             let verify = flags & FLAG_VERIFY != 0;
+            let qcow2 = flags & FLAG_QCOW2 != 0;
             let flags = body.get_u8();
             let name_len = body.get_u16() as usize;
             let options = OpenOptions::from_wire(flags, body.get_u32())
                 .ok_or(DecodeError::UnknownFlags { kind, flags })?
-                .with_verify(verify);
+                .with_verify(verify)
+                .with_qcow2(qcow2);
             let size = body.get_u64();
             if name_len != body.len() || (name_len == 0) != (op == Op::List) {
                 return Err(DecodeError::BadName);

@@ -27,7 +27,9 @@ impl Features {
     /// OPEN may ask the sink to read the volume back before it commits
     /// (`OpenOptions::with_verify`).
     pub const VERIFY: Features = Features(8);
-    pub const ALL: Features = Features(15);
+    /// OPEN may ask the sink to write a qcow2 image (`OpenOptions::with_qcow2`).
+    pub const QCOW2: Features = Features(16);
+    pub const ALL: Features = Features(31);
 
     pub fn contains(self, other: Features) -> bool {
         self.0 & other.0 == other.0

@@ -29,6 +29,11 @@ impl Connection {
                 "OPEN of {id} asks for verification, which was not negotiated"
             )));
         }
+        if options.qcow2() && !self.features().contains(Features::QCOW2) {
+            return Err(ConnError::Protocol(format!(
+                "OPEN of {id} asks for a qcow2 image, which was not negotiated"
+            )));
+        }
         if self.sent_goaway {
             Frame::Reject {
                 stream: id,
@@ -119,6 +124,9 @@ impl Connection {
         }
         // Unlike the class, a check that was asked for cannot quietly not happen.
         if options.verify() && !self.features().contains(Features::VERIFY) {
+            return Err(OpenError::Unsupported);
+        }
+        if options.qcow2() && !self.features().contains(Features::QCOW2) {
             return Err(OpenError::Unsupported);
         }
         let id = self.counts.open_local()?;

@@ -33,6 +33,8 @@ pub struct OpenOptions {
     top_only: bool,
     /// Carried in OPEN's header flags, not the options byte (which is full): see frame.rs.
     verify: bool,
+    /// Also in OPEN's header flags.
+    qcow2: bool,
     zero_granularity: u32,
 }
 
@@ -95,6 +97,13 @@ impl OpenOptions {
         self
     }
 
+    /// The sink writes the volume as a qcow2 image (a new one, or an existing one through
+    /// qemu); only with the QCOW2 feature.
+    pub fn with_qcow2(mut self, on: bool) -> Self {
+        self.qcow2 = on;
+        self
+    }
+
     /// Zero-detection granularity in bytes (`-S`); 0 turns zero detection off.
     pub fn with_zero_granularity(mut self, bytes: u32) -> Self {
         self.zero_granularity = bytes;
@@ -137,6 +146,10 @@ impl OpenOptions {
         self.verify
     }
 
+    pub fn qcow2(&self) -> bool {
+        self.qcow2
+    }
+
     pub fn zero_granularity(&self) -> u32 {
         self.zero_granularity
     }
@@ -158,6 +171,7 @@ impl OpenOptions {
             top_only: on(bits::TOP_ONLY),
             // From OPEN's header flags (the frame codec sets it).
             verify: false,
+            qcow2: false,
             zero_granularity,
         })
     }

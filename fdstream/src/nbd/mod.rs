@@ -8,7 +8,7 @@
 
 mod conn;
 pub mod map;
-mod sink;
+pub(crate) mod sink;
 pub(crate) mod source;
 
 pub use conn::timeout;

@@ -43,6 +43,8 @@ struct Open {
 
 pub struct Sink {
     uri: Uri,
+    /// What messages call the export (default: its URI).
+    shown: Option<String>,
     options: WriterOptions,
     size: u64,
     conn: Option<Conn>,
@@ -66,6 +68,7 @@ impl Sink {
     pub fn new(uri: Uri, options: WriterOptions, size: u64) -> Sink {
         Sink {
             uri,
+            shown: None,
             expected: options.verify.then(Expected::default),
             options,
             size,
@@ -79,6 +82,17 @@ impl Sink {
             fast_zero: None,
             failed: None,
         }
+    }
+
+    /// Calls the export `shown` in messages (one we started, whose socket means nothing to
+    /// a peer).
+    pub fn named(mut self, shown: String) -> Sink {
+        self.shown = Some(shown);
+        self
+    }
+
+    fn shown(&self) -> String {
+        self.shown.clone().unwrap_or_else(|| self.uri.to_string())
     }
 
     fn conn(&mut self) -> Result<&mut Conn, Error> {
@@ -214,7 +228,10 @@ impl Sink {
                 // asking.
                 self.fast_zero = Some(false);
                 let (offset, len) = sent.zero.expect("checked");
-                log::debug!("{}: zeroing is not fast; writing zeroes plainly", self.uri);
+                log::debug!(
+                    "{}: zeroing is not fast; writing zeroes plainly",
+                    self.shown()
+                );
                 let no_hole = self.options.allocated;
                 let cookie = self.conn()?.send(Command::WriteZeroes {
                     offset,
@@ -233,7 +250,7 @@ impl Sink {
             }
             Err(e) => {
                 return Err(Error::NbdCommand {
-                    context: format!("{}: writing before offset {}", self.uri, sent.chunk_end),
+                    context: format!("{}: writing before offset {}", self.shown(), sent.chunk_end),
                     source: e,
                 })
             }
@@ -280,7 +297,7 @@ impl Sink {
                 if let Reply::Done { cookie: c, result } = conn.recv()? {
                     if c == cookie {
                         result.map_err(|e| Error::NbdCommand {
-                            context: format!("{}: flushing", self.uri),
+                            context: format!("{}: flushing", conn.shown()),
                             source: e,
                         })?;
                         break;
@@ -298,7 +315,7 @@ impl Sink {
         if let Some(c) = self.conn.take() {
             c.disconnect();
         }
-        log::debug!("{}: {} bytes written and verified", self.uri, self.size);
+        log::debug!("{}: {} bytes written and verified", self.shown(), self.size);
         Ok(())
     }
 
@@ -367,7 +384,7 @@ fn read_back(conn: &mut Conn, offset: u64, buf: &mut [u8]) -> Result<(), Error> 
 
 impl Consume for Sink {
     fn open(&mut self) -> Result<(), Error> {
-        let conn = Conn::open(&self.uri, &[], IN_FLIGHT)?;
+        let conn = Conn::open_as(&self.uri, self.shown(), &[], IN_FLIGHT)?;
         let e = conn.export();
         if e.read_only() {
             return Err(Error::Unsupported(format!(
