@@ -286,7 +286,7 @@ local function dissect_hello(tvb, pinfo, tree, offset)
     ft:add(f.feature_verify, tvb(offset + 12, 4))
     ft:add(f.feature_qcow2, tvb(offset + 12, 4))
     local fr = ft:add(f.feature_reserved, tvb(offset + 12, 4))
-    if bit32.band(features, 0xfffffff0) ~= 0 then fr:add_proto_expert_info(e.reserved_features) end
+    if bit32.band(features, 0xffffffe0) ~= 0 then fr:add_proto_expert_info(e.reserved_features) end
     local max_frame = tvb(offset + 16, 4):uint()
     local mitem = t:add(f.max_frame, tvb(offset + 16, 4))
     if max_frame < MIN_MAX_FRAME then mitem:add_proto_expert_info(e.small_max_frame) end
