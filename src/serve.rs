@@ -47,7 +47,8 @@ pub struct ServeArgs {
     /// (repeatable).
     #[arg(long = "tls-allow-san", value_name = "PATTERN")]
     allow_san: Vec<String>,
-    /// Unix socket: admit peers running as this uid (repeatable; checked with SO_PEERCRED).
+    /// Unix socket: admit peers running as this uid (repeatable; checked with SO_PEERCRED),
+    /// on --listen and --nbd alike.
     #[arg(long = "allow-uid", value_name = "UID")]
     allow_uids: Vec<u32>,
     /// Unix socket: admit peers whose primary gid is this (repeatable).
@@ -199,9 +200,13 @@ pub fn run(args: ServeArgs) -> Result<(), CliError> {
         refuse_open_tcp(sock, args.insecure, what)?;
     }
     let unix_policy = !(args.allow_uids.is_empty() && args.allow_gids.is_empty());
-    if unix_policy && !matches!(addr, Some(Address::Unix(_))) {
+    // Every listener must be able to check the policy: a TCP peer proves no uid.
+    let unchecked = [&addr, &nbd_addr]
+        .into_iter()
+        .any(|a| a.as_ref().is_some_and(|a| !matches!(a, Address::Unix(_))));
+    if unix_policy && unchecked {
         return Err(CliError::Usage(
-            "--allow-uid and --allow-gid apply to unix: listeners".into(),
+            "--allow-uid and --allow-gid apply to unix: listeners (--listen and --nbd)".into(),
         ));
     }
     let tls_policy = !(args.allow_dn.is_empty() && args.allow_san.is_empty());
@@ -302,6 +307,11 @@ fn start_nbd_export(
         max_connections: args.max_connections,
         timeout: std::time::Duration::from_secs(args.idle_timeout),
         pool: None,
+        unix_peers: UnixPeerPolicy {
+            uids: args.allow_uids.clone(),
+            gids: args.allow_gids.clone(),
+        },
+        writers: args.allow_write.clone(),
     };
     let mut server = ExportServer::bind(addr, exports, config)
         .map_err(|e| CliError::Connect(format!("cannot listen for NBD on {addr}: {e}")))?;

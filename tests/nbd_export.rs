@@ -451,3 +451,93 @@ fn hostile_clients_lose_their_connection_and_nobody_else_notices() {
     );
     drop(c);
 }
+
+/// Runs `cmd` as nobody (uid and gid 65534, no supplementary groups).
+fn as_nobody(tool: &str) -> Command {
+    let mut c = Command::new("setpriv");
+    c.args(["--reuid=65534", "--regid=65534", "--clear-groups", tool]);
+    c
+}
+
+/// `--allow-uid` / `--allow-gid` and `--allow-write` hold for NBD clients as for our own
+/// protocol: by SO_PEERCRED, a uid not allowed is refused the export with the reason (nbdinfo
+/// and qemu-img print it), and a client not among the writers gets a read-only export.
+#[test]
+fn the_export_admits_clients_and_writers_by_their_credentials() {
+    if !tools() || !have("setpriv") {
+        return;
+    }
+    let dir = TempDir::new("nbd-export-policy");
+    let pool = dir.join("pool");
+    std::fs::create_dir(&pool).unwrap();
+    // nobody must reach the socket through the test's directory.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let vol = pool.join("vol.raw");
+    sparse_file(&vol, 8 * MIB, &[(0, MIB)], 4);
+    let src = dir.join("src.raw");
+    sparse_file(&src, 8 * MIB, &[(2 * MIB, MIB)], 5);
+
+    {
+        let server = Exported::start(&pool, &dir, &["--allow-uid", "0"]);
+        let out = run(Command::new("nbdinfo").args(["--size", &server.uri("vol.raw")]));
+        assert!(out.status.success(), "{:?}", stderr_lines(&out));
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "8388608");
+        // qemu-img prints the server's reason; nbdinfo only that policy refused it.
+        for (tool, says) in [
+            (
+                &["qemu-img", "info"][..],
+                "uid 65534 (gid 65534) may not use this socket",
+            ),
+            (&["nbdinfo", "--size"][..], "server policy prevents"),
+        ] {
+            let out = run(as_nobody(tool[0])
+                .args(&tool[1..])
+                .arg(server.uri("vol.raw")));
+            assert!(!out.status.success(), "{tool:?} as nobody was admitted");
+            let all = String::from_utf8_lossy(&out.stderr).to_string();
+            assert!(all.contains(says), "{tool:?}: {all}");
+        }
+        assert!(
+            server.log().contains("refused: uid 65534"),
+            "{}",
+            server.log()
+        );
+    }
+
+    // Writers by identity: root is not among them, so its export is read-only.
+    {
+        let server = Exported::start(
+            &pool,
+            &dir,
+            &["--nbd-writable", "--allow-write", "uid=65534,*"],
+        );
+        let out = run(Command::new("nbdinfo").args(["--json", &server.uri("vol.raw")]));
+        assert!(out.status.success(), "{:?}", stderr_lines(&out));
+        let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(info["exports"][0]["is_read_only"], true, "{info}");
+        let before = read_all(&vol);
+        let out = run(Command::new("nbdcopy").arg(&src).arg(server.uri("vol.raw")));
+        assert!(!out.status.success(), "a client not allowed to write wrote");
+        assert!(read_all(&vol) == before, "the volume changed");
+    }
+    let server = Exported::start(&pool, &dir, &["--nbd-writable", "--allow-write", "uid=0,*"]);
+    let out = run(Command::new("nbdcopy").arg(&src).arg(server.uri("vol.raw")));
+    assert!(out.status.success(), "{:?}", stderr_lines(&out));
+    assert!(read_all(&vol) == read_all(&src), "the write did not land");
+    drop(server);
+
+    // A TCP export proves no uid: a uid policy with it is a usage error.
+    let out = run(bin().args(["serve", "--pool"]).arg(&pool).args([
+        "--nbd",
+        "tcp:127.0.0.1:0",
+        "--allow-uid",
+        "0",
+    ]));
+    assert_eq!(out.status.code(), Some(2), "{:?}", stderr_lines(&out));
+    assert!(
+        line_with(&out, "--allow-uid").contains("unix:"),
+        "{:?}",
+        stderr_lines(&out)
+    );
+}

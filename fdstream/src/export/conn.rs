@@ -63,9 +63,22 @@ enum Done {
     },
 }
 
+/// What the export's policy decided about a client when it connected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    /// It may read, and write if the export is writable.
+    ReadWrite,
+    /// It may read only (not among the identities allowed to write).
+    ReadOnly,
+    /// It may not use the export: every export it asks for is refused with this reason,
+    /// before anything is opened, and it is listed nothing.
+    Refused(String),
+}
+
 /// A connection's queue of disk work, shared with the workers.
 struct Work {
     key: Key,
+    admission: Admission,
     exports: Arc<Exports>,
     wake: Arc<Wake>,
     tasks: Mutex<VecDeque<(Task, usize)>>,
@@ -89,8 +102,17 @@ impl Job for Worker {
             return Step::Idle;
         };
         let done = match task {
-            Task::Open(name) => Done::Opened(w.exports.open(&name)),
-            Task::List => Done::Listed(w.exports.names()),
+            Task::Open(name) => Done::Opened(match &w.admission {
+                Admission::Refused(why) => Err(LookupError {
+                    reply: nbd::wire::REP_ERR_POLICY,
+                    message: why.clone(),
+                }),
+                a => w.exports.open(&name, *a == Admission::ReadWrite),
+            }),
+            Task::List => Done::Listed(match w.admission {
+                Admission::Refused(_) => Ok(Vec::new()),
+                _ => w.exports.names(),
+            }),
             Task::Io(volume, request) => Done::Io {
                 cookie: cookie_of(&request),
                 cost,
@@ -182,6 +204,9 @@ pub struct Conn {
     in_flight_bytes: usize,
     /// The client ended the session (NBD_OPT_ABORT, NBD_CMD_DISC): close once answered.
     ending: bool,
+    /// The client will send nothing more (it half-closed, or closed after its last request):
+    /// what it sent is still carried out and answered, as for NBD_CMD_DISC.
+    eof: bool,
     started: Instant,
     last_progress: Instant,
     timeout: Duration,
@@ -192,6 +217,7 @@ impl Conn {
     pub fn new(
         stream: Stream,
         peer: String,
+        admission: Admission,
         key: Key,
         exports: Arc<Exports>,
         wake: Arc<Wake>,
@@ -201,6 +227,7 @@ impl Conn {
     ) -> Conn {
         let work = Arc::new(Work {
             key,
+            admission,
             exports,
             wake,
             tasks: Mutex::new(VecDeque::new()),
@@ -228,6 +255,7 @@ impl Conn {
             volume: None,
             in_flight_bytes: 0,
             ending: false,
+            eof: false,
             started: now,
             last_progress: now,
             timeout,
@@ -257,8 +285,7 @@ impl Conn {
     pub fn drive(&mut self, scratch: &mut [u8], now: Instant) -> Next {
         loop {
             let mut moved = match self.read(scratch, now) {
-                Ok(Some(n)) => n > 0,
-                Ok(None) => return Next::Close(None),
+                Ok(n) => n > 0,
                 // A client that vanished (or a probe that only connected) is no offence.
                 Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Next::Close(None),
                 Err(e) => return Next::Close(Some(format!("reading: {e}"))),
@@ -273,9 +300,19 @@ impl Conn {
             }
             match self.write(now) {
                 Ok(m) => moved |= m,
+                // A client that closed (a probe that only connected) is gone, no offence.
+                Err(e)
+                    if self.eof
+                        && matches!(
+                            e.kind(),
+                            io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+                        ) =>
+                {
+                    return Next::Close(None)
+                }
                 Err(e) => return Next::Close(Some(format!("writing: {e}"))),
             }
-            if self.ending && self.out.is_empty() && self.in_flight() == 0 {
+            if (self.ending || self.eof) && self.out.is_empty() && self.in_flight() == 0 {
                 return Next::Close(None);
             }
             if !moved {
@@ -291,13 +328,13 @@ impl Conn {
         }
     }
 
-    /// Reads what the socket has, up to the input limit. `None`: the client closed.
-    fn read(&mut self, scratch: &mut [u8], now: Instant) -> io::Result<Option<usize>> {
+    /// Reads what the socket has, up to the input limit; sets `eof` when the client closed.
+    fn read(&mut self, scratch: &mut [u8], now: Instant) -> io::Result<usize> {
         let mut total = 0;
-        while !self.ending && self.input.len() < INPUT_LIMIT {
+        while !self.ending && !self.eof && self.input.len() < INPUT_LIMIT {
             let room = (INPUT_LIMIT - self.input.len()).min(scratch.len());
             match self.stream.read(&mut scratch[..room]) {
-                Ok(0) => return Ok(None),
+                Ok(0) => self.eof = true,
                 Ok(n) => {
                     self.input.extend_from_slice(&scratch[..n]);
                     total += n;
@@ -308,7 +345,7 @@ impl Conn {
                 Err(e) => return Err(e),
             }
         }
-        Ok(Some(total))
+        Ok(total)
     }
 
     fn write(&mut self, now: Instant) -> io::Result<bool> {

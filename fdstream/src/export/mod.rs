@@ -14,11 +14,13 @@
 mod conn;
 pub mod volume;
 
+pub use conn::Admission;
 pub use volume::Exports;
 
 use crate::pool::Pool;
 use conn::{Conn, Key, Next, Stream, Wake};
-use engine::Address;
+use engine::event_loop::peer::{glob_match, unix_peer};
+use engine::{Address, PeerIdentity, UnixPeerPolicy};
 use mio::net::{TcpListener, UnixListener};
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
@@ -41,6 +43,28 @@ pub struct ExportConfig {
     pub timeout: Duration,
     /// Workers for the disk I/O (the process-wide pool by default).
     pub pool: Option<Arc<Pool>>,
+    /// Unix-socket clients admitted by their credentials (SO_PEERCRED), as for our own
+    /// protocol; open by default. A TCP listener with a policy refuses every client, since
+    /// a TCP peer proves no uid.
+    pub unix_peers: UnixPeerPolicy,
+    /// Globs on the client's identity (`uid=N,gid=N,pid=N` on a Unix socket) that may write
+    /// a writable export; empty lets every admitted client write.
+    pub writers: Vec<String>,
+}
+
+impl ExportConfig {
+    /// What this export's policy decides about a client proving `identity`.
+    pub fn admit(&self, identity: &PeerIdentity) -> Admission {
+        if let Some(why) = self.unix_peers.refusal(identity) {
+            return Admission::Refused(why);
+        }
+        let shown = identity.to_string();
+        if self.writers.is_empty() || self.writers.iter().any(|p| glob_match(p, &shown)) {
+            Admission::ReadWrite
+        } else {
+            Admission::ReadOnly
+        }
+    }
 }
 
 impl Default for ExportConfig {
@@ -49,6 +73,8 @@ impl Default for ExportConfig {
             max_connections: 256,
             timeout: Duration::from_secs(60),
             pool: None,
+            unix_peers: UnixPeerPolicy::default(),
+            writers: Vec::new(),
         }
     }
 }
@@ -88,7 +114,19 @@ impl ExportServer {
     pub fn bind(addr: &Address, exports: Exports, config: ExportConfig) -> io::Result<Self> {
         let poll = Poll::new()?;
         let mut listener = match addr {
-            Address::Unix(path) => Listener::Unix(UnixListener::bind(path)?, path.clone()),
+            Address::Unix(path) => {
+                let l = UnixListener::bind(path)?;
+                // As our own listener: only this user without a peer policy; with one, anyone
+                // may connect and the policy refuses them by their credentials.
+                let mode = if config.unix_peers.is_open() {
+                    0o600
+                } else {
+                    0o666
+                };
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+                Listener::Unix(l, path.clone())
+            }
             Address::Tcp(sock) => Listener::Tcp(TcpListener::bind(*sock)?),
             Address::Tls { .. } => {
                 return Err(io::Error::new(
@@ -199,7 +237,7 @@ impl ExportServer {
                     (Stream::Tcp(s), Some(a))
                 }),
             };
-            let (mut stream, addr) = match accepted {
+            let (mut stream, addr): (Stream, Option<std::net::SocketAddr>) = match accepted {
                 Ok(a) => a,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -210,10 +248,23 @@ impl ExportServer {
                 }
             };
             self.accepted += 1;
+            let identity = match (&stream, addr) {
+                (Stream::Unix(s), _) => unix_peer(std::os::fd::AsRawFd::as_raw_fd(s)),
+                (_, Some(a)) => PeerIdentity::Address(a),
+                _ => PeerIdentity::Unknown,
+            };
             let peer = match addr {
                 Some(a) => format!("NBD client {a}"),
-                None => format!("NBD client #{} (unix)", self.accepted),
+                None => format!("NBD client #{} (unix, {identity})", self.accepted),
             };
+            let admission = self.config.admit(&identity);
+            match &admission {
+                Admission::Refused(why) => log::warn!("{peer}: refused: {why}"),
+                Admission::ReadOnly if self.exports.writable() => {
+                    log::info!("{peer}: read-only: {identity} may not write")
+                }
+                _ => {}
+            }
             if self.conns.len() >= self.config.max_connections {
                 log::warn!(
                     "{peer}: refused, {} clients already connected",
@@ -241,6 +292,7 @@ impl ExportServer {
             let conn = Conn::new(
                 stream,
                 peer,
+                admission,
                 key,
                 Arc::clone(&self.exports),
                 Arc::clone(&self.wake),

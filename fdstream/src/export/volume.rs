@@ -61,14 +61,16 @@ impl Exports {
         Ok(names)
     }
 
-    /// Opens the volume `name` for a client. The reply says only what a client may know: no
-    /// paths of this host.
-    pub fn open(&self, name: &str) -> Result<Volume, LookupError> {
+    /// Opens the volume `name` for a client, for writing if the export is writable and
+    /// `may_write` (the client's identity may write). The reply says only what a client may
+    /// know: no paths of this host.
+    pub fn open(&self, name: &str, may_write: bool) -> Result<Volume, LookupError> {
+        let writable = self.writable && may_write;
         let unknown = |why: String| LookupError {
             reply: wire::REP_ERR_UNKNOWN,
             message: why,
         };
-        let flags = if self.writable {
+        let flags = if writable {
             libc::O_RDWR
         } else {
             libc::O_RDONLY
@@ -76,7 +78,7 @@ impl Exports {
         let file = if let Some(path) = self.devices.get(name) {
             std::fs::OpenOptions::new()
                 .read(true)
-                .write(self.writable)
+                .write(writable)
                 .open(path)
         } else {
             let Some(cname) = fd::plain_name(name) else {
@@ -121,7 +123,7 @@ impl Exports {
             file,
             kind,
             size,
-            writable: self.writable,
+            writable,
         })
     }
 }
