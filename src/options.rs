@@ -5,6 +5,8 @@
 use crate::error::CliError;
 use crate::ConnectArg;
 use clap::Args;
+use engine::{Range, RangeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// `volstream download`.
@@ -62,6 +64,12 @@ pub struct DownloadArgs {
     /// found to differ. Not for stdout.
     #[arg(long)]
     verify: bool,
+    /// Only this part of each VOLUME (bytes; repeat for several, in any order, without
+    /// overlaps): written at its offset into FILE, which gets the volume's size; the rest of
+    /// a new FILE reads as zeroes, of an existing one (--in-place) stays as it was. Needs a
+    /// server that serves ranges, a FILE that is a file or device, and no --verify.
+    #[arg(long = "range", value_name = "OFFSET:LENGTH", value_parser = range_arg)]
+    ranges: Vec<Range>,
     #[command(flatten)]
     output: OutputArgs,
     /// VOLUME FILE pairs: the server's VOLUME is written to the local FILE (`-` is stdout;
@@ -185,6 +193,8 @@ pub struct Settings {
     pub verify: bool,
     /// Uploads: the server writes a qcow2 image.
     pub qcow2: bool,
+    /// Downloads: only these ranges of each volume.
+    pub ranges: Option<Arc<RangeSet>>,
     pub progress: bool,
     pub json: bool,
     pub progress_interval: Duration,
@@ -194,6 +204,12 @@ pub struct Settings {
 impl DownloadArgs {
     pub fn settings(self) -> Result<Settings, CliError> {
         let pairs = pairs(&self.pairs, Direction::Download)?;
+        let ranges = range_set(self.ranges)?;
+        if ranges.is_some() && (self.verify || self.iohelper) {
+            return Err(CliError::Usage(
+                "--range cannot be combined with --verify or --iohelper yet".into(),
+            ));
+        }
         Ok(Settings {
             direction: Direction::Download,
             connect: self.connect,
@@ -212,6 +228,7 @@ impl DownloadArgs {
             top_only: self.top_only,
             verify: self.verify,
             qcow2: false,
+            ranges,
             progress: self.output.progress,
             json: self.output.json,
             progress_interval: self.output.progress_interval,
@@ -241,6 +258,7 @@ impl UploadArgs {
             top_only: false,
             verify: self.verify,
             qcow2: self.format == "qcow2",
+            ranges: None,
             progress: self.output.progress,
             json: self.output.json,
             progress_interval: self.output.progress_interval,
@@ -307,6 +325,33 @@ fn granularity(text: &str) -> Result<u32, String> {
     }
 }
 
+/// `--range OFFSET:LENGTH`, in bytes.
+fn range_arg(text: &str) -> Result<Range, String> {
+    let bad = || format!("{text:?} is not OFFSET:LENGTH in bytes (e.g. 1048576:65536)");
+    let (offset, len) = text.split_once(':').ok_or_else(bad)?;
+    let offset: u64 = offset.parse().map_err(|_| bad())?;
+    let len: u64 = len.parse().map_err(|_| bad())?;
+    if len == 0 {
+        return Err(format!("{text:?}: the length must be more than 0"));
+    }
+    offset
+        .checked_add(len)
+        .map(|_| Range::new(offset, len))
+        .ok_or_else(|| format!("{text:?} runs past 2^64 bytes"))
+}
+
+/// The `--range`s as one list, in order; overlapping ones are refused (they are a mistake,
+/// and the protocol takes only disjoint ranges).
+fn range_set(mut ranges: Vec<Range>) -> Result<Option<Arc<RangeSet>>, CliError> {
+    if ranges.is_empty() {
+        return Ok(None);
+    }
+    ranges.sort();
+    RangeSet::new(ranges)
+        .map(|set| Some(Arc::new(set)))
+        .map_err(|e| CliError::Usage(format!("--range: {e}")))
+}
+
 /// A positive number of seconds, at most an hour.
 fn interval(text: &str) -> Result<Duration, String> {
     let value: f64 = text
@@ -329,6 +374,20 @@ mod tests {
         for bad in ["1", "3", "256", "4097", "-1", "4k", ""] {
             assert!(super::granularity(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn ranges_are_offset_colon_length_and_disjoint() {
+        use engine::Range;
+        assert_eq!(super::range_arg("4096:512"), Ok(Range::new(4096, 512)));
+        for bad in ["4096", "a:1", "1:", "5:0", "18446744073709551615:2", "-1:2"] {
+            assert!(super::range_arg(bad).is_err(), "{bad}");
+        }
+        let set = super::range_set(vec![Range::new(100, 10), Range::new(0, 10)]).unwrap();
+        assert_eq!(set.unwrap().len(), 2, "sorted, not refused");
+        let overlap = super::range_set(vec![Range::new(0, 10), Range::new(5, 10)]);
+        assert!(overlap.unwrap_err().to_string().contains("overlaps"));
+        assert!(super::range_set(vec![]).unwrap().is_none());
     }
 
     #[test]

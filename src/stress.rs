@@ -221,6 +221,7 @@ fn download_all(
                 op: engine::proto::Op::Read,
                 name: names[i].clone(),
                 options: OpenOptions::default(),
+                ranges: None,
                 endpoint: engine::event_loop::Endpoint::Writer(Box::new(verifier)),
                 on_done: Box::new(move |r| {
                     use std::sync::atomic::Ordering::Relaxed;

@@ -135,6 +135,13 @@ pub fn run(args: Settings) -> Result<(), CliError> {
             let _ = done.send((index, report));
         };
         match volume {
+            Some(_) if args.ranges.is_some() => {
+                return Err(CliError::Usage(format!(
+                    "--range: {} is an NBD export, copied here whole; ranges are read from a \
+                     server (--connect)",
+                    pair.volume
+                )));
+            }
             Some(uri) => {
                 let (reader, writer): (Box<dyn VolumeReader>, Box<dyn VolumeWriter>) =
                     match direction {
@@ -181,6 +188,7 @@ pub fn run(args: Settings) -> Result<(), CliError> {
                     },
                     name: pair.volume.clone(),
                     options,
+                    ranges: args.ranges.clone(),
                     endpoint,
                     on_done: Box::new(on_done),
                 });
@@ -440,6 +448,7 @@ fn writer_options(args: &Settings) -> WriterOptions {
         no_sync: args.no_sync,
         direct: args.direct,
         verify: args.verify,
+        ranges: args.ranges.clone(),
         ..WriterOptions::default()
     }
 }
@@ -466,6 +475,13 @@ fn download_sink(args: &Settings, local: Local) -> Result<Box<dyn VolumeWriter>,
     let backend = args.backend();
     let file = match local {
         Local::Path(p) => p,
+        Local::Stdio(_) | Local::Nbd(_) if args.ranges.is_some() => {
+            return Err(CliError::Usage(
+                "--range writes each range at its offset: FILE must be a file or a device, \
+                 not stdout or an NBD export"
+                    .into(),
+            ))
+        }
         Local::Stdio(f) => return Ok(backend.write(WriteTarget::from_file(f), options)),
         // An export is a device: written in place.
         Local::Nbd(uri) => return Ok(Box::new(NbdWriter::new(uri, options))),

@@ -35,6 +35,7 @@ fn main() -> std::io::Result<()> {
                 op: engine::proto::Op::Read,
                 name: format!("disk{i}"),
                 options: OpenOptions::default(),
+                ranges: None,
                 endpoint: Endpoint::Writer(Box::new(v.verifier())),
                 on_done: Box::new(move |report| {
                     println!("{}: {:?}", report.name, report.result);

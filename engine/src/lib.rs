@@ -17,6 +17,7 @@ pub mod in_memory;
 pub mod memory;
 pub mod metrics;
 pub mod proto;
+pub mod range;
 mod reason;
 #[cfg(feature = "synthetic")]
 pub mod synthetic;
@@ -33,5 +34,6 @@ pub use event_loop::{
 };
 pub use in_memory::{DiscardWriter, MemoryReader, MemoryWriter};
 pub use proto::{Op, OpenOptions, StreamStats};
+pub use range::{Range, RangeError, RangeSet};
 pub use reason::Reason;
 pub use volume::{Chunk, Notify, VolumeError, VolumeReader, VolumeWriter, WriteProgress};

@@ -16,10 +16,12 @@ use crate::proto::{
     Config, ConnError, Connection, Event, Frame, Op, OpenError, OpenOptions, Side, StreamId,
     StreamStats, Transmit,
 };
+use crate::range::RangeSet;
 use crate::reason::Reason;
 use crate::volume::Chunk;
 use bytes::{Buf, Bytes, BytesMut};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The largest DATA chunk a synthetic source gives.
@@ -132,6 +134,9 @@ pub struct Arrival {
 #[derive(Debug)]
 struct Source {
     volume: Volume,
+    /// A ranged READ served: only these, and `range` is the one being sent.
+    ranges: Option<Arc<RangeSet>>,
+    range: usize,
     next: u64,
     ended: bool,
     /// Accepted by the peer (uploads) or by us (downloads served): chunks may be given.
@@ -212,6 +217,24 @@ impl Peer {
         Ok(id)
     }
 
+    /// Opens a download of only `ranges` of the peer's volume `name`.
+    pub fn download_ranges(
+        &mut self,
+        name: &str,
+        ranges: RangeSet,
+        policy: SinkPolicy,
+    ) -> Result<StreamId, OpenError> {
+        let id = self.conn.open_ranged(
+            Op::Read,
+            name,
+            OpenOptions::default(),
+            0,
+            Some(Arc::new(ranges)),
+        )?;
+        self.sinks.insert(id, Sink::new(policy));
+        Ok(id)
+    }
+
     /// Opens an upload of `volume` as `name`.
     pub fn upload(&mut self, name: &str, volume: Volume) -> Result<StreamId, OpenError> {
         self.upload_with(name, OpenOptions::default(), volume)
@@ -240,7 +263,7 @@ impl Peer {
             if !source.open || source.ended || !self.conn.can_send(id) {
                 return;
             }
-            let chunk = source.volume.chunk_at(source.next);
+            let chunk = source.next_chunk();
             source.next += chunk.logical_len();
             source.ended = matches!(chunk, Chunk::End { .. });
             self.conn.send_chunk(id, chunk);
@@ -411,12 +434,18 @@ impl Peer {
     fn act(&mut self, event: &Event) {
         match event {
             Event::OpenRequested {
-                stream, op, name, ..
+                stream,
+                op,
+                name,
+                ranges,
+                ..
             } => match op {
                 Op::Read => match self.volumes.get(name) {
                     Some(&volume) => {
                         self.conn.accept(*stream, volume.size);
-                        self.sources.insert(*stream, Source::new(volume, true));
+                        let mut source = Source::new(volume, true);
+                        source.ranges = ranges.clone();
+                        self.sources.insert(*stream, source);
                         self.auto(*stream);
                     }
                     None => self
@@ -506,9 +535,44 @@ impl Peer {
 }
 
 impl Source {
+    /// The next chunk of the volume, or of the ranges asked for (cut at the range's end, so
+    /// that no chunk spans two).
+    fn next_chunk(&mut self) -> Chunk {
+        let Some(set) = &self.ranges else {
+            return self.volume.chunk_at(self.next);
+        };
+        let Some(r) = set.ranges().get(self.range).copied() else {
+            return Chunk::End {
+                length: self.volume.size,
+                digest: None,
+            };
+        };
+        self.next = self.next.max(r.offset);
+        let chunk = match self.volume.chunk_at(self.next) {
+            Chunk::Data { offset, bytes } => {
+                let n = bytes.len().min((r.end() - offset) as usize);
+                Chunk::Data {
+                    offset,
+                    bytes: bytes.slice(..n),
+                }
+            }
+            Chunk::Hole { offset, len } => Chunk::Hole {
+                offset,
+                len: len.min(r.end() - offset),
+            },
+            end => end,
+        };
+        if self.next + chunk.logical_len() >= r.end() {
+            self.range += 1;
+        }
+        chunk
+    }
+
     fn new(volume: Volume, open: bool) -> Source {
         Source {
             volume,
+            ranges: None,
+            range: 0,
             next: 0,
             ended: false,
             open,

@@ -125,6 +125,12 @@ pub trait VolumeReader: Send {
     }
     /// The stream ended early: stop reading and free buffers.
     fn cancel(&mut self) {}
+    /// This source was given the ranges of a ranged READ (`OpenRequest::ranges`) and yields
+    /// exactly their content, its digest over it. Otherwise the engine reads it whole and cuts
+    /// its chunks to the ranges.
+    fn serves_ranges(&self) -> bool {
+        false
+    }
 }
 
 /// How far a sink has got.

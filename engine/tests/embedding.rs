@@ -79,6 +79,7 @@ fn host_loop_drives_engines_through_their_fd() {
                 op: engine::proto::Op::Read,
                 name: format!("d{i}"),
                 options: OpenOptions::default(),
+                ranges: None,
                 endpoint: Endpoint::Writer(Box::new(v.verifier())),
                 on_done: Box::new(move |r| reports.lock().unwrap().push(r)),
             },

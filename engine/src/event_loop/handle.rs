@@ -218,6 +218,7 @@ impl EngineHandle {
                 op,
                 name: name.to_owned(),
                 options,
+                ranges: None,
                 endpoint,
                 on_done: Box::new(move |report| {
                     let _ = tx.send(report);

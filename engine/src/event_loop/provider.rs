@@ -3,7 +3,9 @@
 
 use super::PeerIdentity;
 use crate::proto::OpenOptions;
+use crate::range::RangeSet;
 use crate::reason::Reason;
+use std::sync::Arc;
 use crate::volume::{VolumeError, VolumeReader, VolumeWriter};
 
 /// What a server asks its host for: a volume by name, for reading or writing.
@@ -13,6 +15,9 @@ pub struct OpenRequest {
     pub options: OpenOptions,
     /// For writes, the length of the content the peer will send.
     pub size: u64,
+    /// For a READ of only some ranges: the validated list. A reader that can seek reads only
+    /// them and says so (`VolumeReader::serves_ranges`); any other is read whole and cut.
+    pub ranges: Option<Arc<RangeSet>>,
     /// Where the request came from, for logs (an address, or a Unix peer's pid and uid).
     pub peer: String,
     /// Who asks, as the transport proved it: the place for access control.

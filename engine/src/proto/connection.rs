@@ -262,6 +262,11 @@ impl Connection {
                 reason,
                 message,
             } => self.on_goaway(last_stream, reason, message),
+            Frame::Ranges {
+                stream,
+                last,
+                ranges,
+            } => self.on_ranges(stream, last, ranges),
         }
     }
 

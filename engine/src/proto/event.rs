@@ -4,8 +4,10 @@
 use super::error::ConnError;
 use super::frame::{Features, FrameCounts, Op, OpenOptions, StreamId};
 use super::stream::StreamStats;
+use crate::range::RangeSet;
 use crate::reason::{Reason, ReasonCounts};
 use crate::volume::Chunk;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// What the driver must act on.
@@ -21,6 +23,9 @@ pub enum Event {
         options: OpenOptions,
         /// For `Op::Write`, the length of the content the peer will send.
         size: u64,
+        /// For a READ of only some ranges: the validated list (checked against the volume's
+        /// size when the stream is accepted; `accept` refuses a list past its end).
+        ranges: Option<Arc<RangeSet>>,
     },
     /// The peer accepted a stream we opened.
     Accepted { stream: StreamId, size: u64 },
@@ -63,7 +68,8 @@ pub enum OpenError {
     GoingAway,
     /// The name cannot be sent: empty (except for LIST, where it must be) or too long.
     InvalidName,
-    /// The options ask for something the peer did not announce (VERIFY).
+    /// The options ask for something the peer did not announce (VERIFY, ranges), or ranges
+    /// were given for another op than READ, or an empty list.
     Unsupported,
 }
 

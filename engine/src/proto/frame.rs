@@ -8,6 +8,7 @@
 use super::error::DecodeError;
 pub use super::hello::{Features, Hello, HELLO_LEN, MAGIC, VERSION_MAX, VERSION_MIN};
 pub use super::options::OpenOptions;
+use crate::range::{self, Range, RANGES_PER_FRAME, RANGE_WIRE_LEN};
 use crate::reason::Reason;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use std::fmt;
@@ -101,6 +102,7 @@ pub(crate) mod kind {
     pub const PING: u8 = 9;
     pub const PONG: u8 = 10;
     pub const GOAWAY: u8 = 11;
+    pub const RANGES: u8 = 12;
 }
 
 /// Frames of each type, as a connection counts them when it sends or decodes them. Fixed-size
@@ -110,9 +112,9 @@ pub struct FrameCounts([u64; FrameCounts::NAMES.len()]);
 
 impl FrameCounts {
     /// The frame types in type-byte order (OPEN is 1), named as in docs/PROTOCOL.md.
-    pub const NAMES: [&'static str; 11] = [
+    pub const NAMES: [&'static str; 12] = [
         "OPEN", "ACCEPT", "REJECT", "DATA", "HOLE", "WINDOW", "FINISH", "ABORT", "PING", "PONG",
-        "GOAWAY",
+        "GOAWAY", "RANGES",
     ];
 
     /// Frames of the type named `name` (as in [`FrameCounts::NAMES`]); `None` for no such type.
@@ -168,6 +170,10 @@ const FLAG_DIGEST: u8 = 2;
 const FLAG_VERIFY: u8 = 1;
 /// OPEN flag: the sink writes the volume as a qcow2 image (`OpenOptions::qcow2`).
 const FLAG_QCOW2: u8 = 2;
+/// OPEN flag: RANGES frames follow (`OpenOptions::ranges`).
+const FLAG_RANGES: u8 = 4;
+/// RANGES flag: the last frame of the stream's list.
+const FLAG_LAST: u8 = 1;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
@@ -225,6 +231,13 @@ pub enum Frame {
         reason: Reason,
         message: String,
     },
+    /// Part of the range list of a READ whose OPEN had the RANGES flag; `last` closes it. At
+    /// most [`RANGES_PER_FRAME`] ranges (encoding drops the rest: split longer lists).
+    Ranges {
+        stream: StreamId,
+        last: bool,
+        ranges: Vec<Range>,
+    },
 }
 
 /// Payloads shorter than this are copied out of the receive buffer instead of sharing it, so a
@@ -241,7 +254,8 @@ impl Frame {
             | Frame::Hole { stream, .. }
             | Frame::Window { stream, .. }
             | Frame::Finish { stream, .. }
-            | Frame::Abort { stream, .. } => *stream,
+            | Frame::Abort { stream, .. }
+            | Frame::Ranges { stream, .. } => *stream,
             Frame::Ping { .. } | Frame::Pong { .. } | Frame::GoAway { .. } => StreamId::CONNECTION,
         }
     }
@@ -260,6 +274,7 @@ impl Frame {
             Frame::Ping { .. } => kind::PING,
             Frame::Pong { .. } => kind::PONG,
             Frame::GoAway { .. } => kind::GOAWAY,
+            Frame::Ranges { .. } => kind::RANGES,
         }
     }
 
@@ -303,7 +318,8 @@ impl Frame {
                 name,
             } => {
                 let flags = if options.verify() { FLAG_VERIFY } else { 0 }
-                    | if options.qcow2() { FLAG_QCOW2 } else { 0 };
+                    | if options.qcow2() { FLAG_QCOW2 } else { 0 }
+                    | if options.ranges() { FLAG_RANGES } else { 0 };
                 put_header(out, kind::OPEN, flags, *stream, body::OPEN_MIN + name.len());
                 out.put_u8(*op as u8);
                 out.put_u8(options.wire_flags());
@@ -389,6 +405,16 @@ impl Frame {
                 out.put_u32(reason.code());
                 out.put_slice(message.as_bytes());
             }
+            Frame::Ranges {
+                stream,
+                last,
+                ranges,
+            } => {
+                let flags = if *last { FLAG_LAST } else { 0 };
+                let n = ranges.len().min(RANGES_PER_FRAME);
+                put_header(out, kind::RANGES, flags, *stream, n * RANGE_WIRE_LEN);
+                range::put_ranges(out, ranges);
+            }
         }
     }
 }
@@ -430,7 +456,7 @@ fn put_reason(out: &mut BytesMut, kind: u8, stream: StreamId, reason: Reason, me
 /// Checks what the header alone can tell, so an impossible frame is refused before its body.
 fn check_shape(kind: u8, flags: u8, len: u32, stream: StreamId) -> Result<(), DecodeError> {
     // An unknown type has no flag or stream-id rules to break: name the real problem.
-    if !(kind::OPEN..=kind::GOAWAY).contains(&kind) {
+    if !(kind::OPEN..=kind::RANGES).contains(&kind) {
         return Err(DecodeError::UnknownKind(kind));
     }
     let len = len as usize;
@@ -448,7 +474,8 @@ fn check_shape(kind: u8, flags: u8, len: u32, stream: StreamId) -> Result<(), De
     };
     let allowed_flags = match kind {
         kind::FINISH => FLAG_ACK | FLAG_DIGEST,
-        kind::OPEN => FLAG_VERIFY | FLAG_QCOW2,
+        kind::OPEN => FLAG_VERIFY | FLAG_QCOW2 | FLAG_RANGES,
+        kind::RANGES => FLAG_LAST,
         _ => 0,
     };
     if flags & !allowed_flags != 0 {
@@ -473,6 +500,11 @@ fn check_shape(kind: u8, flags: u8, len: u32, stream: StreamId) -> Result<(), De
         kind::FINISH => fixed(body::FINISH),
         kind::PING | kind::PONG => fixed(body::PING),
         kind::GOAWAY => at_least(body::GOAWAY_MIN, MAX_MESSAGE_LEN),
+        kind::RANGES if len % RANGE_WIRE_LEN == 0 => at_least(
+            RANGE_WIRE_LEN,
+            (RANGES_PER_FRAME - 1) * RANGE_WIRE_LEN,
+        ),
+        kind::RANGES => Err(bad_len()),
         other => Err(DecodeError::UnknownKind(other)),
     }
 }
@@ -494,12 +526,14 @@ fn parse_body(
             };
             let verify = flags & FLAG_VERIFY != 0;
             let qcow2 = flags & FLAG_QCOW2 != 0;
+            let ranges = flags & FLAG_RANGES != 0;
             let flags = body.get_u8();
             let name_len = body.get_u16() as usize;
             let options = OpenOptions::from_wire(flags, body.get_u32())
                 .ok_or(DecodeError::UnknownFlags { kind, flags })?
                 .with_verify(verify)
-                .with_qcow2(qcow2);
+                .with_qcow2(qcow2)
+                .with_ranges(ranges);
             let size = body.get_u64();
             if name_len != body.len() || (name_len == 0) != (op == Op::List) {
                 return Err(DecodeError::BadName);
@@ -581,6 +615,11 @@ fn parse_body(
                 message: parse_message(&body)?,
             }
         }
+        kind::RANGES => Frame::Ranges {
+            stream,
+            last: flags & FLAG_LAST != 0,
+            ranges: range::parse_ranges(&body),
+        },
         other => return Err(DecodeError::UnknownKind(other)),
     })
 }

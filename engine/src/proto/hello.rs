@@ -29,7 +29,10 @@ impl Features {
     pub const VERIFY: Features = Features(8);
     /// OPEN may ask the sink to write a qcow2 image (`OpenOptions::with_qcow2`).
     pub const QCOW2: Features = Features(16);
-    pub const ALL: Features = Features(31);
+    /// A READ may ask for some ranges of the volume (OPEN header flag RANGES, then RANGES
+    /// frames); without it a reader gets the whole volume.
+    pub const RANGES: Features = Features(32);
+    pub const ALL: Features = Features(63);
 
     pub fn contains(self, other: Features) -> bool {
         self.0 & other.0 == other.0

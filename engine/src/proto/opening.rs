@@ -7,7 +7,9 @@ use super::error::ConnError;
 use super::event::{Event, OpenError};
 use super::frame::{self, Features, Frame, Op, OpenOptions, StreamId};
 use super::stream::Stream;
+use crate::range::{Range, RangeSet};
 use crate::reason::Reason;
+use std::sync::Arc;
 
 impl Connection {
     pub(super) fn on_open(
@@ -34,7 +36,22 @@ impl Connection {
                 "OPEN of {id} asks for a qcow2 image, which was not negotiated"
             )));
         }
+        let ranged = options.ranges();
+        if ranged && !self.features().contains(Features::RANGES) {
+            return Err(ConnError::Protocol(format!(
+                "OPEN of {id} announces ranges, which were not negotiated"
+            )));
+        }
+        if ranged && op != Op::Read {
+            return Err(ConnError::Protocol(format!(
+                "OPEN of {id} announces ranges for a {op:?}: only a READ may ask for ranges"
+            )));
+        }
         if self.sent_goaway {
+            if ranged {
+                // Its RANGES frames are on their way: drop them, not the connection.
+                self.store.bury(id);
+            }
             Frame::Reject {
                 stream: id,
                 reason: Reason::GoingAway,
@@ -45,13 +62,66 @@ impl Connection {
         }
         self.counts.admit_peer()?;
         let window = self.config.stream_window;
-        self.insert(Stream::requested(id, op, options, size, window));
+        let mut stream = Stream::requested(id, op, options, size, window);
+        if ranged {
+            // The driver hears of it once the list is whole (RANGES with LAST).
+            stream.pending_ranges = Some((name, RangeSet::default()));
+            self.insert(stream);
+            return Ok(());
+        }
+        self.insert(stream);
         self.events.push_back(Event::OpenRequested {
             stream: id,
             op,
             name,
             options,
             size,
+            ranges: None,
+        });
+        Ok(())
+    }
+
+    /// Part of the range list of a READ that announced one. The list is checked as it grows;
+    /// a bad one refuses the stream (the connection goes on), an unasked one is a violation.
+    pub(super) fn on_ranges(
+        &mut self,
+        id: StreamId,
+        last: bool,
+        ranges: Vec<Range>,
+    ) -> Result<(), ConnError> {
+        let Some(key) = self.lookup(id, "RANGES")? else {
+            return Ok(());
+        };
+        let stream = &mut self.store[key];
+        let Some((_, set)) = stream.pending_ranges.as_mut() else {
+            return Err(ConnError::Protocol(format!(
+                "RANGES for {id}, which announced none or whose list was complete"
+            )));
+        };
+        if let Err(e) = set.extend(ranges) {
+            let message = format!("bad range list: {e}");
+            // Later RANGES of the list are dropped, not taken for a violation.
+            self.store.bury(id);
+            self.reject(id, Reason::Protocol, &message);
+            return Ok(());
+        }
+        if !last {
+            return Ok(());
+        }
+        let (name, set) = stream.pending_ranges.take().expect("checked above");
+        if set.is_empty() {
+            self.reject(id, Reason::Protocol, "bad range list: no ranges");
+            return Ok(());
+        }
+        let set = Arc::new(set);
+        stream.set_ranges(Some(Arc::clone(&set)));
+        self.events.push_back(Event::OpenRequested {
+            stream: id,
+            op: stream.op,
+            name,
+            options: stream.options,
+            size: stream.size,
+            ranges: Some(set),
         });
         Ok(())
     }
@@ -69,6 +139,11 @@ impl Connection {
                 "peer accepted {} bytes for a {}-byte upload",
                 size, stream.size
             );
+            self.abort(id, Reason::Protocol, &message);
+            return Ok(());
+        }
+        if let Some(Err(e)) = stream.ranges.as_ref().map(|r| r.check_within(size)) {
+            let message = format!("peer accepted a {size}-byte volume: {e}");
             self.abort(id, Reason::Protocol, &message);
             return Ok(());
         }
@@ -111,6 +186,21 @@ impl Connection {
         options: OpenOptions,
         size: u64,
     ) -> Result<StreamId, OpenError> {
+        self.open_ranged(op, name, options, size, None)
+    }
+
+    /// Opens a stream, a READ of only `ranges` of the volume when given (their content arrives
+    /// in order, each range whole; the FINISH digest covers them). Ranges need the RANGES
+    /// feature: without it this answers `OpenError::Unsupported`, and the caller reads the
+    /// whole volume or gives up.
+    pub fn open_ranged(
+        &mut self,
+        op: Op,
+        name: &str,
+        options: OpenOptions,
+        size: u64,
+        ranges: Option<Arc<RangeSet>>,
+    ) -> Result<StreamId, OpenError> {
         match self.phase {
             Phase::Handshake => return Err(OpenError::NotReady),
             Phase::Closed => return Err(OpenError::GoingAway),
@@ -129,13 +219,20 @@ impl Connection {
         if options.qcow2() && !self.features().contains(Features::QCOW2) {
             return Err(OpenError::Unsupported);
         }
+        if let Some(set) = &ranges {
+            if op != Op::Read || set.is_empty() || !self.features().contains(Features::RANGES) {
+                return Err(OpenError::Unsupported);
+            }
+        }
         let id = self.counts.open_local()?;
         // The class is a request of ours: a peer that does not know it serves the stream as bulk.
         let options = options
-            .with_priority(options.priority() && self.features().contains(Features::PRIORITY));
+            .with_priority(options.priority() && self.features().contains(Features::PRIORITY))
+            .with_ranges(ranges.is_some());
         let mut stream = Stream::opened(id, op, options, size, self.config.stream_window);
         self.send
             .init(&mut stream, self.features(), self.peer_stream_window());
+        stream.set_ranges(ranges.clone());
         self.insert(stream);
         Frame::Open {
             stream: id,
@@ -145,6 +242,18 @@ impl Connection {
             name: name.to_owned(),
         }
         .encode(&mut self.control);
+        if let Some(set) = ranges {
+            let parts = set.ranges().chunks(crate::range::RANGES_PER_FRAME);
+            let n = parts.len();
+            for (i, part) in parts.enumerate() {
+                Frame::Ranges {
+                    stream: id,
+                    last: i + 1 == n,
+                    ranges: part.to_vec(),
+                }
+                .encode(&mut self.control);
+            }
+        }
         Ok(id)
     }
 
@@ -160,6 +269,10 @@ impl Connection {
         };
         let (features, window) = (self.features(), self.peer_stream_window());
         let stream = &mut self.store[key];
+        if let Some(Err(e)) = stream.ranges.as_ref().map(|r| r.check_within(size)) {
+            let message = format!("bad range list: {e}");
+            return self.reject(id, Reason::Protocol, &message);
+        }
         if stream.accept().is_err() {
             return;
         }

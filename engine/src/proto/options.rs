@@ -35,6 +35,9 @@ pub struct OpenOptions {
     verify: bool,
     /// Also in OPEN's header flags.
     qcow2: bool,
+    /// Also a header flag: the OPEN is followed by RANGES frames (set by the connection when it
+    /// opens a ranged read; see `Connection::open_ranges`).
+    ranges: bool,
     zero_granularity: u32,
 }
 
@@ -104,6 +107,13 @@ impl OpenOptions {
         self
     }
 
+    /// The OPEN announces a range list (RANGES frames follow it): for codecs and tests, since
+    /// `Connection::open_stream` sets it from the list it is given and ignores it otherwise.
+    pub fn with_ranges(mut self, on: bool) -> Self {
+        self.ranges = on;
+        self
+    }
+
     /// Zero-detection granularity in bytes (`-S`); 0 turns zero detection off.
     pub fn with_zero_granularity(mut self, bytes: u32) -> Self {
         self.zero_granularity = bytes;
@@ -150,6 +160,11 @@ impl OpenOptions {
         self.qcow2
     }
 
+    /// The stream reads only the ranges its opener listed (RANGES frames after OPEN).
+    pub fn ranges(&self) -> bool {
+        self.ranges
+    }
+
     pub fn zero_granularity(&self) -> u32 {
         self.zero_granularity
     }
@@ -172,6 +187,7 @@ impl OpenOptions {
             // From OPEN's header flags (the frame codec sets it).
             verify: false,
             qcow2: false,
+            ranges: false,
             zero_granularity,
         })
     }

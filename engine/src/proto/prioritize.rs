@@ -517,8 +517,8 @@ mod tests {
     /// Queues one more chunk on a sending stream and schedules it.
     fn push(p: &mut Prioritize, store: &mut Store, key: Key, size: usize) {
         let send = store[key].send_half().unwrap();
-        let offset = send.next_offset;
-        send.next_offset += size as u64;
+        let offset = send.cursor.next();
+        assert!(send.cursor.take(offset, size as u64, u64::MAX));
         send.queue.push_back(Chunk::Data {
             offset,
             bytes: Bytes::from(vec![1; size]),

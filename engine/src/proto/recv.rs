@@ -123,15 +123,19 @@ impl RecvSide {
                 stats.hole_frames += 1;
             }
         }
-        let expected = recv.next_offset;
-        if offset != expected || len == 0 || offset.checked_add(len).is_none_or(|e| e > size) {
+        let expected = recv.cursor.next();
+        if !recv.cursor.take(offset, len, size) {
             // `cost` is already in `unconsumed`, which goes back to the connection window when
             // the aborted stream leaves the store.
+            let outside = if stream.ranges.is_some() {
+                "outside the ranges asked for"
+            } else {
+                "past the end"
+            };
             return Ok(Verdict::Abort(format!(
-                "chunk at {offset}+{len} out of order or past the end (expected offset {expected}, size {size})"
+                "chunk at {offset}+{len} out of order or {outside} (expected offset {expected}, size {size})"
             )));
         }
-        recv.next_offset = offset + len;
         Ok(Verdict::Deliver(chunk))
     }
 
@@ -149,10 +153,10 @@ impl RecvSide {
                 "FINISH for {id}, which is not receiving"
             )));
         };
-        if length != size || recv.next_offset != length {
+        if length != size || !recv.cursor.is_done(size) {
             let message = format!(
-                "FINISH at {length} but {} of {size} bytes arrived",
-                recv.next_offset
+                "FINISH at {length} but {} arrived (size {size})",
+                recv.cursor.describe(size)
             );
             return Ok(Verdict::Abort(message));
         }

@@ -119,23 +119,22 @@ impl SendSide {
         };
         let len = chunk.logical_len();
         match &chunk {
-            Chunk::Data { offset, .. } | Chunk::Hole { offset, .. }
-                if *offset != send.next_offset || offset + len > size || len == 0 =>
-            {
+            Chunk::Data { offset, .. } | Chunk::Hole { offset, .. } => {
+                let due = send.cursor.next();
+                if !send.cursor.take(*offset, len, size) {
+                    return Err(format!(
+                        "source gave {offset}+{len} where offset {due} of {size} was due"
+                    ));
+                }
+            }
+            Chunk::End { length, .. } if *length != size || !send.cursor.is_done(size) => {
                 return Err(format!(
-                    "source gave {offset}+{len} where offset {} of {size} was due",
-                    send.next_offset
+                    "source ended after {} (size {size})",
+                    send.cursor.describe(size)
                 ));
             }
-            Chunk::End { length, .. } if *length != size || send.next_offset != size => {
-                return Err(format!(
-                    "source ended at {} of {size} bytes",
-                    send.next_offset
-                ));
-            }
-            _ => {}
+            Chunk::End { .. } => {}
         }
-        send.next_offset += len;
         if let Chunk::Data { bytes, .. } = &chunk {
             send.queued_bytes += bytes.len();
             self.queued_total += bytes.len();

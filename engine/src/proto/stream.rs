@@ -8,8 +8,10 @@
 use super::flow::{RecvWindow, SendCredit};
 use super::frame::{Op, OpenOptions, StreamId};
 use super::prioritize::Sched;
+use crate::range::{RangeCursor, RangeSet};
 use crate::volume::Chunk;
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Where a stream is in its life. Both ends walk the same diagram; a stream leaves the store
@@ -115,8 +117,9 @@ pub(crate) struct SendHalf {
     /// Payload bytes queued (holes count nothing: they hold no memory).
     pub queued_bytes: usize,
     pub credit: SendCredit,
-    /// Offset of the next byte to send, to check the source yields chunks in order.
-    pub next_offset: u64,
+    /// Where the next chunk must start (inside the ranges asked for, if any), to check the
+    /// source yields chunks in order.
+    pub cursor: RangeCursor,
     /// Holes go out as zero DATA: the peer lacks SPARSE, or the stream asked for NO_SPARSE.
     pub expand_holes: bool,
     /// The source was told to stop because the queue was full; tell it when there is room.
@@ -127,7 +130,8 @@ pub(crate) struct SendHalf {
 #[derive(Debug)]
 pub(crate) struct RecvHalf {
     pub window: RecvWindow,
-    pub next_offset: u64,
+    /// Where the next chunk must start (inside the ranges asked for, if any).
+    pub cursor: RangeCursor,
     /// Credit cost of each chunk handed to the sink and not yet completed, in order.
     pub unconsumed: VecDeque<u64>,
 }
@@ -154,6 +158,11 @@ pub(crate) struct Stream {
     pub progress: u64,
     /// The progress value last seen by the stall check, and since when it has not moved.
     pub watch: Option<(u64, Instant)>,
+    /// A READ of only these ranges (validated; inside `size` once accepted).
+    pub ranges: Option<Arc<RangeSet>>,
+    /// A peer's ranged READ whose list is still arriving: its name, and the list so far. The
+    /// driver hears of the stream only when the list is complete.
+    pub pending_ranges: Option<(String, RangeSet)>,
 }
 
 impl Stream {
@@ -198,6 +207,8 @@ impl Stream {
             stats: StreamStats::default(),
             progress: 0,
             watch: None,
+            ranges: None,
+            pending_ranges: None,
         }
     }
 
@@ -265,6 +276,17 @@ impl Stream {
         matches!(&self.half, Half::Send(send) if !send.queue.is_empty())
     }
 
+    /// Restricts the stream's content to `ranges` (`None`: the whole volume), on whichever
+    /// half it has.
+    pub fn set_ranges(&mut self, ranges: Option<Arc<RangeSet>>) {
+        let cursor = RangeCursor::new(ranges.clone());
+        match &mut self.half {
+            Half::Send(send) => send.cursor = cursor,
+            Half::Recv(recv) => recv.cursor = cursor,
+        }
+        self.ranges = ranges;
+    }
+
     pub fn send_half(&mut self) -> Option<&mut SendHalf> {
         match &mut self.half {
             Half::Send(s) => Some(s),
@@ -280,7 +302,7 @@ impl Half {
             queued_bytes: 0,
             // Credit and hole expansion are set once the handshake's terms apply to the stream.
             credit: SendCredit::new(0),
-            next_offset: 0,
+            cursor: RangeCursor::default(),
             expand_holes: false,
             stalled_source: false,
         })
@@ -289,7 +311,7 @@ impl Half {
     fn recv(window: u32) -> Half {
         Half::Recv(RecvHalf {
             window: RecvWindow::new(window),
-            next_offset: 0,
+            cursor: RangeCursor::default(),
             unconsumed: VecDeque::new(),
         })
     }

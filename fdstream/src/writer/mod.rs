@@ -57,6 +57,9 @@ pub struct WriterOptions {
     pub verify: bool,
     /// Workers to use; the process-wide pool when `None`.
     pub pool: Option<Arc<Pool>>,
+    /// Only these ranges arrive (a ranged READ): each is written at its offset, what lies
+    /// between them is left as it is (a new file reads zero there). Not with `verify`.
+    pub ranges: Option<Arc<engine::RangeSet>>,
 }
 
 /// Where a writer puts the volume.

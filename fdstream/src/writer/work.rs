@@ -104,8 +104,10 @@ pub(super) struct Work {
     zeroer: Zeroer,
     /// A new ALLOCATED file was fallocated whole at open.
     preallocated: bool,
-    /// Where the next chunk must start.
+    /// Where the next chunk must start (or, for a ranged write, the end of the last one).
     next: u64,
+    /// A ranged write: where chunks may start, range by range.
+    cursor: Option<engine::range::RangeCursor>,
     /// How far into the current hole the zeroing got.
     hole_done: Option<u64>,
     digest: Digest,
@@ -140,6 +142,10 @@ impl Work {
         size: u64,
         bytes_written: Arc<AtomicU64>,
     ) -> Work {
+        let cursor = options
+            .ranges
+            .clone()
+            .map(|r| engine::range::RangeCursor::new(Some(r)));
         Work {
             target: Some(target),
             options,
@@ -154,6 +160,7 @@ impl Work {
             zeroer: Zeroer::new(Kind::Regular, false),
             preallocated: false,
             next: 0,
+            cursor,
             hole_done: None,
             digest: Digest::new(),
             bytes_written,
@@ -218,6 +225,13 @@ impl Work {
                 self.file = Some(file);
             }
         }
+        if self.cursor.is_some() && (self.options.verify || self.kind == Kind::Stream) {
+            return Err(Error::Unsupported(format!(
+                "{}: ranges are written in place, which a pipe cannot take and --verify \
+                 cannot read back yet",
+                self.shown
+            )));
+        }
         if self.options.verify && self.kind != Kind::Stream {
             self.expected = Some(Expected::default());
         }
@@ -245,9 +259,17 @@ impl Work {
     fn handle_batch(&mut self, batch: &[Chunk]) -> (usize, Result<bool, Error>) {
         let mut done = 0;
         while done < batch.len() {
+            // DATA chunks that follow each other on disk (a ranged write jumps between ranges).
+            let mut end = None;
             let run = batch[done..]
                 .iter()
-                .take_while(|c| matches!(c, Chunk::Data { .. }))
+                .take_while(|c| match c {
+                    Chunk::Data { offset, bytes } if end.is_none_or(|e| e == *offset) => {
+                        end = Some(offset + bytes.len() as u64);
+                        true
+                    }
+                    _ => false,
+                })
                 .count();
             // Under O_DIRECT one pwritev needs every iovec aligned in memory and length.
             let aligned = !self.direct_on
@@ -277,20 +299,34 @@ impl Work {
     /// Writes consecutive DATA chunks with one pwritev (retrying what a short write left).
     fn write_data_run(&mut self, chunks: &[Chunk]) -> Result<(), Error> {
         let mut slices = Vec::with_capacity(chunks.len());
-        let start = self.next;
+        // The run is contiguous (handle_batch made it so): one check of where it starts and
+        // ends, or of each piece against the ranges.
+        let start = match chunks.first() {
+            Some(Chunk::Data { offset, .. }) => *offset,
+            _ => self.next,
+        };
         let mut end = start;
         for c in chunks {
             if let Chunk::Data { offset, bytes } = c {
-                if *offset != end || offset + bytes.len() as u64 > self.size {
-                    return Err(Error::Length {
-                        expected: end,
-                        got: *offset,
-                    });
+                if let Some(cursor) = &mut self.cursor {
+                    if !cursor.take(*offset, bytes.len() as u64, self.size) {
+                        return Err(Error::Length {
+                            expected: cursor.next(),
+                            got: *offset,
+                        });
+                    }
                 }
                 end += bytes.len() as u64;
                 slices.push(std::io::IoSlice::new(bytes));
             }
         }
+        if (self.cursor.is_none() && start != self.next) || end > self.size {
+            return Err(Error::Length {
+                expected: self.next,
+                got: start,
+            });
+        }
+        self.next = start;
         let file = self.file.as_ref().ok_or(Error::Cancelled)?;
         let written = loop {
             match nix::sys::uio::pwritev(file, &slices, start as libc::off_t) {
@@ -355,10 +391,10 @@ impl Work {
     }
 
     fn handle_inner(&mut self, chunk: &Chunk) -> Result<bool, Error> {
-        let file = self.file.as_ref().ok_or(Error::Cancelled)?;
         match chunk {
             Chunk::Data { offset, bytes } => {
                 self.check_offset(*offset, bytes.len() as u64)?;
+                let file = self.file.as_ref().ok_or(Error::Cancelled)?;
                 let r = if self.direct_on {
                     self.direct
                         .write(file, self.kind, *offset, bytes, self.align)
@@ -422,7 +458,11 @@ impl Work {
                 Ok(true)
             }
             &Chunk::End { length, digest } => {
-                if length != self.size || self.next != length {
+                let whole = match &self.cursor {
+                    Some(cursor) => cursor.is_done(self.size),
+                    None => self.next == length,
+                };
+                if length != self.size || !whole {
                     return Err(Error::Length {
                         expected: self.size,
                         got: self.next,
@@ -464,13 +504,23 @@ impl Work {
         end
     }
 
-    fn check_offset(&self, offset: u64, len: u64) -> Result<(), Error> {
-        if offset != self.next || offset + len > self.size {
+    /// Checks that a chunk starts where it is due and fits the volume; a ranged write jumps
+    /// to the start of the next range (the bytes in between are not the stream's).
+    fn check_offset(&mut self, offset: u64, len: u64) -> Result<(), Error> {
+        let (ok, expected) = match &mut self.cursor {
+            Some(cursor) => (cursor.take(offset, len, self.size), cursor.next()),
+            None => (
+                offset == self.next && offset.checked_add(len).is_some_and(|e| e <= self.size),
+                self.next,
+            ),
+        };
+        if !ok {
             return Err(Error::Length {
-                expected: self.next,
+                expected,
                 got: offset,
             });
         }
+        self.next = offset;
         Ok(())
     }
 

@@ -6,6 +6,7 @@
 //! `endpoints` moves content between them and their streams, `socket_io` moves bytes between
 //! the socket and the protocol state.
 
+mod clip;
 mod endpoints;
 mod socket_io;
 
@@ -21,6 +22,7 @@ use crate::proto::{
     ConnError, Connection, Event, Op, OpenError, OpenOptions, Reason, StreamId, StreamStats,
     Transmit,
 };
+use crate::range::RangeSet;
 use crate::volume::{Chunk, Notify, VolumeError, VolumeReader, VolumeWriter};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,6 +38,9 @@ pub struct Transfer {
     pub op: Op,
     pub name: String,
     pub options: OpenOptions,
+    /// For `Op::Read`: only these ranges of the volume, written at their offsets (the peer
+    /// must announce RANGES, else the transfer fails with `Reason::Unsupported`). `None`: all.
+    pub ranges: Option<Arc<RangeSet>>,
     pub endpoint: Endpoint,
     pub on_done: OnDone,
 }
@@ -71,6 +76,7 @@ struct Local {
     endpoint: Endpoint,
     op: Op,
     options: OpenOptions,
+    ranges: Option<Arc<RangeSet>>,
     gate: Gate,
     stream: Option<StreamId>,
     armed: Arc<AtomicBool>,
@@ -215,6 +221,7 @@ impl Driver {
                 endpoint,
                 op,
                 options: OpenOptions::default(),
+                ranges: None,
                 gate: Gate::Accept,
                 stream: None,
                 armed: Arc::new(AtomicBool::new(false)),
@@ -250,6 +257,7 @@ impl Driver {
         let key = self.new_local(transfer.endpoint, op, transfer.name, now);
         let local = self.locals.get_mut(&key).unwrap();
         local.options = transfer.options;
+        local.ranges = transfer.ranges;
         local.on_done = Some(transfer.on_done);
         let mismatch = matches!(
             (&local.endpoint, op),
@@ -293,10 +301,13 @@ impl Driver {
     fn open_waiting(&mut self, now: Instant) {
         while let Some(&key) = self.waiting.front() {
             let local = &self.locals[&key];
-            match self
-                .conn
-                .open_stream(local.op, &local.name, local.options, local.size)
-            {
+            match self.conn.open_ranged(
+                local.op,
+                &local.name,
+                local.options,
+                local.size,
+                local.ranges.clone(),
+            ) {
                 Ok(stream) => {
                     self.waiting.pop_front();
                     self.locals.get_mut(&key).unwrap().stream = Some(stream);
@@ -328,11 +339,12 @@ impl Driver {
                 }
                 Err(OpenError::Unsupported) => {
                     self.waiting.pop_front();
-                    let error = failure(
-                        Reason::Unsupported,
-                        "the peer cannot verify what it writes (it does not announce VERIFY)",
-                        Origin::Protocol,
-                    );
+                    let why = if local.ranges.is_some() {
+                        "the peer cannot serve ranges of a volume (it does not announce RANGES)"
+                    } else {
+                        "the peer cannot verify what it writes (it does not announce VERIFY)"
+                    };
+                    let error = failure(Reason::Unsupported, why, Origin::Protocol);
                     self.end_local(key, StreamStats::default(), Err(error), now);
                 }
             }
@@ -367,7 +379,8 @@ impl Driver {
                     name,
                     options,
                     size,
-                } => self.on_open_requested(stream, op, name, options, size, now),
+                    ranges,
+                } => self.on_open_requested(stream, op, name, options, size, ranges, now),
                 Event::Accepted { stream, size } => {
                     let Some(&key) = self.by_stream.get(&stream) else {
                         continue;
@@ -453,6 +466,7 @@ impl Driver {
         name: String,
         options: OpenOptions,
         size: u64,
+        ranges: Option<Arc<RangeSet>>,
         now: Instant,
     ) {
         if self.conn.is_closed() {
@@ -468,6 +482,7 @@ impl Driver {
             name: name.clone(),
             options,
             size,
+            ranges: ranges.clone(),
             peer: self.peer.clone(),
             identity: self.identity.clone(),
         };
@@ -478,6 +493,9 @@ impl Driver {
             Op::Extents => provider.open_extents(&request).map(Endpoint::Reader),
         };
         let endpoint = match opened {
+            Ok(Endpoint::Reader(reader)) if ranges.is_some() && !reader.serves_ranges() => {
+                Endpoint::Reader(Box::new(clip::Clip::new(reader, ranges.unwrap())))
+            }
             Ok(endpoint) => endpoint,
             Err(e) => {
                 log::info!("{}: refusing {op:?} of {name:?}: {e}", self.peer);

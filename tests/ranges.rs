@@ -1,0 +1,141 @@
+//! `download --range` against a real `serve`: only the ranges travel (`--json` wire_bytes),
+//! each lands at its offset, a new file reads zero elsewhere and an existing one (--in-place)
+//! keeps what it had; a server reading through the iohelper (whole-volume reads, cut by the
+//! engine) gives the same bytes; bad lists get one clear line and leave nothing behind.
+
+mod common;
+
+use common::*;
+use std::process::Output;
+
+const KIB: u64 = 1024;
+
+fn ended(out: &Output) -> serde_json::Value {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["event"] == "finished" || v["event"] == "failed")
+        .unwrap_or_else(|| panic!("no end line in {:?}", String::from_utf8_lossy(&out.stdout)))
+}
+
+/// Whether `copy` holds `source`'s bytes in `ranges` and `fill` everywhere else.
+fn check(copy: &[u8], source: &[u8], ranges: &[(u64, u64)], fill: u8) {
+    assert_eq!(copy.len(), source.len(), "the copy has the volume's size");
+    let mut at = 0usize;
+    for &(o, l) in ranges {
+        let (o, l) = (o as usize, l as usize);
+        assert!(copy[at..o].iter().all(|&b| b == fill), "outside the ranges before {o}");
+        assert!(copy[o..o + l] == source[o..o + l], "range {o}+{l}");
+        at = o + l;
+    }
+    assert!(copy[at..].iter().all(|&b| b == fill), "outside the ranges at the end");
+}
+
+#[test]
+fn only_the_ranges_travel_and_land_at_their_offsets() {
+    let dir = TempDir::new("ranges");
+    let pool = dir.join("pool");
+    std::fs::create_dir_all(&pool).unwrap();
+    let size = 64 * MIB;
+    // Data at 1 MiB and 40 MiB; the rest holes.
+    sparse_file(&pool.join("vol"), size, &[(MIB, 4 * MIB), (40 * MIB, 2 * MIB)], 9);
+    let source = read_all(&pool.join("vol"));
+    // Given unsorted: inside data, across a data/hole edge, all hole, the very end.
+    let ranges = [
+        (2 * MIB + 123, 300 * KIB),
+        (39 * MIB, 2 * MIB),
+        (20 * MIB, 4096),
+        (size - 10, 10),
+    ];
+    let mut sorted = ranges.to_vec();
+    sorted.sort();
+    let asked: u64 = ranges.iter().map(|r| r.1).sum();
+    let args: Vec<String> = ranges
+        .iter()
+        .flat_map(|(o, l)| ["--range".to_string(), format!("{o}:{l}")])
+        .collect();
+    for serve_extra in [&[][..], &["--iohelper"][..]] {
+        if serve_extra.contains(&"--iohelper") && !iohelper_built() {
+            eprintln!("skipping the iohelper server: volstream-iohelper is not built");
+            continue;
+        }
+        let listen = format!("unix:{}", dir.join("s.sock").display());
+        let _server = Server::start_with(&pool, &listen, serve_extra);
+
+        // A new file: the ranges, zeroes elsewhere, only the ranges' data allocated.
+        let copy = dir.join("copy");
+        let _ = std::fs::remove_file(&copy);
+        let out = run(bin()
+            .args(["download", "--json", "--connect", &listen])
+            .args(&args)
+            .arg("vol")
+            .arg(&copy));
+        assert!(out.status.success(), "{serve_extra:?} {:?}", stderr_lines(&out));
+        let end = ended(&out);
+        let (data, holes, wire) = (
+            end["data_bytes"].as_u64().unwrap(),
+            end["hole_bytes"].as_u64().unwrap(),
+            end["wire_bytes"].as_u64().unwrap(),
+        );
+        assert_eq!(data + holes, asked, "{end}");
+        // The hole ranges travel as HOLE frames: on the wire, the data asked for and headers.
+        assert!(data < asked && wire < data + 64 * KIB, "{end}");
+        check(&read_all(&copy), &source, &sorted, 0);
+        assert!(allocated(&copy) <= data + 64 * KIB, "{} allocated", allocated(&copy));
+        assert!(temporaries(&dir).is_empty(), "{:?}", temporaries(&dir));
+
+        // An existing file written in place: outside the ranges it keeps its 0xAA.
+        let old = dir.join("old");
+        filled(&old, size, 0xAA);
+        let out = run(bin()
+            .args(["download", "--overwrite", "--in-place", "--connect", &listen])
+            .args(&args)
+            .arg("vol")
+            .arg(&old));
+        assert!(out.status.success(), "{serve_extra:?} {:?}", stderr_lines(&out));
+        check(&read_all(&old), &source, &sorted, 0xAA);
+    }
+}
+
+#[test]
+fn bad_range_lists_get_one_clear_line_and_leave_nothing() {
+    let dir = TempDir::new("ranges-bad");
+    let pool = dir.join("pool");
+    std::fs::create_dir_all(&pool).unwrap();
+    sparse_file(&pool.join("vol"), 4 * MIB, &[(0, MIB)], 3);
+    let listen = format!("unix:{}", dir.join("s.sock").display());
+    let _server = Server::start(&pool, &listen);
+    let copy = dir.join("copy");
+    let download = |ranges: &[&str]| {
+        let mut cmd = bin();
+        cmd.args(["download", "--connect", &listen]);
+        for r in ranges {
+            cmd.args(["--range", r]);
+        }
+        run(cmd.arg("vol").arg(&copy))
+    };
+
+    let out = download(&["0:100", "50:100"]);
+    assert_eq!(out.status.code(), Some(2), "{:?}", stderr_lines(&out));
+    assert!(line_with(&out, "--range").contains("overlaps"));
+
+    let out = download(&["10:0"]);
+    assert_eq!(out.status.code(), Some(2), "{:?}", stderr_lines(&out));
+
+    // Past the end: only the server knows the size; it refuses the stream, one line.
+    let out = download(&["0:10", &format!("{}:2", 4 * MIB - 1)]);
+    assert_eq!(out.status.code(), Some(1), "{:?}", stderr_lines(&out));
+    let line = line_with(&out, "past the end");
+    assert!(line.contains("vol"), "{line}");
+    assert_eq!(stderr_lines(&out).len(), 1, "{:?}", stderr_lines(&out));
+    assert!(!copy.exists());
+    assert!(temporaries(&dir).is_empty(), "{:?}", temporaries(&dir));
+
+    // Where a range cannot be written at its offset.
+    let out = run(bin()
+        .args(["download", "--connect", &listen, "--range", "0:10", "vol", "-"]));
+    assert_eq!(out.status.code(), Some(2), "{:?}", stderr_lines(&out));
+    assert!(line_with(&out, "--range").contains("stdout"));
+    let out = download(&["0:10", "--verify"]);
+    assert_ne!(out.status.code(), Some(0));
+}
