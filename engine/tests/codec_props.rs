@@ -71,7 +71,7 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
         (
             arb_stream(),
             prop_oneof![Just(Op::Read), Just(Op::Write)],
-            0u16..1024,
+            0u16..2048,
             any::<u32>(),
             any::<u64>(),
             arb_name()
@@ -92,6 +92,7 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
                         .with_top_only(flags & 128 != 0)
                         .with_verify(flags & 256 != 0)
                         .with_qcow2(flags & 512 != 0)
+                        .with_ranges(flags & 1024 != 0)
                         .with_zero_granularity(zero_granularity),
                     size,
                     name
@@ -147,6 +148,20 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
                 message,
             }
         }),
+        // Any ranges round-trip: the codec carries them, the stream validates them.
+        (
+            arb_stream(),
+            any::<bool>(),
+            prop::collection::vec((any::<u64>(), any::<u64>()), 1..=255)
+        )
+            .prop_map(|(stream, last, ranges)| Frame::Ranges {
+                stream,
+                last,
+                ranges: ranges
+                    .into_iter()
+                    .map(|(o, l)| engine::Range::new(o, l))
+                    .collect(),
+            }),
     ]
 }
 
@@ -165,7 +180,7 @@ fn body_len(encoded: &[u8]) -> u32 {
 /// uniformly random bytes do.
 fn arb_raw_frame() -> impl Strategy<Value = Vec<u8>> {
     (
-        0u8..=12,
+        0u8..=13,
         prop_oneof![4 => Just(0u8), 1 => any::<u8>()],
         prop_oneof![8 => Just(0u16), 1 => any::<u16>()],
         prop_oneof![Just(0u32), 1u32..=4, any::<u32>()],

@@ -9,7 +9,7 @@ mod harness;
 
 use bytes::{Bytes, BytesMut};
 use engine::proto::{ConnError, Features, Frame, Hello, Op, OpenOptions, Reason, StreamId};
-use engine::Digest;
+use engine::{Digest, Range};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Once;
@@ -234,6 +234,14 @@ fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>, Expect)> {
                 message: "bye".into(),
             },
         ),
+        (
+            "ranges",
+            Frame::Ranges {
+                stream: s(1),
+                last: true,
+                ranges: vec![Range::new(0, 4096), Range::new(8192, 100)],
+            },
+        ),
     ];
     let mut out = Vec::new();
     for (name, frame) in &every_kind {
@@ -417,6 +425,68 @@ fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>, Expect)> {
         "handshake",
         "priority_without_the_feature",
         priority_unnegotiated,
+        ends(0, ErrorKind::Protocol),
+    ));
+    // Range reads (PROTOCOL.md 6.5): served; a bad list refuses the stream only; misuse ends
+    // the connection.
+    let ranged = |ranges: &[(u64, u64)]| {
+        vec![
+            Frame::Open {
+                stream: s(1),
+                op: Op::Read,
+                options: OpenOptions::default().with_ranges(true),
+                size: 0,
+                name: "disk".into(),
+            },
+            Frame::Ranges {
+                stream: s(1),
+                last: true,
+                ranges: ranges.iter().map(|&(o, l)| Range::new(o, l)).collect(),
+            },
+        ]
+    };
+    let mut ranged_download = ranged(&[(100, 4000), (8000, 300)]);
+    // The harness reads in pieces, the ninth 4096 bytes long: PINGs carry the acknowledgement
+    // past it, so the server has sent its FINISH by then, as in download_then_goaway.
+    ranged_download.extend((0..205).map(|i| Frame::Ping { data: i }));
+    ranged_download.extend([
+        Frame::Finish {
+            stream: s(1),
+            length: harness::SOURCE_LEN,
+            digest: None,
+            ack: true,
+        },
+        Frame::GoAway {
+            last_stream: s(0),
+            reason: Reason::GoingAway,
+            message: String::new(),
+        },
+    ]);
+    out.push((
+        "handshake",
+        "ranged_download",
+        client(&ranged_download),
+        ends(1, ErrorKind::Clean),
+    ));
+    for (name, list) in [
+        ("ranges_unsorted", &[(8000, 10), (0, 10)][..]),
+        ("ranges_overlapping", &[(0, 100), (50, 10)][..]),
+        ("ranges_past_end", &[(harness::SOURCE_LEN - 1, 2)][..]),
+        ("ranges_empty_range", &[(5, 0)][..]),
+    ] {
+        out.push((
+            "handshake",
+            name,
+            client(&ranged(list)),
+            ends(0, ErrorKind::PeerClosed),
+        ));
+    }
+    let mut unasked = vec![open(1, Op::Read, 0, "disk")];
+    unasked.push(ranged(&[(0, 1)]).pop().unwrap());
+    out.push((
+        "handshake",
+        "ranges_unasked",
+        client(&unasked),
         ends(0, ErrorKind::Protocol),
     ));
     let mut truncated_hello = client(&[]);

@@ -5,7 +5,7 @@
 use bytes::{BufMut, BytesMut};
 use engine::proto::frame::{Frame, Hello};
 use engine::proto::{
-    Config, Connection, ConnError, Event, Features, Op, OpenError, OpenOptions, Side, StreamId,
+    Config, ConnError, Connection, Event, Features, Op, OpenError, OpenOptions, Side, StreamId,
     Transmit,
 };
 use engine::range::MAX_RANGES;
@@ -105,7 +105,10 @@ fn ranges_past_the_end_refuse_only_that_stream() {
     assert!(pair.settle(10_000));
     assert_eq!(pair.client.end(bad), Some(&End::Rejected(Reason::Protocol)));
     assert!(matches!(pair.client.end(good), Some(End::Completed(_))));
-    assert!(pair.client.closed_with().is_none(), "the connection goes on");
+    assert!(
+        pair.client.closed_with().is_none(),
+        "the connection goes on"
+    );
 }
 
 #[test]
@@ -244,7 +247,10 @@ fn hostile_lists_are_refused_with_their_fault_and_the_connection_goes_on() {
             Raw::ranges(id, false, list),
             Raw::ranges(id, true, &[(u64::MAX - 10, 1)]),
         ]);
-        assert!(raw.requested().is_empty(), "{fault}: never reaches the provider");
+        assert!(
+            raw.requested().is_empty(),
+            "{fault}: never reaches the provider"
+        );
         assert!(!raw.conn.is_closed(), "{fault}: {:?}", raw.conn.error());
         let reject = raw.replies().into_iter().find_map(|f| match f {
             Frame::Reject {
@@ -307,7 +313,9 @@ fn misuse_of_ranges_ends_the_connection() {
         },
         Raw::ranges(1, true, &[(0, 1)]),
     ]);
-    assert!(matches!(raw.conn.error(), Some(ConnError::Protocol(m)) if m.contains("announced none")));
+    assert!(
+        matches!(raw.conn.error(), Some(ConnError::Protocol(m)) if m.contains("announced none"))
+    );
     // The RANGES flag on a WRITE.
     let mut raw = Raw::new();
     raw.send(&[Frame::Open {
@@ -352,5 +360,7 @@ fn the_flag_without_the_feature_ends_the_connection() {
     .encode(&mut hello);
     raw.feed(&hello);
     raw.send(&[Raw::open(1), Raw::ranges(1, true, &[(0, 1)])]);
-    assert!(matches!(raw.conn.error(), Some(ConnError::Protocol(m)) if m.contains("not negotiated")));
+    assert!(
+        matches!(raw.conn.error(), Some(ConnError::Protocol(m)) if m.contains("not negotiated"))
+    );
 }

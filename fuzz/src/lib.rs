@@ -139,6 +139,7 @@ impl Driver {
                     op,
                     name,
                     size,
+                    ranges,
                     ..
                 } => {
                     self.outcome.opened += 1;
@@ -148,7 +149,7 @@ impl Driver {
                         conn.accept(stream, size);
                     } else {
                         conn.accept(stream, SOURCE_LEN);
-                        send_source(conn, stream);
+                        send_source(conn, stream, ranges.as_deref());
                     }
                 }
                 Event::Chunk { stream, chunk } => {
@@ -196,14 +197,11 @@ static PATTERN: [u8; 4096] = {
     p
 };
 
-/// Queues the served volume: data, a hole, data, the end with its digest.
-fn send_source(conn: &mut Connection, stream: StreamId) {
+/// Queues the served volume: data, a hole, data, the end with its digest; of a ranged READ
+/// only the pieces inside its ranges, the digest over them.
+fn send_source(conn: &mut Connection, stream: StreamId, ranges: Option<&engine::RangeSet>) {
     let data = Bytes::from_static(&PATTERN);
-    let mut digest = Digest::new();
-    digest.update(&data);
-    digest.update_zeroes(4096);
-    digest.update(&data);
-    let chunks = [
+    let whole = [
         Chunk::Data {
             offset: 0,
             bytes: data.clone(),
@@ -216,11 +214,45 @@ fn send_source(conn: &mut Connection, stream: StreamId) {
             offset: 8192,
             bytes: data,
         },
-        Chunk::End {
-            length: SOURCE_LEN,
-            digest: Some(digest.value()),
-        },
     ];
+    let all = [engine::Range::new(0, SOURCE_LEN)];
+    let wanted = ranges.map_or(&all[..], |r| r.ranges());
+    let mut digest = Digest::new();
+    let mut chunks = Vec::new();
+    for r in wanted {
+        for chunk in &whole {
+            let offset = match chunk {
+                Chunk::Data { offset, .. } | Chunk::Hole { offset, .. } => *offset,
+                Chunk::End { .. } => continue,
+            };
+            let len = chunk.logical_len();
+            let (from, to) = (r.offset.max(offset), r.end().min(offset + len));
+            if from >= to {
+                continue;
+            }
+            chunks.push(match chunk {
+                Chunk::Data { bytes, .. } => {
+                    let bytes = bytes.slice((from - offset) as usize..(to - offset) as usize);
+                    digest.update(&bytes);
+                    Chunk::Data {
+                        offset: from,
+                        bytes,
+                    }
+                }
+                _ => {
+                    digest.update_zeroes(to - from);
+                    Chunk::Hole {
+                        offset: from,
+                        len: to - from,
+                    }
+                }
+            });
+        }
+    }
+    chunks.push(Chunk::End {
+        length: SOURCE_LEN,
+        digest: Some(digest.value()),
+    });
     for chunk in chunks {
         if !conn.can_send(stream) {
             break;

@@ -302,6 +302,8 @@ fn write(a: &Args, conn: &mut Conn) -> Result<(), Failure> {
         direct: a.direct,
         verify: a.verify,
         pool: None,
+        // The CLI refuses --range with --iohelper: a helper writes whole volumes.
+        ranges: None,
     };
     let target = if let Some(p) = &a.path {
         WriteTarget::in_place(p).named(a.shown.clone())

@@ -5,8 +5,8 @@ use super::PeerIdentity;
 use crate::proto::OpenOptions;
 use crate::range::RangeSet;
 use crate::reason::Reason;
-use std::sync::Arc;
 use crate::volume::{VolumeError, VolumeReader, VolumeWriter};
+use std::sync::Arc;
 
 /// What a server asks its host for: a volume by name, for reading or writing.
 #[derive(Debug, Clone)]
