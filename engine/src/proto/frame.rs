@@ -500,7 +500,7 @@ fn check_shape(kind: u8, flags: u8, len: u32, stream: StreamId) -> Result<(), De
         kind::FINISH => fixed(body::FINISH),
         kind::PING | kind::PONG => fixed(body::PING),
         kind::GOAWAY => at_least(body::GOAWAY_MIN, MAX_MESSAGE_LEN),
-        kind::RANGES if len % RANGE_WIRE_LEN == 0 => {
+        kind::RANGES if len.is_multiple_of(RANGE_WIRE_LEN) => {
             at_least(RANGE_WIRE_LEN, (RANGES_PER_FRAME - 1) * RANGE_WIRE_LEN)
         }
         kind::RANGES => Err(bad_len()),

@@ -380,7 +380,17 @@ impl Driver {
                     options,
                     size,
                     ranges,
-                } => self.on_open_requested(stream, op, name, options, size, ranges, now),
+                } => {
+                    let request = OpenRequest {
+                        name,
+                        options,
+                        size,
+                        ranges,
+                        peer: self.peer.clone(),
+                        identity: self.identity.clone(),
+                    };
+                    self.on_open_requested(stream, op, request, now)
+                }
                 Event::Accepted { stream, size } => {
                     let Some(&key) = self.by_stream.get(&stream) else {
                         continue;
@@ -459,16 +469,7 @@ impl Driver {
         }
     }
 
-    fn on_open_requested(
-        &mut self,
-        stream: StreamId,
-        op: Op,
-        name: String,
-        options: OpenOptions,
-        size: u64,
-        ranges: Option<Arc<RangeSet>>,
-        now: Instant,
-    ) {
+    fn on_open_requested(&mut self, stream: StreamId, op: Op, request: OpenRequest, now: Instant) {
         if self.conn.is_closed() {
             // Refused or failed in the same batch of input: nothing is served.
             return;
@@ -478,14 +479,6 @@ impl Driver {
                 .reject(stream, Reason::Unsupported, "this side serves no volumes");
             return;
         };
-        let request = OpenRequest {
-            name: name.clone(),
-            options,
-            size,
-            ranges: ranges.clone(),
-            peer: self.peer.clone(),
-            identity: self.identity.clone(),
-        };
         let opened = match op {
             Op::Read => provider.open_read(&request).map(Endpoint::Reader),
             Op::Write => provider.open_write(&request).map(Endpoint::Writer),
@@ -493,16 +486,18 @@ impl Driver {
             Op::Extents => provider.open_extents(&request).map(Endpoint::Reader),
         };
         let endpoint = match opened {
-            Ok(Endpoint::Reader(reader)) if ranges.is_some() && !reader.serves_ranges() => {
-                Endpoint::Reader(Box::new(clip::Clip::new(reader, ranges.unwrap())))
+            Ok(Endpoint::Reader(reader)) if request.ranges.is_some() && !reader.serves_ranges() => {
+                let ranges = request.ranges.clone().expect("checked above");
+                Endpoint::Reader(Box::new(clip::Clip::new(reader, ranges)))
             }
             Ok(endpoint) => endpoint,
             Err(e) => {
-                log::info!("{}: refusing {op:?} of {name:?}: {e}", self.peer);
+                log::info!("{}: refusing {op:?} of {:?}: {e}", self.peer, request.name);
                 return self.conn.reject(stream, e.reason, &e.message);
             }
         };
-        let key = self.new_local(endpoint, op, name, now);
+        let (options, size) = (request.options, request.size);
+        let key = self.new_local(endpoint, op, request.name, now);
         self.by_stream.insert(stream, key);
         let notify = self.notify_for(key);
         let local = self.locals.get_mut(&key).unwrap();
