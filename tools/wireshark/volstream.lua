@@ -28,6 +28,7 @@ local UNKNOWN_MAX_FRAME = 16 * 1024 * 1024
 local TYPES = {
     [1] = "OPEN", [2] = "ACCEPT", [3] = "REJECT", [4] = "DATA", [5] = "HOLE", [6] = "WINDOW",
     [7] = "FINISH", [8] = "ABORT", [9] = "PING", [10] = "PONG", [11] = "GOAWAY",
+    [12] = "RANGES",
 }
 local T = {}
 for code, name in pairs(TYPES) do T[name] = code end
@@ -45,14 +46,16 @@ local REASONS = {
 }
 
 -- Section 3.2.
-local SPARSE, DIGEST, PRIORITY, VERIFY, QCOW2 = 0x1, 0x2, 0x4, 0x8, 0x10
--- Section 4.2, FINISH flags.
+local SPARSE, DIGEST, PRIORITY, VERIFY, QCOW2, RANGES = 0x1, 0x2, 0x4, 0x8, 0x10, 0x20
+local FEATURES_RESERVED = 0xffffffc0
+-- Section 4.2, FINISH and RANGES flags.
 local FLAG_ACK, FLAG_DIGEST = 0x01, 0x02
+local FLAG_LAST = 0x01
 -- Section 4.3.
 local OPTION_PRIORITY = 0x40
 local OPTION_TOP_ONLY = 0x80
 -- Section 4.3: OPEN's header flags.
-local FLAG_VERIFY, FLAG_QCOW2 = 0x01, 0x02
+local FLAG_VERIFY, FLAG_QCOW2, FLAG_RANGES = 0x01, 0x02, 0x04
 
 local f = {
     -- Section 2: the Hello record.
@@ -71,8 +74,10 @@ local f = {
         VERIFY, "OPEN may ask the sink to read the volume back"),
     feature_qcow2 = ProtoField.bool("volstream.hello.features.QCOW2", "QCOW2", 32, nil,
         QCOW2, "OPEN may ask the sink to write a qcow2 image"),
+    feature_ranges = ProtoField.bool("volstream.hello.features.RANGES", "RANGES", 32, nil,
+        RANGES, "a READ may ask for some ranges of the volume"),
     feature_reserved = ProtoField.uint32("volstream.hello.features.reserved", "reserved",
-        base.HEX, nil, 0xffffffe0),
+        base.HEX, nil, FEATURES_RESERVED),
     max_frame = ProtoField.uint32("volstream.hello.max_frame", "max_frame", base.DEC),
     stream_window = ProtoField.uint32("volstream.hello.stream_window", "stream_window", base.DEC),
     conn_window = ProtoField.uint32("volstream.hello.conn_window", "conn_window", base.DEC),
@@ -115,6 +120,12 @@ local f = {
         "OPEN: the sink reads the volume back before it gets its name"),
     flag_qcow2 = ProtoField.bool("volstream.flags.QCOW2", "QCOW2", 8, nil, FLAG_QCOW2,
         "OPEN: the sink writes the volume as a qcow2 image"),
+    flag_ranges = ProtoField.bool("volstream.flags.RANGES", "RANGES", 8, nil, FLAG_RANGES,
+        "OPEN: RANGES frames follow; only those ranges are sent"),
+    flag_last = ProtoField.bool("volstream.flags.LAST", "LAST", 8, nil, FLAG_LAST,
+        "RANGES: the stream's range list is complete"),
+    ranges_offset = ProtoField.uint64("volstream.ranges.offset", "offset", base.DEC),
+    ranges_len = ProtoField.uint64("volstream.ranges.len", "len", base.DEC),
     open_name_len = ProtoField.uint16("volstream.open.name_len", "name_len", base.DEC),
     open_zero_granularity = ProtoField.uint32("volstream.open.zero_granularity",
         "zero_granularity", base.DEC),
@@ -285,8 +296,11 @@ local function dissect_hello(tvb, pinfo, tree, offset)
     ft:add(f.feature_priority, tvb(offset + 12, 4))
     ft:add(f.feature_verify, tvb(offset + 12, 4))
     ft:add(f.feature_qcow2, tvb(offset + 12, 4))
+    ft:add(f.feature_ranges, tvb(offset + 12, 4))
     local fr = ft:add(f.feature_reserved, tvb(offset + 12, 4))
-    if bit32.band(features, 0xffffffe0) ~= 0 then fr:add_proto_expert_info(e.reserved_features) end
+    if bit32.band(features, FEATURES_RESERVED) ~= 0 then
+        fr:add_proto_expert_info(e.reserved_features)
+    end
     local max_frame = tvb(offset + 16, 4):uint()
     local mitem = t:add(f.max_frame, tvb(offset + 16, 4))
     if max_frame < MIN_MAX_FRAME then mitem:add_proto_expert_info(e.small_max_frame) end
@@ -300,7 +314,7 @@ local function dissect_hello(tvb, pinfo, tree, offset)
     hellos[direction_key(pinfo, true)] = { max_frame = max_frame, features = features }
     local names = bit_names(features,
         { { SPARSE, "SPARSE" }, { DIGEST, "DIGEST" }, { PRIORITY, "PRIORITY" },
-          { VERIFY, "VERIFY" }, { QCOW2, "QCOW2" } })
+          { VERIFY, "VERIFY" }, { QCOW2, "QCOW2" }, { RANGES, "RANGES" } })
     return string.format("Hello v%d..%d features %s max_frame %d", vmin, vmax,
         names == "" and "none" or names, max_frame)
 end
@@ -311,7 +325,8 @@ local function header_problem(kind, flags, reserved, len, stream)
     if TYPES[kind] == nil then return e.unknown_type end
     local allowed = 0
     if kind == T.FINISH then allowed = bit32.bor(FLAG_ACK, FLAG_DIGEST) end
-    if kind == T.OPEN then allowed = bit32.bor(FLAG_VERIFY, FLAG_QCOW2) end
+    if kind == T.OPEN then allowed = bit32.bor(FLAG_VERIFY, FLAG_QCOW2, FLAG_RANGES) end
+    if kind == T.RANGES then allowed = FLAG_LAST end
     if bit32.band(flags, bit32.bnot(allowed)) ~= 0 then return e.bad_flags end
     local connection_level = kind == T.PING or kind == T.PONG or kind == T.GOAWAY
     if connection_level and stream ~= 0 then return e.bad_stream end
@@ -333,6 +348,8 @@ local function header_problem(kind, flags, reserved, len, stream)
         ok = len == 12
     elseif kind == T.GOAWAY then
         ok = len >= 8 and len - 8 <= MAX_MESSAGE_LEN
+    elseif kind == T.RANGES then
+        ok = len >= 16 and len <= 255 * 16 and len % 16 == 0
     end
     if not ok then return e.bad_length end
     return nil
@@ -392,6 +409,8 @@ local function dissect_body(tvb, pinfo, t, kind, flags, o, len)
         end
         if bit32.band(flags, FLAG_VERIFY) ~= 0 then text = text .. " VERIFY"
         end
+        if bit32.band(flags, FLAG_RANGES) ~= 0 then text = text .. " RANGES"
+        end
         if name ~= "" then text = text .. " " .. name end
         return text
     elseif kind == T.ACCEPT then
@@ -447,6 +466,16 @@ local function dissect_body(tvb, pinfo, t, kind, flags, o, len)
         local code = add_reason(t, f.goaway_reason, tvb(o + 4, 4))
         add_message(t, f.goaway_message, tvb, o + 8, len - 8)
         return " last_stream " .. tvb(o, 4):uint() .. " " .. reason_text(code)
+    elseif kind == T.RANGES then
+        -- Section 6.5: the list is checked by the stream, not the frame.
+        for i = 0, len / 16 - 1 do
+            t:add(f.ranges_offset, tvb(o + 16 * i, 8))
+            t:add(f.ranges_len, tvb(o + 16 * i + 8, 8))
+        end
+        local text = string.format(" %d ranges from %s", len / 16,
+            tvb(o, 8):uint64():tonumber())
+        if bit32.band(flags, FLAG_LAST) ~= 0 then text = text .. " LAST" end
+        return text
     end
     return ""
 end
@@ -492,6 +521,9 @@ local function dissect_frame(tvb, pinfo, tree, offset)
     elseif kind == T.OPEN then
         items[e.bad_flags]:add(f.flag_verify, tvb(offset + 5, 1))
         items[e.bad_flags]:add(f.flag_qcow2, tvb(offset + 5, 1))
+        items[e.bad_flags]:add(f.flag_ranges, tvb(offset + 5, 1))
+    elseif kind == T.RANGES then
+        items[e.bad_flags]:add(f.flag_last, tvb(offset + 5, 1))
     end
     items[e.reserved] = t:add(f.reserved, tvb(offset + 6, 2))
     items[e.bad_stream] = t:add(f.stream, tvb(offset + 8, 4))
