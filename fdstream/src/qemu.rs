@@ -244,10 +244,24 @@ impl QemuNbd {
     pub fn stop(mut self, shown: &str) -> Result<(), Error> {
         // SAFETY: kill(2) on our own child, not yet reaped (Drop reaps it).
         unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        let status = self
-            .child
-            .wait()
-            .map_err(|e| Error::io(format!("{shown}: waiting for qemu-nbd"), e))?;
+        // Bounded: a qemu-nbd that does not end fails the volume (Drop kills it) instead of
+        // holding the worker.
+        let started = Instant::now();
+        let status = loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => break status,
+                Ok(None) if started.elapsed() < START_TIMEOUT => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Ok(None) => {
+                    return Err(Error::Qemu(format!(
+                        "{shown}: qemu-nbd did not close the image within {}s",
+                        START_TIMEOUT.as_secs()
+                    )))
+                }
+                Err(e) => return Err(Error::io(format!("{shown}: waiting for qemu-nbd"), e)),
+            }
+        };
         if status.success() {
             return Ok(());
         }
