@@ -1,8 +1,9 @@
-//! The `volstream` command: serve, upload, download, list, extents, demo.
+//! The `volstream` command: serve, upload, download, list, extents, checksum, demo.
 //!
 //! Exit codes: 0 success; 1 one or more transfers failed (one line each on stderr); 2 bad
 //! usage; 3 the server could not be reached or the service could not start.
 
+mod checksum;
 mod demo;
 mod destinations;
 mod endpoint;
@@ -46,6 +47,9 @@ enum Command {
     List(query::ListArgs),
     /// Show the allocation map of a local file or device, or of a remote volume.
     Extents(query::ExtentsArgs),
+    /// A content checksum of a local file or device, or of a remote volume, that does not
+    /// depend on how the volume is allocated (holes and written zeroes hash alike).
+    Checksum(checksum::ChecksumArgs),
     /// Run a server and a client in this process on a temporary pool and show the result.
     Demo(demo::DemoArgs),
     /// Many parallel streams of generated volumes, verified, with a summary.
@@ -119,6 +123,7 @@ fn main() -> ExitCode {
         Command::Upload(args) => args.settings().and_then(transfer::run),
         Command::List(args) => query::list(args),
         Command::Extents(args) => query::extents(args),
+        Command::Checksum(args) => checksum::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Stress(args) => stress::run(args),
         Command::Certs(args) => tls::certs(args),

@@ -78,6 +78,17 @@ impl From<&ExtentEntry> for ExtentLine {
 
 /// Fetches a document (listing or allocation map) from a server.
 fn fetch(addr: &Address, config: EngineConfig, op: Op, name: &str) -> Result<String, CliError> {
+    let bytes = fetch_bytes(addr, config, op, name)?;
+    String::from_utf8(bytes).map_err(|_| CliError::Other("server sent a non-UTF-8 document".into()))
+}
+
+/// Fetches the content of a document stream (`op` LIST, EXTENTS or DIGESTS) from a server.
+pub fn fetch_bytes(
+    addr: &Address,
+    config: EngineConfig,
+    op: Op,
+    name: &str,
+) -> Result<Vec<u8>, CliError> {
     let (engine, thread) = Engine::spawn(config)
         .map_err(|e| CliError::Other(format!("cannot start the event loop: {e}")))?;
     let conn = engine
@@ -94,8 +105,8 @@ fn fetch(addr: &Address, config: EngineConfig, op: Op, name: &str) -> Result<Str
     if let Err(e) = report?.result {
         return Err(CliError::Other(format!("{addr}: {e}")));
     }
-    let bytes = content.lock().unwrap().clone();
-    String::from_utf8(bytes).map_err(|_| CliError::Other("server sent a non-UTF-8 document".into()))
+    let bytes = std::mem::take(&mut *content.lock().unwrap());
+    Ok(bytes)
 }
 
 fn malformed(e: document::DocumentError) -> CliError {

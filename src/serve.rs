@@ -395,6 +395,10 @@ impl<P: Provider> Provider for Policy<P> {
     fn open_extents(&self, request: &OpenRequest) -> Result<Box<dyn VolumeReader>, VolumeError> {
         self.inner.open_extents(request)
     }
+
+    fn open_digests(&self, request: &OpenRequest) -> Result<Box<dyn VolumeReader>, VolumeError> {
+        self.inner.open_digests(request)
+    }
 }
 
 /// A socket file left by a server that died is removed; a live one is an error.

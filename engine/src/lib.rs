@@ -10,6 +10,7 @@
 //! protocol itself, for tools that speak it without the loop. Features: `synthetic` adds generated volumes and their checkers (load generation);
 //! `test-support` adds [`testing`], two connections pumped against each other in memory.
 
+pub mod blockmap;
 mod digest;
 pub mod document;
 pub mod event_loop;

@@ -288,6 +288,7 @@ fn op(op: Op) -> &'static str {
         Op::Write => "WRITE",
         Op::List => "LIST",
         Op::Extents => "EXTENTS",
+        Op::Digests => "DIGESTS",
     }
 }
 

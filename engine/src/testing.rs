@@ -456,7 +456,7 @@ impl Peer {
                     self.conn.accept(*stream, 0);
                     self.sinks.insert(*stream, Sink::new(self.upload_sinks));
                 }
-                Op::List | Op::Extents => {
+                Op::List | Op::Extents | Op::Digests => {
                     self.conn.reject(*stream, Reason::Unsupported, "not here")
                 }
             },

@@ -246,6 +246,48 @@ impl Provider for DirProvider {
         }))
     }
 
+    fn open_digests(&self, request: &OpenRequest) -> Result<Box<dyn VolumeReader>, VolumeError> {
+        if self.nbd_volumes.contains_key(&request.name) {
+            return Err(VolumeError::new(
+                Reason::Unsupported,
+                format!(
+                    "{} is an NBD export, which has no block digests here",
+                    request.name
+                ),
+            ));
+        }
+        let shown = self.shown(&request.name);
+        let open: Box<dyn FnOnce() -> io::Result<File> + Send> = match self
+            .devices
+            .get(&request.name)
+        {
+            Some(path) => {
+                let path = path.clone();
+                Box::new(move || File::open(path))
+            }
+            None => {
+                let (dir, name) = (Arc::clone(&self.dir), self.name(&request.name)?);
+                Box::new(move || fd::open_beneath(&dir, &name, libc::O_RDONLY | libc::O_NONBLOCK))
+            }
+        };
+        Ok(self.document(move || {
+            let file = open().map_err(|e| Error::io(format!("opening {shown}"), e))?;
+            // The digests of a qcow2 container's bytes would not describe what a reader of the
+            // volume gets (its guest view).
+            if crate::qemu::qcow2_header(&file)
+                .map_err(|e| Error::io(shown.clone(), e))?
+                .is_some()
+            {
+                return Err(Error::Unsupported(format!(
+                    "{shown} is a qcow2 image, which has no block digests here"
+                )));
+            }
+            let digests = crate::blockhash::digests_of(&file, crate::blockhash::threads())
+                .map_err(|e| Error::io(format!("hashing {shown}"), e))?;
+            Ok(Bytes::from(digests.encode()))
+        }))
+    }
+
     fn open_read(&self, request: &OpenRequest) -> Result<Box<dyn VolumeReader>, VolumeError> {
         let mut options = reader_options(&request.options);
         options.pool = self.pool.clone();

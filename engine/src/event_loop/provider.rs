@@ -47,4 +47,12 @@ pub trait Provider: Send + Sync {
             "allocation maps are not offered",
         ))
     }
+
+    /// A volume's block digests, as content: a document of `engine::blockmap`.
+    fn open_digests(&self, _request: &OpenRequest) -> Result<Box<dyn VolumeReader>, VolumeError> {
+        Err(VolumeError::new(
+            Reason::Unsupported,
+            "block digests are not offered",
+        ))
+    }
 }

@@ -80,6 +80,9 @@ pub enum Op {
     List = 3,
     /// The peer sends the allocation map of the named volume as the stream's content.
     Extents = 4,
+    /// The peer sends the block digest document of the named volume as the stream's content
+    /// (`engine::blockmap`); only with the BLOCK_DIGESTS feature.
+    Digests = 5,
 }
 
 impl Op {
@@ -521,6 +524,7 @@ fn parse_body(
                 2 => Op::Write,
                 3 => Op::List,
                 4 => Op::Extents,
+                5 => Op::Digests,
                 other => return Err(DecodeError::BadOp(other)),
             };
             let verify = flags & FLAG_VERIFY != 0;

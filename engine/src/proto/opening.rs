@@ -47,6 +47,11 @@ impl Connection {
                 "OPEN of {id} announces ranges for a {op:?}: only a READ may ask for ranges"
             )));
         }
+        if op == Op::Digests && !self.features().contains(Features::BLOCK_DIGESTS) {
+            return Err(ConnError::Protocol(format!(
+                "OPEN of {id} asks for block digests, which were not negotiated"
+            )));
+        }
         if self.sent_goaway {
             if ranged {
                 // Its RANGES frames are on their way: drop them, not the connection.
@@ -223,6 +228,9 @@ impl Connection {
             if op != Op::Read || set.is_empty() || !self.features().contains(Features::RANGES) {
                 return Err(OpenError::Unsupported);
             }
+        }
+        if op == Op::Digests && !self.features().contains(Features::BLOCK_DIGESTS) {
+            return Err(OpenError::Unsupported);
         }
         let id = self.counts.open_local()?;
         // The class is a request of ours: a peer that does not know it serves the stream as bulk.

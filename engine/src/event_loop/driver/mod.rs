@@ -261,8 +261,10 @@ impl Driver {
         local.on_done = Some(transfer.on_done);
         let mismatch = matches!(
             (&local.endpoint, op),
-            (Endpoint::Reader(_), Op::Read | Op::List | Op::Extents)
-                | (Endpoint::Writer(_), Op::Write)
+            (
+                Endpoint::Reader(_),
+                Op::Read | Op::List | Op::Extents | Op::Digests
+            ) | (Endpoint::Writer(_), Op::Write)
         );
         if mismatch {
             let error = failure(
@@ -484,6 +486,7 @@ impl Driver {
             Op::Write => provider.open_write(&request).map(Endpoint::Writer),
             Op::List => provider.open_list(&request).map(Endpoint::Reader),
             Op::Extents => provider.open_extents(&request).map(Endpoint::Reader),
+            Op::Digests => provider.open_digests(&request).map(Endpoint::Reader),
         };
         let endpoint = match opened {
             Ok(Endpoint::Reader(reader)) if request.ranges.is_some() && !reader.serves_ranges() => {
