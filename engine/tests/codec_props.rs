@@ -70,7 +70,7 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
     prop_oneof![
         (
             arb_stream(),
-            prop_oneof![Just(Op::Read), Just(Op::Write)],
+            prop_oneof![Just(Op::Read), Just(Op::Write), Just(Op::Digests)],
             0u16..2048,
             any::<u32>(),
             any::<u64>(),

@@ -69,6 +69,7 @@ fn every_corpus_file_replays_through_both_targets() {
     let mut total = 0;
     let mut frames = 0;
     let mut connected = 0;
+    let mut records = 0;
     for dir in &dirs {
         let files = corpus_files(dir);
         assert!(!files.is_empty(), "{} is empty", dir.display());
@@ -79,6 +80,7 @@ fn every_corpus_file_replays_through_both_targets() {
             frames += harness::decode_frames(&bytes, harness::DECODE_MAX);
             connected += harness::drive_server(&bytes, harness::PIECES).connected as usize;
             harness::metrics_request(&bytes);
+            records += harness::decode_block_map(&bytes).is_some() as usize;
             total += 1;
         }
     }
@@ -86,6 +88,10 @@ fn every_corpus_file_replays_through_both_targets() {
     // The corpus is not all noise: it holds decodable frames and successful handshakes.
     assert!(frames > 0);
     assert!(connected > 0);
+    assert!(
+        records > 0,
+        "no block digest document in the corpus decodes"
+    );
 }
 
 // ---- the seeds ----
@@ -95,6 +101,8 @@ fn every_corpus_file_replays_through_both_targets() {
 enum Expect {
     /// Decode seeds: this many frames decode.
     Frames(usize),
+    /// Block digest documents: this many records decode, or (`None`) the document is refused.
+    Records(Option<usize>),
     /// The handshake fails.
     Refused,
     /// Handshake done, `completed` streams completed, then the connection ended with `error`.
@@ -489,6 +497,22 @@ fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>, Expect)> {
         client(&unasked),
         ends(0, ErrorKind::Protocol),
     ));
+    // Block digests need the BLOCK_DIGESTS feature from both Hellos.
+    let mut digests_unnegotiated = hello(&plain);
+    digests_unnegotiated.extend(enc(&[open(1, Op::Digests, 0, "vol")]));
+    out.push((
+        "handshake",
+        "digests_without_the_feature",
+        digests_unnegotiated,
+        ends(0, ErrorKind::Protocol),
+    ));
+    out.push((
+        "decode_frame",
+        "open_digests",
+        enc(&[open(3, Op::Digests, 0, "vol")]),
+        Expect::Frames(1),
+    ));
+    out.extend(block_map_seeds());
     let mut truncated_hello = client(&[]);
     truncated_hello.truncate(20);
     out.push((
@@ -500,12 +524,61 @@ fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>, Expect)> {
     out
 }
 
+/// Documents a DIGESTS stream may carry, good and bad.
+fn block_map_seeds() -> Vec<(&'static str, &'static str, Vec<u8>, Expect)> {
+    use engine::blockmap::{encode, BlockMapHeader, BlockRecord, BLOCK_SIZE};
+    let rec = |index, byte| BlockRecord {
+        index,
+        digest: [byte; 32],
+    };
+    let header = BlockMapHeader::new(5 * u64::from(BLOCK_SIZE) + 1);
+    let good = encode(&header, &[rec(0, 1), rec(3, 2), rec(5, 3)]);
+    let mut truncated = good.clone();
+    truncated.truncate(good.len() - 1);
+    let mut bad_size = good.clone();
+    bad_size[4..8].copy_from_slice(&4096u32.to_be_bytes());
+    let mut bad_magic = good.clone();
+    bad_magic[0] = b'X';
+    let refused = Expect::Records(None);
+    vec![
+        ("good", good, Expect::Records(Some(3))),
+        (
+            "empty_volume",
+            encode(&BlockMapHeader::new(0), &[]),
+            Expect::Records(Some(0)),
+        ),
+        ("truncated", truncated, refused),
+        ("block_size", bad_size, refused),
+        ("bad_magic", bad_magic, refused),
+        ("past_end", encode(&header, &[rec(6, 0)]), refused),
+        (
+            "unsorted",
+            encode(&header, &[rec(3, 0), rec(2, 0)]),
+            refused,
+        ),
+        (
+            "repeated",
+            encode(&header, &[rec(3, 0), rec(3, 1)]),
+            refused,
+        ),
+        ("header_only_part", b"VSBD\0\x01".to_vec(), refused),
+    ]
+    .into_iter()
+    .map(|(name, bytes, expect)| ("decode_block_map", name, bytes, expect))
+    .collect()
+}
+
 /// Checks one seed's outcome in both harnesses.
 fn check_seed(target: &str, name: &str, bytes: &[u8], expect: Expect) {
+    if let Expect::Records(n) = expect {
+        assert_eq!(harness::decode_block_map(bytes), n, "{target}/{name}");
+        return;
+    }
     let frames = harness::decode_frames(bytes, harness::DECODE_MAX);
     let outcome = harness::drive_server(bytes, harness::PIECES);
     match expect {
         Expect::Frames(n) => assert_eq!(frames, n, "{target}/{name}"),
+        Expect::Records(_) => unreachable!("checked above"),
         Expect::Refused => assert!(!outcome.connected, "{target}/{name}: {outcome:?}"),
         Expect::Ends { completed, error } => {
             assert!(outcome.connected, "{target}/{name}: {outcome:?}");

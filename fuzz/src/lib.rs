@@ -341,3 +341,31 @@ pub fn metrics_request(data: &[u8]) -> engine::metrics::Request {
     }
     verdict
 }
+
+/// Decodes `data` as a DIGESTS document, fed in pieces of every size of [`PIECES`] and whole:
+/// every way of cutting gives the same records or the same error, records are sorted and
+/// inside the volume, and a decoded document re-encodes to the bytes it came from. Returns the
+/// records of a document that decodes.
+pub fn decode_block_map(data: &[u8]) -> Option<usize> {
+    use engine::blockmap::{self, BlockMapDecoder};
+    let whole = blockmap::decode(data);
+    let mut decoder = BlockMapDecoder::new();
+    let mut records = Vec::new();
+    let mut rest = data;
+    let mut result = Ok(());
+    for piece in PIECES.iter().cycle() {
+        if rest.is_empty() || result.is_err() {
+            break;
+        }
+        let (now, later) = rest.split_at((*piece).min(rest.len()));
+        result = decoder.feed(now, |r| records.push(r));
+        rest = later;
+    }
+    let pieces = result.and_then(|()| decoder.finish()).map(|h| (h, records));
+    assert_eq!(whole, pieces, "cutting the input changed the outcome");
+    let (header, records) = whole.ok()?;
+    assert!(records.windows(2).all(|w| w[0].index < w[1].index));
+    assert!(records.iter().all(|r| r.index < header.blocks()));
+    assert_eq!(blockmap::encode(&header, &records), data, "not canonical");
+    Some(records.len())
+}
