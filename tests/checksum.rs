@@ -1,6 +1,6 @@
 //! `volstream checksum`: the same content gives the same checksum however it is stored (a
 //! sparse file, the same bytes written out in full, a loop device, a volume behind `serve`),
-//! and the checksum is the construction docs/PROTOCOL.md 6.3 specifies, recomputed here from
+//! and the checksum is the construction docs/PROTOCOL.md 8.3 specifies, recomputed here from
 //! the bytes.
 
 mod common;
@@ -11,7 +11,7 @@ use std::path::Path;
 
 const BLOCK: usize = 64 * 1024;
 
-/// PROTOCOL.md 6.3, from the whole content: BLAKE3 over the context, the block size and the
+/// PROTOCOL.md 8.3, from the whole content: BLAKE3 over the context, the block size and the
 /// length, then every block's BLAKE3.
 fn expected(content: &[u8]) -> (String, usize) {
     let mut h = blake3::Hasher::new();

@@ -1,4 +1,4 @@
-//! The block digest document a DIGESTS stream carries as its content (docs/PROTOCOL.md 6.3):
+//! The block digest document a DIGESTS stream carries as its content (docs/PROTOCOL.md 8.3):
 //! a volume cut into fixed blocks, and a strong digest of every block that does not read as
 //! zero. The serving side hashes (on a worker); this module only encodes and decodes, so the
 //! engine stays free of disks and of any hash function.
@@ -13,7 +13,7 @@
 
 use std::fmt;
 
-/// The only block size this version sends and accepts: 64 KiB (why: docs/PROTOCOL.md 6.3).
+/// The only block size this version sends and accepts: 64 KiB (why: docs/PROTOCOL.md 8.3).
 pub const BLOCK_SIZE: u32 = 64 * 1024;
 pub const MAGIC: [u8; 4] = *b"VSBD";
 pub const HEADER_LEN: usize = 16;

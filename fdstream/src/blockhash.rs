@@ -15,7 +15,7 @@ use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-/// Names the checksum's construction, in `checksum --json` and in docs/PROTOCOL.md 6.3.
+/// Names the checksum's construction, in `checksum --json` and in docs/PROTOCOL.md 8.3.
 pub const ALGORITHM: &str = "volstream-blake3-64k";
 /// Blocks one job reads with one pread (8 MiB): large enough for sequential throughput, small
 /// enough that a few threads share a sparse volume's data evenly.

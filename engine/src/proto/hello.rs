@@ -32,7 +32,7 @@ impl Features {
     /// A READ may ask for some ranges of the volume (OPEN header flag RANGES, then RANGES
     /// frames); without it a reader gets the whole volume.
     pub const RANGES: Features = Features(32);
-    /// OPEN may ask for a volume's block digests (`Op::Digests`, docs/PROTOCOL.md 6.3). A high
+    /// OPEN may ask for a volume's block digests (`Op::Digests`, docs/PROTOCOL.md 8.3). A high
     /// bit, apart from the range-access bits allocated next to VERIFY.
     pub const BLOCK_DIGESTS: Features = Features(0x100);
     pub const ALL: Features = Features(63 | 0x100);
