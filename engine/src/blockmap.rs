@@ -165,7 +165,7 @@ impl BlockMapDecoder {
             let piece = std::mem::take(&mut self.partial);
             let step = match self.header {
                 None => self.on_header(&piece),
-                Some(header) => self.on_record(&header, &piece).map(|r| record(r)),
+                Some(header) => self.on_record(&header, &piece).map(&mut record),
             };
             if let Err(e) = step {
                 self.failed = Some(e.clone());

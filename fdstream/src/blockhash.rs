@@ -195,7 +195,7 @@ pub fn diff(source: &BlockDigests, dest: &BlockDigests) -> BlockDiff {
                 s.next();
                 d.next();
             }
-            (Some(a), b) if b.map_or(true, |b| a.index < b.index) => {
+            (Some(a), b) if b.is_none_or(|b| a.index < b.index) => {
                 add(&mut out.copy, a.index);
                 s.next();
             }
