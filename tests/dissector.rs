@@ -771,7 +771,7 @@ fn dissector_names_what_protocol_md_names() {
             Some((code.parse().ok()?, rest.split(' ').next()?.to_owned()))
         })
         .collect();
-    assert_eq!(ops.len(), 4, "{ops:?}");
+    assert_eq!(ops.len(), 5, "{ops:?}");
     assert_eq!(value_names("volstream.open.op"), ops);
 
     // Flag and option bits by name and value: 3.2, FINISH's flags, 4.3.

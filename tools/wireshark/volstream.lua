@@ -34,7 +34,7 @@ local T = {}
 for code, name in pairs(TYPES) do T[name] = code end
 
 -- Section 4.2, OPEN.
-local OPS = { [1] = "READ", [2] = "WRITE", [3] = "LIST", [4] = "EXTENTS" }
+local OPS = { [1] = "READ", [2] = "WRITE", [3] = "LIST", [4] = "EXTENTS", [5] = "DIGESTS" }
 
 -- Section 5.
 local REASONS = {
@@ -47,7 +47,9 @@ local REASONS = {
 
 -- Section 3.2.
 local SPARSE, DIGEST, PRIORITY, VERIFY, QCOW2, RANGES = 0x1, 0x2, 0x4, 0x8, 0x10, 0x20
-local FEATURES_RESERVED = 0xffffffc0
+local BLOCK_DIGESTS = 0x100
+local FEATURES_RESERVED = 0xfffffec0
+local OP_DIGESTS = 5
 -- Section 4.2, FINISH and RANGES flags.
 local FLAG_ACK, FLAG_DIGEST = 0x01, 0x02
 local FLAG_LAST = 0x01
@@ -76,6 +78,8 @@ local f = {
         QCOW2, "OPEN may ask the sink to write a qcow2 image"),
     feature_ranges = ProtoField.bool("volstream.hello.features.RANGES", "RANGES", 32, nil,
         RANGES, "a READ may ask for some ranges of the volume"),
+    feature_block_digests = ProtoField.bool("volstream.hello.features.BLOCK_DIGESTS",
+        "BLOCK_DIGESTS", 32, nil, BLOCK_DIGESTS, "OPEN may ask for op DIGESTS"),
     feature_reserved = ProtoField.uint32("volstream.hello.features.reserved", "reserved",
         base.HEX, nil, FEATURES_RESERVED),
     max_frame = ProtoField.uint32("volstream.hello.max_frame", "max_frame", base.DEC),
@@ -185,6 +189,8 @@ local e = {
         "OPEN asks for the priority class although PRIORITY was not negotiated"),
     verify_without_feature = violation("verify_without_feature",
         "OPEN asks for verification although VERIFY was not negotiated"),
+    digests_without_feature = violation("digests_without_feature",
+        "OPEN asks for block digests although BLOCK_DIGESTS was not negotiated"),
     -- Stream errors (section 6.4) and oddities that are not violations.
     empty_content = ProtoExpert.new("volstream.expert.empty_content",
         "DATA or HOLE covering no bytes (aborts the stream)", expert.group.PROTOCOL,
@@ -297,6 +303,7 @@ local function dissect_hello(tvb, pinfo, tree, offset)
     ft:add(f.feature_verify, tvb(offset + 12, 4))
     ft:add(f.feature_qcow2, tvb(offset + 12, 4))
     ft:add(f.feature_ranges, tvb(offset + 12, 4))
+    ft:add(f.feature_block_digests, tvb(offset + 12, 4))
     local fr = ft:add(f.feature_reserved, tvb(offset + 12, 4))
     if bit32.band(features, FEATURES_RESERVED) ~= 0 then
         fr:add_proto_expert_info(e.reserved_features)
@@ -314,7 +321,8 @@ local function dissect_hello(tvb, pinfo, tree, offset)
     hellos[direction_key(pinfo, true)] = { max_frame = max_frame, features = features }
     local names = bit_names(features,
         { { SPARSE, "SPARSE" }, { DIGEST, "DIGEST" }, { PRIORITY, "PRIORITY" },
-          { VERIFY, "VERIFY" }, { QCOW2, "QCOW2" }, { RANGES, "RANGES" } })
+          { VERIFY, "VERIFY" }, { QCOW2, "QCOW2" }, { RANGES, "RANGES" },
+          { BLOCK_DIGESTS, "BLOCK_DIGESTS" } })
     return string.format("Hello v%d..%d features %s max_frame %d", vmin, vmax,
         names == "" and "none" or names, max_frame)
 end
@@ -361,6 +369,14 @@ local function dissect_body(tvb, pinfo, t, kind, flags, o, len)
         local op = tvb(o, 1):uint()
         local opitem = t:add(f.open_op, tvb(o, 1))
         if OPS[op] == nil then opitem:add_proto_expert_info(e.bad_op) end
+        -- Section 3.2: DIGESTS needs the BLOCK_DIGESTS feature from both Hellos.
+        if op == OP_DIGESTS then
+            local ours = hellos[direction_key(pinfo, true)]
+            local theirs = hellos[direction_key(pinfo, false)]
+            if ours and theirs and bit32.band(ours.features, theirs.features, BLOCK_DIGESTS) == 0 then
+                opitem:add_proto_expert_info(e.digests_without_feature)
+            end
+        end
         local options = tvb(o + 1, 1):uint()
         local ot = t:add(f.open_options, tvb(o + 1, 1))
         ot:add(f.option_allocated, tvb(o + 1, 1))
