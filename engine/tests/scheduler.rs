@@ -191,7 +191,7 @@ fn a_probe_below_its_share_waits_a_few_frame_times_however_many_streams_are_back
 #[test]
 fn a_probe_that_sends_above_its_share_is_held_to_it() {
     // Fairness means a stream cannot buy latency by sending more: at twice its share the probe
-    // spends the head start an idle stream may bank (one full frame), then queues behind
+    // spends the head start an idle stream may bank (`LAG`), then queues behind
     // itself, and its messages wait longer and longer.
     let (mut pair, ids) = pair_with_bulk(50);
     let probe = open_probe(&mut pair, &ids, 300, OpenOptions::default());

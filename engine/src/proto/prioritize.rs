@@ -11,8 +11,10 @@
 //! stream that has sent less than its share since it was last busy (an interactive stream, a
 //! probe) has fallen behind `V` and gets `V - LAG`: smaller than the tag of every backlogged
 //! stream, which is at least `V`. Its frame is the next to go, whether 10 or 1,000 streams are
-//! backlogged. `LAG` is one full frame: the head start a stream can bank by being idle, so
-//! fairness among backlogged streams is off by at most one frame per time a stream goes idle.
+//! backlogged. `LAG` (set by `send.rs`: four full frames) is the head start a stream can bank
+//! by being idle, so fairness among backlogged streams is off by at most `LAG` per time a stream
+//! goes idle; it is what lets a below-share stream ride out a dip of the link (a stretch in
+//! which its share falls below its rate) without queueing behind itself.
 //!
 //! Deficit round robin, which this replaces, served such a stream only when the round came back
 //! to it, unless it had been idle for a whole round (fq_codel's sparse-flow rule): a probe whose
