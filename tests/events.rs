@@ -55,8 +55,12 @@ impl Run {
         }
     }
 
-    /// Reads events until one satisfies `want`, and returns it.
+    /// The first event, seen already or read now, that satisfies `want`. Events of different
+    /// transfers interleave in any order, so an earlier wait may have read past this one.
     fn until(&mut self, what: &str, want: impl Fn(&Value) -> bool) -> Value {
+        if let Some(event) = self.seen.iter().find(|e| want(e)) {
+            return event.clone();
+        }
         loop {
             let event = self
                 .lines
