@@ -2,7 +2,8 @@
 //! backing chain (data written with qemu-io at known places, a zeroed cluster, a discarded one)
 //! downloads as `qemu-img convert -O raw` writes it, sparse; `extents` agrees with
 //! `qemu-img map --output=json` on every range, depth included; a backing file outside the
-//! pool is refused; no qemu-nbd outlives its stream.
+//! pool is refused; no qemu-nbd outlives its stream; a chain with a raw bottom layer and
+//! compressed clusters (read through qemu-nbd, the rest by qemu-img's map) reads as qemu reads it.
 
 mod common;
 
@@ -375,5 +376,162 @@ impl Parts for Range {
     /// (start, length, depth, data)
     fn into_parts(self) -> (u64, u64, u64, bool) {
         (self.0, self.1, self.2, self.5)
+    }
+}
+
+/// The server reads a qcow2 chain by `qemu-img map`, straight from the layers' files, and
+/// through qemu-nbd what the map cannot point into. A chain with every kind of range: a raw
+/// bottom layer, a compressed cluster (no offset to read from), an overlay with data over
+/// both, a zeroed cluster over data, and an image that is not a multiple of the read
+/// size. Whole and `--top-only` downloads match qemu-img's own view of the same chain.
+#[test]
+fn a_chain_with_raw_and_compressed_layers_reads_as_qemu_reads_it() {
+    if !have("qemu-img") || !have("qemu-io") || !have("qemu-nbd") {
+        return;
+    }
+    let dir = TempDir::new("qcow2-mapped");
+    let pool = dir.join("pool");
+    std::fs::create_dir_all(&pool).unwrap();
+    let size = "24577k"; // 24 MiB + 1 KiB: a partial last cluster
+    qemu(
+        &pool,
+        &["qemu-img", "create", "-q", "-f", "raw", "base.raw", size],
+    );
+    qemu(
+        &pool,
+        &[
+            "qemu-io",
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x51 0 3M",
+            "-c",
+            "write -P 0x52 24M 1k",
+            "base.raw",
+        ],
+    );
+    qemu(
+        &pool,
+        &[
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            "mid.qcow2",
+            size,
+        ],
+    );
+    qemu(
+        &pool,
+        &[
+            "qemu-io",
+            // Compressed clusters: qemu-img map gives them no offset.
+            "-c",
+            "write -c -P 0x61 8M 64k",
+            "-c",
+            "write -c -P 0x62 8256k 64k",
+            "-c",
+            "write -P 0x63 1M 256k",
+            "-c",
+            "write -z 2M 64k",
+            "mid.qcow2",
+        ],
+    );
+    qemu(
+        &pool,
+        &[
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "mid.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
+    );
+    qemu(
+        &pool,
+        &[
+            "qemu-io",
+            "-c",
+            "write -P 0x71 1088k 64k",
+            "-c",
+            "write -c -P 0x72 16M 64k",
+            "-c",
+            "write -P 0x73 20M 1M",
+            "top.qcow2",
+        ],
+    );
+    let map = Command::new("qemu-img")
+        .args(["map", "--output=json", "top.qcow2"])
+        .current_dir(&pool)
+        .output()
+        .unwrap();
+    let map: serde_json::Value = serde_json::from_slice(&map.stdout).unwrap();
+    let map = map.as_array().unwrap();
+    // The chain has what the test is about: mapped data in each layer, and compressed data.
+    for depth in 0..3 {
+        assert!(
+            map.iter()
+                .any(|e| e["depth"] == depth && e["data"] == true && e.get("offset").is_some()),
+            "no mapped data at depth {depth}: {map:?}"
+        );
+    }
+    assert!(map.iter().any(|e| e["compressed"] == true), "{map:?}");
+
+    let listen = format!("unix:{}", dir.join("vs.sock").display());
+    let _server = Server::start(&pool, &listen);
+    let theirs = dir.join("theirs.raw");
+    qemu(
+        &pool,
+        &[
+            "qemu-img",
+            "convert",
+            "-O",
+            "raw",
+            "top.qcow2",
+            theirs.to_str().unwrap(),
+        ],
+    );
+    let ours = dir.join("ours.raw");
+    let out = run(bin()
+        .args(["download", "--connect", &listen, "top.qcow2"])
+        .arg(&ours));
+    assert!(out.status.success(), "{:?}", stderr_lines(&out));
+    assert!(read_all(&ours) == read_all(&theirs), "content differs");
+    assert!(allocated(&ours) <= allocated(&theirs) + 256 * 1024);
+
+    // --top-only: the top layer's own clusters, compressed one included; zeroes elsewhere.
+    let top = dir.join("top.raw");
+    let out = run(bin()
+        .args(["download", "--top-only", "--connect", &listen, "top.qcow2"])
+        .arg(&top));
+    assert!(out.status.success(), "{:?}", stderr_lines(&out));
+    let (top_b, whole_b) = (read_all(&top), read_all(&theirs));
+    for e in map {
+        let (start, len) = (
+            e["start"].as_u64().unwrap() as usize,
+            e["length"].as_u64().unwrap() as usize,
+        );
+        let range = start..start + len;
+        if e["depth"] == 0 && e["data"] == true && e["zero"] == false {
+            assert!(
+                top_b[range.clone()] == whole_b[range],
+                "top data at {start}"
+            );
+        } else {
+            assert!(
+                top_b[range].iter().all(|&b| b == 0),
+                "{len} bytes at {start}: {e}"
+            );
+        }
     }
 }

@@ -25,6 +25,7 @@ pub mod nbd;
 pub mod pool;
 pub mod provider;
 pub mod punch;
+mod qcow2_map;
 mod qcow2_sink;
 pub mod qemu;
 pub mod reader;

@@ -1,7 +1,9 @@
 //! qcow2 volumes in a pool, served as their guest-visible content: `qemu-nbd` (Debian's
 //! qemu-utils) exports the image read-only on a private Unix socket for as long as one stream
-//! needs it, and the stream reads that export like any other ([`crate::nbd`]). qemu knows the
-//! format; we only recognise it (the header's magic) and check the backing chain first.
+//! needs it. Where the image's clusters lie in its files as they are, the stream follows
+//! `qemu-img map` and reads them there ([`crate::qcow2_map`]); otherwise it reads the export
+//! like any other ([`crate::nbd`]). qemu knows the format; we only recognise it (the header's
+//! magic), check the backing chain first, and follow qemu's map.
 //!
 //! Why the chain is checked here: qemu opens an image's backing file by the name in its
 //! header, and a peer may upload any bytes into a pool. A backing name that leaves the pool
@@ -11,6 +13,7 @@
 use crate::error::Error;
 use crate::fd;
 use crate::nbd::source::{Source, SourceOptions};
+use crate::qcow2_map::Mapped;
 use crate::reader::{Produce, Produced, ReadCore, ReaderOptions};
 use nbd::{Endpoint, Uri};
 use std::ffi::CString;
@@ -38,13 +41,17 @@ pub struct Qcow2 {
     pub size: u64,
     /// The backing file's name as written (empty: none).
     pub backing: Vec<u8>,
+    /// Guest data lies at its mapped offsets as is: not encrypted (crypt_method 0) and not in
+    /// an external data file (incompatible feature bit 2), so a mapped cluster can be read
+    /// from this file directly.
+    pub plain: bool,
 }
 
 /// Reads the qcow2 header of `file`: `None` when it is not a qcow2 image (version 2 or 3).
 pub fn qcow2_header(file: &File) -> std::io::Result<Option<Qcow2>> {
-    let mut head = [0u8; 32];
+    let mut head = [0u8; 80];
     let n = read_at_most(file, &mut head, 0)?;
-    if n < head.len() || &head[..4] != QCOW2_MAGIC {
+    if n < 72 || &head[..4] != QCOW2_MAGIC {
         return Ok(None);
     }
     let be32 = |i: usize| u32::from_be_bytes(head[i..i + 4].try_into().unwrap());
@@ -67,9 +74,13 @@ pub fn qcow2_header(file: &File) -> std::io::Result<Option<Qcow2>> {
             ));
         }
     }
+    // Version 2 has no feature bits; version 3's header is at least 104 bytes.
+    let incompatible = if be32(4) == 3 && n >= 80 { be64(72) } else { 0 };
+    const EXTERNAL_DATA_FILE: u64 = 1 << 2;
     Ok(Some(Qcow2 {
         size: be64(24),
         backing,
+        plain: be32(32) == 0 && incompatible & EXTERNAL_DATA_FILE == 0,
     }))
 }
 
@@ -86,18 +97,35 @@ fn read_at_most(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usi
     Ok(n)
 }
 
-/// The layers of the chain under `image` (in `pool`), counting the image: each backing file
-/// must be a regular file inside the pool, named by a plain path. `shown` names the volume in
-/// errors.
+/// The number of layers of the chain under `image` (in `pool`), counting the image; see
+/// [`chain`].
 pub fn chain_layers(pool: &Path, image: &Path, top: &Qcow2, shown: &str) -> Result<u32, Error> {
+    Ok(1 + backing_layers(pool, image, top, shown)?.len() as u32)
+}
+
+/// One image of a backing chain, open.
+pub struct Layer {
+    pub file: File,
+    /// Its qcow2 header; `None` for a raw file (the bottom of a chain).
+    pub qcow2: Option<Qcow2>,
+}
+
+/// The layers of the chain under `image` (in `pool`), from its backing file down: each must be
+/// a regular file inside the pool, named by a plain path. `shown` names the volume in errors.
+pub fn backing_layers(
+    pool: &Path,
+    image: &Path,
+    top: &Qcow2,
+    shown: &str,
+) -> Result<Vec<Layer>, Error> {
     let refuse = |why: String| Error::Unsupported(format!("{shown}: {why}"));
     let root = pool
         .canonicalize()
         .map_err(|e| Error::io(format!("resolving the pool for {shown}"), e))?;
-    let mut layers = 1u32;
+    let mut layers = Vec::new();
     let (mut dir, mut header) = (image.parent().unwrap_or(pool).to_path_buf(), top.clone());
     while !header.backing.is_empty() {
-        if layers as usize >= MAX_LAYERS {
+        if layers.len() + 1 >= MAX_LAYERS {
             return Err(refuse(format!("backing chain longer than {MAX_LAYERS}")));
         }
         let name = String::from_utf8(header.backing.clone())
@@ -119,12 +147,16 @@ pub fn chain_layers(pool: &Path, image: &Path, top: &Qcow2, shown: &str) -> Resu
                 "backing file {name:?} is not a regular file"
             )));
         }
-        layers += 1;
-        header =
-            match qcow2_header(&file).map_err(|e| refuse(format!("backing file {name:?}: {e}")))? {
-                Some(h) => h,
-                None => break, // raw: the bottom of the chain
-            };
+        let below =
+            qcow2_header(&file).map_err(|e| refuse(format!("backing file {name:?}: {e}")))?;
+        layers.push(Layer {
+            file,
+            qcow2: below.clone(),
+        });
+        header = match below {
+            Some(h) => h,
+            None => break, // raw: the bottom of the chain
+        };
         dir = real.parent().unwrap_or(&root).to_path_buf();
     }
     Ok(layers)
@@ -303,6 +335,10 @@ enum State {
         source: Box<Source>,
         _server: QemuNbd,
     },
+    Mapped {
+        mapped: Box<Mapped>,
+        _server: QemuNbd,
+    },
     Closed,
 }
 
@@ -334,7 +370,6 @@ impl PoolFile {
             true => qcow2_header(&file).map_err(|e| Error::io(self.shown.clone(), e))?,
             false => None,
         };
-        drop(file);
         let Some(header) = header else {
             return Ok(State::Raw(Box::new(ReadCore::at(
                 Arc::clone(&self.dir),
@@ -343,9 +378,28 @@ impl PoolFile {
                 &self.options,
             ))));
         };
-        chain_layers(&self.pool, &self.path, &header, &self.shown)?;
+        let below = backing_layers(&self.pool, &self.path, &header, &self.shown)?;
         // --top-only needs qemu:allocation-depth to tell the layers apart.
         let server = QemuNbd::start(&self.path, self.options.top_only, &self.shown)?;
+        let plain = |h: &Option<Qcow2>| h.as_ref().is_none_or(|h| h.plain);
+        if !self.options.no_extents && header.plain && below.iter().all(|l| plain(&l.qcow2)) {
+            let mut files = vec![file];
+            files.extend(below.into_iter().map(|l| l.file));
+            let mapped = Mapped::new(
+                &self.path,
+                header.size,
+                files,
+                server.uri().clone(),
+                self.options.top_only,
+                self.options.zero_granularity,
+                self.shown.clone(),
+            );
+            log::info!("{}: qcow2, read by its map (qemu-nbd holds it)", self.shown);
+            return Ok(State::Mapped {
+                mapped: Box::new(mapped),
+                _server: server,
+            });
+        }
         let source = Source::new(
             server.uri().clone(),
             SourceOptions {
@@ -368,6 +422,7 @@ impl Produce for PoolFile {
         match &self.state {
             State::Raw(core) => core.is_open(),
             State::Image { source, .. } => source.is_open(),
+            State::Mapped { mapped, .. } => mapped.is_open(),
             State::Undecided | State::Closed => false,
         }
     }
@@ -379,13 +434,16 @@ impl Produce for PoolFile {
         match &mut self.state {
             State::Raw(core) => core.step(),
             State::Image { source, .. } => source.step(),
+            State::Mapped { mapped, .. } => mapped.step(),
             State::Undecided | State::Closed => Err(Error::Cancelled),
         }
     }
 
     fn close(&mut self) {
-        if let State::Image { source, .. } = &mut self.state {
-            source.close();
+        match &mut self.state {
+            State::Image { source, .. } => source.close(),
+            State::Mapped { mapped, .. } => mapped.close(),
+            _ => {}
         }
         self.state = State::Closed;
     }

@@ -6,7 +6,7 @@
 //! Remaining limit, as for files: a worker waits while its server is slow to answer (up to the
 //! NBD timeout), so `N` hung servers can hold `N` workers.
 
-mod conn;
+pub(crate) mod conn;
 pub mod map;
 pub(crate) mod sink;
 pub(crate) mod source;
