@@ -177,3 +177,56 @@ fn bad_range_lists_get_one_clear_line_and_leave_nothing() {
     let out = download(&["0:10", "--verify"]);
     assert_ne!(out.status.code(), Some(0));
 }
+
+/// Bytes the process `pid` has read through read(2) and pread(2), its threads included.
+fn bytes_read_by(pid: u32) -> u64 {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap();
+    io.lines()
+        .find_map(|l| l.strip_prefix("rchar: "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn a_file_source_reads_only_the_ranges() {
+    let dir = TempDir::new("ranges-seek");
+    let pool = dir.join("pool");
+    std::fs::create_dir_all(&pool).unwrap();
+    // 4 GiB, 192 MiB of it data; the range lies deep inside the data, where a source read
+    // whole and cut would have read everything before it.
+    let size = 4096 * MIB;
+    sparse_file(&pool.join("vol"), size, &[(8 * MIB, 192 * MIB)], 5);
+    let listen = format!("unix:{}", dir.join("s.sock").display());
+    let server = Server::start(&pool, &listen);
+    let copy = dir.join("copy");
+    let (offset, len) = (150 * MIB + 4096, MIB);
+    let before = bytes_read_by(server.child.id());
+    let out = run(bin()
+        .args(["download", "--json", "--connect", &listen])
+        .args(["--range", &format!("{offset}:{len}")])
+        .args(["--range", &format!("{}:{}", size - MIB, MIB)])
+        .arg("vol")
+        .arg(&copy));
+    assert!(out.status.success(), "{:?}", stderr_lines(&out));
+    let read = bytes_read_by(server.child.id()) - before;
+    eprintln!("the server read {read} bytes for 1 MiB of data and 1 MiB of hole");
+    // The 1 MiB of data once, a partial buffer on each side, the socket's own bytes.
+    assert!(read < 3 * MIB, "the server read {read} bytes");
+    assert!(
+        read >= MIB,
+        "the server read {read} bytes: the range was not read"
+    );
+    let end = ended(&out);
+    assert_eq!(end["data_bytes"].as_u64(), Some(MIB), "{end}");
+    let at = |path: &std::path::Path| {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; MIB as usize];
+        std::fs::File::open(path)
+            .unwrap()
+            .read_exact_at(&mut buf, offset)
+            .unwrap();
+        buf
+    };
+    assert!(at(&copy) == at(&pool.join("vol")), "the range's bytes");
+    assert_eq!(std::fs::metadata(&copy).unwrap().len(), size);
+}

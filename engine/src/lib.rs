@@ -11,6 +11,7 @@
 //! `test-support` adds [`testing`], two connections pumped against each other in memory.
 
 pub mod blockmap;
+pub mod cut;
 mod digest;
 pub mod document;
 pub mod event_loop;

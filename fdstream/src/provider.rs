@@ -292,6 +292,8 @@ impl Provider for DirProvider {
         let mut options = reader_options(&request.options);
         options.pool = self.pool.clone();
         options.direct = self.direct;
+        // Readers that can seek read only these; the others are cut by the engine.
+        options.ranges = request.ranges.clone();
         if let Some(uri) = self.nbd_volumes.get(&request.name) {
             let source = crate::nbd::SourceOptions {
                 no_extents: options.no_extents,

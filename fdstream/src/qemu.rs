@@ -14,6 +14,7 @@ use crate::error::Error;
 use crate::fd;
 use crate::nbd::source::{Source, SourceOptions};
 use crate::qcow2_map::Mapped;
+use crate::reader::cut::Cut;
 use crate::reader::{Produce, Produced, ReadCore, ReaderOptions};
 use nbd::{Endpoint, Uri};
 use std::ffi::CString;
@@ -330,13 +331,15 @@ pub(crate) struct PoolFile {
 enum State {
     Undecided,
     Raw(Box<ReadCore>),
-    /// The source is dropped before its server.
+    /// The source is dropped before its server. A ranged read is cut to its ranges (qemu-nbd
+    /// is read whole).
     Image {
-        source: Box<Source>,
+        source: Box<Cut<Source>>,
         _server: QemuNbd,
     },
+    /// Read by its map; a ranged read is cut to its ranges.
     Mapped {
-        mapped: Box<Mapped>,
+        mapped: Box<Cut<Mapped>>,
         _server: QemuNbd,
     },
     Closed,
@@ -396,7 +399,7 @@ impl PoolFile {
             );
             log::info!("{}: qcow2, read by its map (qemu-nbd holds it)", self.shown);
             return Ok(State::Mapped {
-                mapped: Box::new(mapped),
+                mapped: Box::new(Cut::new(mapped, self.options.ranges.clone())),
                 _server: server,
             });
         }
@@ -409,6 +412,7 @@ impl PoolFile {
             },
         )
         .named(self.shown.clone());
+        let source = Cut::new(source, self.options.ranges.clone());
         log::info!("{}: qcow2, read through qemu-nbd", self.shown);
         Ok(State::Image {
             source: Box::new(source),
@@ -418,6 +422,11 @@ impl PoolFile {
 }
 
 impl Produce for PoolFile {
+    /// Raw files seek to the ranges; images are cut to them.
+    fn serves_ranges(&self) -> bool {
+        self.options.ranges.is_some()
+    }
+
     fn is_open(&self) -> bool {
         match &self.state {
             State::Raw(core) => core.is_open(),

@@ -239,6 +239,8 @@ fn read(a: &Args, conn: &mut Conn) -> Result<(), Failure> {
         force_share: a.force_share,
         // The helper reads a volume's own bytes; layered images are read in process.
         top_only: false,
+        // Ranged READs of a helper's volume are cut by the engine (the helper reads whole).
+        ranges: None,
         pool: None,
     };
     let mut core = if let Some(p) = &a.path {

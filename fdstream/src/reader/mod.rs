@@ -10,6 +10,7 @@
 //! device source itself (open, extents, zero detection, reads) is `work`, which the iohelper
 //! drives as [`ReadCore`].
 
+pub(crate) mod cut;
 mod work;
 
 pub use work::ReadCore;
@@ -19,7 +20,7 @@ use crate::budget;
 use crate::error::Error;
 use crate::fd::Location;
 use crate::pool::{Job, JobHandle, Pool, Step, WeakJobHandle};
-use engine::{Chunk, Notify, VolumeError, VolumeReader};
+use engine::{Chunk, Notify, RangeSet, VolumeError, VolumeReader};
 use std::collections::VecDeque;
 use std::fs::File;
 use std::path::PathBuf;
@@ -74,6 +75,9 @@ pub struct ReaderOptions {
     pub force_share: bool,
     /// For a qcow2 overlay: only its own clusters are data (TOP_ONLY).
     pub top_only: bool,
+    /// Read only these ranges (a ranged READ, `OpenRequest::ranges`): the reader seeks to
+    /// each, yields exactly their content and digests only it (`serves_ranges`).
+    pub ranges: Option<Arc<RangeSet>>,
     /// Workers to use; the process-wide pool when `None`.
     pub pool: Option<Arc<Pool>>,
 }
@@ -87,6 +91,7 @@ impl Default for ReaderOptions {
             direct: false,
             force_share: false,
             top_only: false,
+            ranges: None,
             pool: None,
         }
     }
@@ -130,6 +135,10 @@ pub(crate) trait Produce: Send {
     fn is_open(&self) -> bool;
     /// Calls the volume `shown` in messages (before the first step).
     fn rename(&mut self, _shown: String) {}
+    /// Yields only the ranges of its options (see `VolumeReader::serves_ranges`).
+    fn serves_ranges(&self) -> bool {
+        false
+    }
     /// Drops the volume's fd or connection (the stream ended or was cancelled).
     fn close(&mut self);
 }
@@ -245,6 +254,10 @@ impl VolumeReader for FileReader {
 
     fn poll_failure(&mut self) -> Option<VolumeError> {
         self.out.lock().unwrap().error.clone()
+    }
+
+    fn serves_ranges(&self) -> bool {
+        self.producer.as_ref().is_some_and(|p| p.serves_ranges())
     }
 
     fn cancel(&mut self) {

@@ -8,7 +8,7 @@ use crate::error::Error;
 use crate::extents::{segment_at, Segment};
 use crate::fd::{self, Kind, Location};
 use crate::zero::{self, Run};
-use engine::{Chunk, Digest};
+use engine::{Chunk, Digest, RangeSet};
 use std::fs::File;
 use std::io;
 use std::os::fd::OwnedFd;
@@ -36,6 +36,10 @@ pub(super) struct Work {
     /// O_DIRECT is set on `file` (asked for, and accepted by the file system).
     direct_on: bool,
     align: u64,
+    /// A ranged read: only these, in order (`ReaderOptions::ranges`).
+    ranges: Option<Arc<RangeSet>>,
+    /// Index of the range `pos` is in or before.
+    range: usize,
 }
 
 /// The synchronous core of [`FileReader`], without worker or queue: each `step` opens the
@@ -111,6 +115,10 @@ impl Produce for Work {
         self.location = self.location.take().map(|l| l.named(shown));
     }
 
+    fn serves_ranges(&self) -> bool {
+        self.ranges.is_some()
+    }
+
     fn close(&mut self) {
         self.file = None;
         self.location = None;
@@ -140,6 +148,8 @@ impl Work {
             direct: options.direct,
             direct_on: false,
             align: fd::DIRECT_ALIGN,
+            ranges: options.ranges.clone(),
+            range: 0,
         }
     }
 
@@ -179,6 +189,11 @@ impl Work {
             (None, Some(s)) => s,
             (None, None) => return Err(no_size(&shown)),
         };
+        if self.ranges.is_some() && self.kind == Kind::Stream {
+            return Err(Error::Unsupported(format!(
+                "{shown} is a pipe, which cannot be read at ranges"
+            )));
+        }
         self.use_extents &= self.kind == Kind::Regular;
         if self.direct && self.kind != Kind::Stream {
             self.align = fd::direct_align(&file, self.kind);
@@ -230,6 +245,30 @@ impl Work {
         }
     }
 
+    /// Where reading must stop next: the end of the range `pos` is moved into (past the
+    /// ranges read, `pos` is the size: the end), or the size when the whole is read. A
+    /// range is clamped to the size, which the engine checks only once the volume is open.
+    fn next_range(&mut self) -> u64 {
+        let Some(ranges) = &self.ranges else {
+            return self.size;
+        };
+        let ranges = ranges.ranges();
+        while ranges.get(self.range).is_some_and(|r| r.end() <= self.pos) {
+            self.range += 1;
+        }
+        match ranges.get(self.range) {
+            Some(r) if r.offset < self.size => {
+                // The extent map cached for an earlier offset still holds if it reaches here.
+                self.pos = self.pos.max(r.offset);
+                r.end().min(self.size)
+            }
+            _ => {
+                self.pos = self.size;
+                self.size
+            }
+        }
+    }
+
     /// Reads one buffer (after any holes before it), or ends the volume.
     fn step(&mut self) -> Result<Produced, Error> {
         let mut p = Produced::default();
@@ -238,7 +277,8 @@ impl Work {
             return Ok(p);
         }
         loop {
-            if self.pos >= self.size {
+            let limit = self.next_range();
+            if self.pos >= limit {
                 if self.kind == Kind::Stream {
                     self.check_drained()?;
                 }
@@ -252,7 +292,7 @@ impl Work {
                 return Ok(p);
             }
             let (end, data) = match self.segment {
-                Some((end, data)) if end > self.pos => (end, data),
+                Some((end, data)) if end > self.pos => (end.min(limit), data),
                 _ => {
                     let seg = if self.use_extents {
                         let file = self.file.as_ref().ok_or(Error::Cancelled)?;
@@ -271,7 +311,7 @@ impl Work {
                         (self.size, true)
                     };
                     self.segment = Some(seg);
-                    seg
+                    (seg.0.min(limit), seg.1)
                 }
             };
             if !data {
