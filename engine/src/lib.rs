@@ -15,6 +15,7 @@ pub mod cut;
 mod digest;
 pub mod document;
 pub mod event_loop;
+mod identity;
 pub mod in_memory;
 pub mod memory;
 pub mod metrics;
@@ -34,6 +35,7 @@ pub use event_loop::{
     OpenRequest, Origin, PeerIdentity, Provider, StreamSnapshot, TlsConfig, TlsError, Transfer,
     TransferError, TransferReport, UnixPeerPolicy,
 };
+pub use identity::{VolumeIdentity, MAX_IDENTITY_LEN};
 pub use in_memory::{DiscardWriter, MemoryReader, MemoryWriter};
 pub use proto::{Op, OpenOptions, StreamStats};
 pub use range::{Range, RangeError, RangeSet};

@@ -168,6 +168,8 @@ pub struct Peer {
     pub ends: BTreeMap<StreamId, Vec<End>>,
     /// Volumes this side serves to the peer's downloads.
     pub volumes: HashMap<String, Volume>,
+    /// Identities this side reports for its volumes in ACCEPT (feature IDENTITY).
+    pub identities: HashMap<String, crate::VolumeIdentity>,
     /// How sinks of uploads the peer opens behave.
     pub upload_sinks: SinkPolicy,
     /// Sources give chunks whenever they may; off, only [`Peer::pump`] gives them.
@@ -192,6 +194,7 @@ impl Peer {
             arrivals: Vec::new(),
             ends: BTreeMap::new(),
             volumes: HashMap::new(),
+            identities: HashMap::new(),
             upload_sinks: SinkPolicy::Immediate,
             auto_pump: true,
             sources: HashMap::new(),
@@ -442,7 +445,8 @@ impl Peer {
             } => match op {
                 Op::Read => match self.volumes.get(name) {
                     Some(&volume) => {
-                        self.conn.accept(*stream, volume.size);
+                        let identity = self.identities.get(name).cloned();
+                        self.conn.accept(*stream, volume.size, identity);
                         let mut source = Source::new(volume, true);
                         source.ranges = ranges.clone();
                         self.sources.insert(*stream, source);
@@ -453,7 +457,7 @@ impl Peer {
                         .reject(*stream, Reason::NotFound, "no such volume"),
                 },
                 Op::Write => {
-                    self.conn.accept(*stream, 0);
+                    self.conn.accept(*stream, 0, None);
                     self.sinks.insert(*stream, Sink::new(self.upload_sinks));
                 }
                 Op::List | Op::Extents | Op::Digests => {

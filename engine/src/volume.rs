@@ -5,6 +5,7 @@
 //! worker thread, a helper process) and is announced through [`Notify`].
 
 use crate::reason::Reason;
+use crate::VolumeIdentity;
 use bytes::Bytes;
 use std::fmt;
 use std::sync::Arc;
@@ -131,6 +132,12 @@ pub trait VolumeReader: Send {
     fn serves_ranges(&self) -> bool {
         false
     }
+    /// The volume's identity once `poll_size` is ready (docs/PROTOCOL.md 6.2.1): bytes that
+    /// change whenever its content may have changed, e.g. a file's inode and change times or
+    /// a generation the provider keeps. Sent in ACCEPT to peers with feature IDENTITY.
+    fn identity(&self) -> Option<VolumeIdentity> {
+        None
+    }
 }
 
 /// How far a sink has got.
@@ -153,6 +160,10 @@ pub trait VolumeWriter: Send {
     fn poll_ready(&mut self) -> Poll<Result<(), VolumeError>> {
         Poll::Ready(Ok(()))
     }
+    /// For a download: the source's identity from the peer's ACCEPT (`None` when the peer has
+    /// none or lacks feature IDENTITY), given once, before `start`. A resumable sink records it
+    /// or, holding a partial of other content, fails.
+    fn source_identity(&mut self, _identity: Option<VolumeIdentity>) {}
     /// Queues one chunk. Never blocks; failures surface through `poll_progress`.
     fn write(&mut self, chunk: Chunk);
     fn poll_progress(&mut self) -> WriteProgress;

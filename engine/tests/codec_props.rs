@@ -12,7 +12,7 @@ use engine::proto::{
     Connection, DecodeError, Event, Features, Frame, Hello, Op, OpenOptions, Reason, Side,
     StreamId, Transmit,
 };
-use engine::Digest;
+use engine::{Digest, VolumeIdentity, MAX_IDENTITY_LEN};
 use proptest::prelude::*;
 use proptest::sample::Index;
 use std::io::IoSlice;
@@ -51,6 +51,14 @@ fn arb_message() -> impl Strategy<Value = String> {
 /// Reasons as the decoder produces them (a known code is never `Other`).
 fn arb_reason() -> impl Strategy<Value = Reason> {
     prop_oneof![0u32..=20, any::<u32>()].prop_map(Reason::from_code)
+}
+
+/// No identity, or 1 to `MAX_IDENTITY_LEN` arbitrary bytes.
+fn arb_identity() -> impl Strategy<Value = Option<VolumeIdentity>> {
+    proptest::option::of(
+        proptest::collection::vec(any::<u8>(), 1..=MAX_IDENTITY_LEN)
+            .prop_map(|v| VolumeIdentity::new(v).unwrap()),
+    )
 }
 
 fn arb_stream() -> impl Strategy<Value = StreamId> {
@@ -98,7 +106,13 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
                     name
                 }
             ),
-        (arb_stream(), any::<u64>()).prop_map(|(stream, size)| Frame::Accept { stream, size }),
+        (arb_stream(), any::<u64>(), arb_identity()).prop_map(|(stream, size, identity)| {
+            Frame::Accept {
+                stream,
+                size,
+                identity,
+            }
+        }),
         (arb_stream(), arb_reason(), arb_message()).prop_map(|(stream, reason, message)| {
             Frame::Reject {
                 stream,
@@ -318,6 +332,27 @@ proptest! {
         prop_assert_eq!(
             Frame::decode(&mut buf, max),
             Err(DecodeError::FrameTooLarge { len, max })
+        );
+    }
+
+    #[test]
+    fn an_accept_identity_outside_its_bounds_is_refused(
+        len in prop_oneof![Just(0usize), (MAX_IDENTITY_LEN + 1)..200],
+        flagged in any::<bool>(),
+    ) {
+        // Without the flag any extra byte is wrong; with it, 1..=MAX_IDENTITY_LEN bytes.
+        prop_assume!(flagged || len > 0);
+        let mut buf = BytesMut::new();
+        buf.put_u32(8 + len as u32);
+        buf.put_u8(2);
+        buf.put_u8(u8::from(flagged));
+        buf.put_u16(0);
+        buf.put_u32(2);
+        buf.put_u64(1 << 20);
+        buf.extend_from_slice(&vec![0xa5; len]);
+        prop_assert!(
+            matches!(Frame::decode(&mut buf, u32::MAX), Err(DecodeError::BadLength { .. })),
+            "{len} bytes of identity, flag {flagged}"
         );
     }
 
@@ -655,7 +690,13 @@ fn arb_peer_frame() -> impl Strategy<Value = Frame> {
             reason,
             message: String::new(),
         }),
-        1 => (stream(), any::<u64>()).prop_map(|(stream, size)| Frame::Accept { stream, size }),
+        1 => (stream(), any::<u64>(), arb_identity()).prop_map(|(stream, size, identity)| {
+            Frame::Accept {
+                stream,
+                size,
+                identity,
+            }
+        }),
         1 => any::<u64>().prop_map(|data| Frame::Ping { data }),
         1 => any::<u64>().prop_map(|data| Frame::Pong { data }),
         1 => (0u32..8, arb_reason()).prop_map(|(last, reason)| Frame::GoAway {
@@ -1060,7 +1101,7 @@ fn out_of_order_chunk_returns_connection_credit_once() {
         matches!(events[1], Event::OpenRequested { .. }),
         "{events:?}"
     );
-    conn.accept(StreamId(1), 1 << 20);
+    conn.accept(StreamId(1), 1 << 20, None);
     // One in-order chunk the sink holds on to, then one out of order: the stream is aborted.
     let chunk = |id, offset, len| Frame::Data {
         stream: StreamId(id),
@@ -1102,7 +1143,7 @@ fn out_of_order_chunk_returns_connection_credit_once() {
     conn.input_buffer().extend_from_slice(&encode(&open(3)));
     conn.handle_input(now);
     while conn.poll_event().is_some() {}
-    conn.accept(StreamId(3), 1 << 20);
+    conn.accept(StreamId(3), 1 << 20, None);
     conn.input_buffer()
         .extend_from_slice(&encode(&chunk(3, 0, 12_000)));
     conn.handle_input(now);

@@ -195,6 +195,15 @@ fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>, Expect)> {
             Frame::Accept {
                 stream: s(2),
                 size: 1 << 30,
+                identity: None,
+            },
+        ),
+        (
+            "accept-identity",
+            Frame::Accept {
+                stream: s(2),
+                size: 1 << 30,
+                identity: engine::VolumeIdentity::new([0x5a; 40]),
             },
         ),
         (

@@ -364,3 +364,78 @@ fn the_flag_without_the_feature_ends_the_connection() {
         matches!(raw.conn.error(), Some(ConnError::Protocol(m)) if m.contains("not negotiated"))
     );
 }
+
+/// The server's identity of a volume reaches the client in ACCEPT; a peer without feature
+/// IDENTITY gets none (and is not sent the flag), and an identity the client did not agree to
+/// is a protocol error.
+#[test]
+fn accept_carries_the_identity_only_where_agreed() {
+    use engine::VolumeIdentity;
+    let id = VolumeIdentity::new(vec![0x42; 32]).unwrap();
+    let accepted = |pair: &Pair| {
+        pair.client.events.iter().find_map(|(_, e)| match e {
+            Event::Accepted { identity, .. } => Some(identity.clone()),
+            _ => None,
+        })
+    };
+    let mut pair = serving(Volume::data(MIB));
+    pair.server.identities.insert("v".into(), id.clone());
+    let s = pair.client.download("v", SinkPolicy::Immediate).unwrap();
+    assert!(pair.settle(10_000));
+    assert!(matches!(pair.client.end(s), Some(End::Completed(_))));
+    assert_eq!(accepted(&pair), Some(Some(id.clone())));
+
+    let mut config = Config::default();
+    config.features = config.features.without(Features::IDENTITY);
+    let mut pair = Pair::new(config, Config::default());
+    pair.connect();
+    pair.server.volumes.insert("v".into(), Volume::data(MIB));
+    pair.server.identities.insert("v".into(), id);
+    let s = pair.client.download("v", SinkPolicy::Immediate).unwrap();
+    assert!(pair.settle(10_000));
+    assert!(matches!(pair.client.end(s), Some(End::Completed(_))));
+    assert_eq!(
+        accepted(&pair),
+        Some(None),
+        "an old server sends no identity"
+    );
+}
+
+#[test]
+fn an_unasked_identity_ends_the_connection() {
+    let now = Instant::now();
+    let config = Config {
+        features: Config::default().features.without(Features::IDENTITY),
+        ..Config::default()
+    };
+    let mut raw = Raw {
+        conn: Connection::new(Side::Client, config, now),
+        now,
+    };
+    let mut hello = BytesMut::new();
+    Hello {
+        version_min: 1,
+        version_max: 1,
+        features: Features::ALL,
+        max_frame: 1 << 20,
+        stream_window: 1 << 20,
+        conn_window: 1 << 24,
+        max_streams: 16,
+    }
+    .encode(&mut hello);
+    raw.feed(&hello);
+    let id = raw
+        .conn
+        .open_stream(Op::Read, "v", OpenOptions::default(), 0)
+        .unwrap();
+    raw.send(&[Frame::Accept {
+        stream: id,
+        size: 4096,
+        identity: engine::VolumeIdentity::new(vec![1; 16]),
+    }]);
+    assert!(
+        matches!(raw.conn.error(), Some(ConnError::Protocol(m)) if m.contains("identity")),
+        "{:?}",
+        raw.conn.error()
+    );
+}

@@ -21,6 +21,7 @@ pub mod export;
 pub mod extents;
 mod fd;
 pub mod helper;
+pub mod identity;
 pub mod nbd;
 pub mod pool;
 pub mod provider;

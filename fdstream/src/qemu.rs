@@ -326,6 +326,8 @@ pub(crate) struct PoolFile {
     pool: PathBuf,
     options: ReaderOptions,
     state: State,
+    /// The top file's: a changed backing file is caught only by the content check at the end.
+    identity: Option<engine::VolumeIdentity>,
 }
 
 enum State {
@@ -362,13 +364,16 @@ impl PoolFile {
             pool,
             options,
             state: State::Undecided,
+            identity: None,
         }
     }
 
     fn decide(&mut self) -> Result<State, Error> {
         let file = fd::open_beneath(&self.dir, &self.name, libc::O_RDONLY | libc::O_NONBLOCK)
             .map_err(|e| Error::io(format!("opening {}", self.shown), e))?;
-        let is_file = file.metadata().is_ok_and(|m| m.is_file());
+        let meta = file.metadata().ok();
+        let is_file = meta.as_ref().is_some_and(|m| m.is_file());
+        self.identity = meta.as_ref().and_then(crate::identity::of);
         let header = match is_file {
             true => qcow2_header(&file).map_err(|e| Error::io(self.shown.clone(), e))?,
             false => None,
@@ -440,12 +445,16 @@ impl Produce for PoolFile {
         if matches!(self.state, State::Undecided) {
             self.state = self.decide()?;
         }
-        match &mut self.state {
+        let mut p = match &mut self.state {
             State::Raw(core) => core.step(),
             State::Image { source, .. } => source.step(),
             State::Mapped { mapped, .. } => mapped.step(),
             State::Undecided | State::Closed => Err(Error::Cancelled),
+        }?;
+        if p.size.is_some() && p.identity.is_none() {
+            p.identity = self.identity.clone();
         }
+        Ok(p)
     }
 
     fn close(&mut self) {

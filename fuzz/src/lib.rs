@@ -146,9 +146,10 @@ impl Driver {
                     if name.starts_with('x') {
                         conn.reject(stream, Reason::NotFound, "no such volume");
                     } else if op == Op::Write {
-                        conn.accept(stream, size);
+                        conn.accept(stream, size, None);
                     } else {
-                        conn.accept(stream, SOURCE_LEN);
+                        // An identity, sent only where feature IDENTITY was agreed.
+                        conn.accept(stream, SOURCE_LEN, engine::VolumeIdentity::new([7u8; 40]));
                         send_source(conn, stream, ranges.as_deref());
                     }
                 }

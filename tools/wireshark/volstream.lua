@@ -48,11 +48,15 @@ local REASONS = {
 -- Section 3.2.
 local SPARSE, DIGEST, PRIORITY, VERIFY, QCOW2, RANGES = 0x1, 0x2, 0x4, 0x8, 0x10, 0x20
 local BLOCK_DIGESTS = 0x100
-local FEATURES_RESERVED = 0xfffffec0
+local IDENTITY = 0x200
+local FEATURES_RESERVED = 0xfffffcc0
 local OP_DIGESTS = 5
 -- Section 4.2, FINISH and RANGES flags.
 local FLAG_ACK, FLAG_DIGEST = 0x01, 0x02
 local FLAG_LAST = 0x01
+-- Section 4.2, ACCEPT's flag; 6.6.
+local FLAG_IDENTITY = 0x01
+local MAX_IDENTITY_LEN = 64
 -- Section 4.3.
 local OPTION_PRIORITY = 0x40
 local OPTION_TOP_ONLY = 0x80
@@ -80,6 +84,8 @@ local f = {
         RANGES, "a READ may ask for some ranges of the volume"),
     feature_block_digests = ProtoField.bool("volstream.hello.features.BLOCK_DIGESTS",
         "BLOCK_DIGESTS", 32, nil, BLOCK_DIGESTS, "OPEN may ask for op DIGESTS"),
+    feature_identity = ProtoField.bool("volstream.hello.features.IDENTITY", "IDENTITY", 32, nil,
+        IDENTITY, "a READ's ACCEPT may carry the volume's identity"),
     feature_reserved = ProtoField.uint32("volstream.hello.features.reserved", "reserved",
         base.HEX, nil, FEATURES_RESERVED),
     max_frame = ProtoField.uint32("volstream.hello.max_frame", "max_frame", base.DEC),
@@ -128,6 +134,8 @@ local f = {
         "OPEN: RANGES frames follow; only those ranges are sent"),
     flag_last = ProtoField.bool("volstream.flags.LAST", "LAST", 8, nil, FLAG_LAST,
         "RANGES: the stream's range list is complete"),
+    flag_identity = ProtoField.bool("volstream.flags.IDENTITY", "IDENTITY", 8, nil,
+        FLAG_IDENTITY, "ACCEPT: the volume's identity follows the size"),
     ranges_offset = ProtoField.uint64("volstream.ranges.offset", "offset", base.DEC),
     ranges_len = ProtoField.uint64("volstream.ranges.len", "len", base.DEC),
     open_name_len = ProtoField.uint16("volstream.open.name_len", "name_len", base.DEC),
@@ -136,6 +144,8 @@ local f = {
     open_size = ProtoField.uint64("volstream.open.size", "size", base.DEC),
     open_name = ProtoField.string("volstream.open.name", "name", base.UNICODE),
     accept_size = ProtoField.uint64("volstream.accept.size", "size", base.DEC),
+    accept_identity = ProtoField.bytes("volstream.accept.identity", "identity", base.NONE,
+        "the volume's identity (6.6): opaque, compared for equality only"),
     reject_reason = ProtoField.uint32("volstream.reject.reason", "reason", base.DEC, REASONS),
     reject_message = ProtoField.string("volstream.reject.message", "message", base.UNICODE),
     data_offset = ProtoField.uint64("volstream.data.offset", "offset", base.DEC),
@@ -191,6 +201,8 @@ local e = {
         "OPEN asks for verification although VERIFY was not negotiated"),
     digests_without_feature = violation("digests_without_feature",
         "OPEN asks for block digests although BLOCK_DIGESTS was not negotiated"),
+    identity_without_feature = violation("identity_without_feature",
+        "ACCEPT carries an identity although IDENTITY was not negotiated"),
     -- Stream errors (section 6.4) and oddities that are not violations.
     empty_content = ProtoExpert.new("volstream.expert.empty_content",
         "DATA or HOLE covering no bytes (aborts the stream)", expert.group.PROTOCOL,
@@ -304,6 +316,7 @@ local function dissect_hello(tvb, pinfo, tree, offset)
     ft:add(f.feature_qcow2, tvb(offset + 12, 4))
     ft:add(f.feature_ranges, tvb(offset + 12, 4))
     ft:add(f.feature_block_digests, tvb(offset + 12, 4))
+    ft:add(f.feature_identity, tvb(offset + 12, 4))
     local fr = ft:add(f.feature_reserved, tvb(offset + 12, 4))
     if bit32.band(features, FEATURES_RESERVED) ~= 0 then
         fr:add_proto_expert_info(e.reserved_features)
@@ -322,7 +335,7 @@ local function dissect_hello(tvb, pinfo, tree, offset)
     local names = bit_names(features,
         { { SPARSE, "SPARSE" }, { DIGEST, "DIGEST" }, { PRIORITY, "PRIORITY" },
           { VERIFY, "VERIFY" }, { QCOW2, "QCOW2" }, { RANGES, "RANGES" },
-          { BLOCK_DIGESTS, "BLOCK_DIGESTS" } })
+          { BLOCK_DIGESTS, "BLOCK_DIGESTS" }, { IDENTITY, "IDENTITY" } })
     return string.format("Hello v%d..%d features %s max_frame %d", vmin, vmax,
         names == "" and "none" or names, max_frame)
 end
@@ -335,6 +348,7 @@ local function header_problem(kind, flags, reserved, len, stream)
     if kind == T.FINISH then allowed = bit32.bor(FLAG_ACK, FLAG_DIGEST) end
     if kind == T.OPEN then allowed = bit32.bor(FLAG_VERIFY, FLAG_QCOW2, FLAG_RANGES) end
     if kind == T.RANGES then allowed = FLAG_LAST end
+    if kind == T.ACCEPT then allowed = FLAG_IDENTITY end
     if bit32.band(flags, bit32.bnot(allowed)) ~= 0 then return e.bad_flags end
     local connection_level = kind == T.PING or kind == T.PONG or kind == T.GOAWAY
     if connection_level and stream ~= 0 then return e.bad_stream end
@@ -342,6 +356,8 @@ local function header_problem(kind, flags, reserved, len, stream)
     local ok
     if kind == T.OPEN then
         ok = len >= 16 and len <= 16 + MAX_NAME_LEN
+    elseif kind == T.ACCEPT and bit32.band(flags, FLAG_IDENTITY) ~= 0 then
+        ok = len >= 9 and len <= 8 + MAX_IDENTITY_LEN
     elseif kind == T.ACCEPT or kind == T.PING or kind == T.PONG then
         ok = len == 8
     elseif kind == T.REJECT or kind == T.ABORT then
@@ -431,7 +447,18 @@ local function dissect_body(tvb, pinfo, t, kind, flags, o, len)
         return text
     elseif kind == T.ACCEPT then
         t:add(f.accept_size, tvb(o, 8))
-        return " size " .. tvb(o, 8):uint64():tonumber()
+        local text = " size " .. tvb(o, 8):uint64():tonumber()
+        if len > 8 then
+            local item = t:add(f.accept_identity, tvb(o + 8, len - 8))
+            -- Section 6.6: only with IDENTITY from both Hellos.
+            local ours = hellos[direction_key(pinfo, true)]
+            local theirs = hellos[direction_key(pinfo, false)]
+            if ours and theirs and bit32.band(ours.features, theirs.features, IDENTITY) == 0 then
+                item:add_proto_expert_info(e.identity_without_feature)
+            end
+            text = text .. " identity " .. tvb(o + 8, len - 8):bytes():tohex():lower()
+        end
+        return text
     elseif kind == T.REJECT or kind == T.ABORT then
         local reason_field = kind == T.REJECT and f.reject_reason or f.abort_reason
         local message_field = kind == T.REJECT and f.reject_message or f.abort_message
@@ -540,6 +567,8 @@ local function dissect_frame(tvb, pinfo, tree, offset)
         items[e.bad_flags]:add(f.flag_ranges, tvb(offset + 5, 1))
     elseif kind == T.RANGES then
         items[e.bad_flags]:add(f.flag_last, tvb(offset + 5, 1))
+    elseif kind == T.ACCEPT then
+        items[e.bad_flags]:add(f.flag_identity, tvb(offset + 5, 1))
     end
     items[e.reserved] = t:add(f.reserved, tvb(offset + 6, 2))
     items[e.bad_stream] = t:add(f.stream, tvb(offset + 8, 4))

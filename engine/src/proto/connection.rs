@@ -216,7 +216,11 @@ impl Connection {
                 size,
                 name,
             } => self.on_open(stream, op, options, size, name),
-            Frame::Accept { stream, size } => self.on_accept(stream, size),
+            Frame::Accept {
+                stream,
+                size,
+                identity,
+            } => self.on_accept(stream, size, identity),
             Frame::Reject {
                 stream,
                 reason,

@@ -7,6 +7,7 @@ use super::stream::StreamStats;
 use crate::range::RangeSet;
 use crate::reason::{Reason, ReasonCounts};
 use crate::volume::Chunk;
+use crate::VolumeIdentity;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,7 +29,12 @@ pub enum Event {
         ranges: Option<Arc<RangeSet>>,
     },
     /// The peer accepted a stream we opened.
-    Accepted { stream: StreamId, size: u64 },
+    Accepted {
+        stream: StreamId,
+        size: u64,
+        /// The volume's identity, when the peer sent one (feature IDENTITY, READs only).
+        identity: Option<VolumeIdentity>,
+    },
     /// The peer refused a stream we opened.
     Rejected {
         stream: StreamId,

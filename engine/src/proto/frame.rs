@@ -10,6 +10,7 @@ pub use super::hello::{Features, Hello, HELLO_LEN, MAGIC, VERSION_MAX, VERSION_M
 pub use super::options::OpenOptions;
 use crate::range::{self, Range, RANGES_PER_FRAME, RANGE_WIRE_LEN};
 use crate::reason::Reason;
+use crate::{VolumeIdentity, MAX_IDENTITY_LEN};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use std::fmt;
 
@@ -177,6 +178,8 @@ const FLAG_QCOW2: u8 = 2;
 const FLAG_RANGES: u8 = 4;
 /// RANGES flag: the last frame of the stream's list.
 const FLAG_LAST: u8 = 1;
+/// ACCEPT flag: the volume's identity follows the size (feature IDENTITY).
+const FLAG_IDENTITY: u8 = 1;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
@@ -192,6 +195,9 @@ pub enum Frame {
         stream: StreamId,
         /// The volume's logical length: what the data sender will send.
         size: u64,
+        /// For a READ between peers with feature IDENTITY: the volume's identity, if the
+        /// server knows one.
+        identity: Option<VolumeIdentity>,
     },
     Reject {
         stream: StreamId,
@@ -331,9 +337,16 @@ impl Frame {
                 out.put_u64(*size);
                 out.put_slice(name.as_bytes());
             }
-            Frame::Accept { stream, size } => {
-                put_header(out, kind::ACCEPT, 0, *stream, body::ACCEPT);
+            Frame::Accept {
+                stream,
+                size,
+                identity,
+            } => {
+                let id = identity.as_ref().map_or(&[][..], |i| i.as_bytes());
+                let flags = if identity.is_some() { FLAG_IDENTITY } else { 0 };
+                put_header(out, kind::ACCEPT, flags, *stream, body::ACCEPT + id.len());
                 out.put_u64(*size);
+                out.put_slice(id);
             }
             Frame::Reject {
                 stream,
@@ -479,6 +492,7 @@ fn check_shape(kind: u8, flags: u8, len: u32, stream: StreamId) -> Result<(), De
         kind::FINISH => FLAG_ACK | FLAG_DIGEST,
         kind::OPEN => FLAG_VERIFY | FLAG_QCOW2 | FLAG_RANGES,
         kind::RANGES => FLAG_LAST,
+        kind::ACCEPT => FLAG_IDENTITY,
         _ => 0,
     };
     if flags & !allowed_flags != 0 {
@@ -494,6 +508,9 @@ fn check_shape(kind: u8, flags: u8, len: u32, stream: StreamId) -> Result<(), De
     }
     match kind {
         kind::OPEN => at_least(body::OPEN_MIN, MAX_NAME_LEN),
+        kind::ACCEPT if flags & FLAG_IDENTITY != 0 => {
+            at_least(body::ACCEPT + 1, MAX_IDENTITY_LEN - 1)
+        }
         kind::ACCEPT => fixed(body::ACCEPT),
         kind::REJECT | kind::ABORT => at_least(body::REASON_MIN, MAX_MESSAGE_LEN),
         // The header's length is a u32: any payload it can announce is allowed.
@@ -553,6 +570,10 @@ fn parse_body(
         kind::ACCEPT => Frame::Accept {
             stream,
             size: body.get_u64(),
+            // The shape check bounded the length to 1..=MAX_IDENTITY_LEN.
+            identity: (flags & FLAG_IDENTITY != 0)
+                .then(|| VolumeIdentity::new(body.to_vec()))
+                .flatten(),
         },
         kind::REJECT | kind::ABORT => {
             let reason = Reason::from_code(body.get_u32());

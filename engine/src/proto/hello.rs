@@ -35,7 +35,10 @@ impl Features {
     /// OPEN may ask for a volume's block digests (`Op::Digests`, docs/PROTOCOL.md 8.3). A high
     /// bit, apart from the range-access bits allocated next to VERIFY.
     pub const BLOCK_DIGESTS: Features = Features(0x100);
-    pub const ALL: Features = Features(63 | 0x100);
+    /// A READ's ACCEPT may carry the volume's identity (`VolumeIdentity`, ACCEPT flag
+    /// IDENTITY): what a resuming client compares with the part it holds.
+    pub const IDENTITY: Features = Features(0x200);
+    pub const ALL: Features = Features(63 | 0x100 | 0x200);
 
     pub fn contains(self, other: Features) -> bool {
         self.0 & other.0 == other.0

@@ -9,6 +9,7 @@ use super::frame::{self, Features, Frame, Op, OpenOptions, StreamId};
 use super::stream::Stream;
 use crate::range::{Range, RangeSet};
 use crate::reason::Reason;
+use crate::VolumeIdentity;
 use std::sync::Arc;
 
 impl Connection {
@@ -131,13 +132,25 @@ impl Connection {
         Ok(())
     }
 
-    pub(super) fn on_accept(&mut self, id: StreamId, size: u64) -> Result<(), ConnError> {
+    pub(super) fn on_accept(
+        &mut self,
+        id: StreamId,
+        size: u64,
+        identity: Option<VolumeIdentity>,
+    ) -> Result<(), ConnError> {
+        let features = self.features();
         let Some(key) = self.lookup(id, "ACCEPT")? else {
             return Ok(());
         };
         let stream = &mut self.store[key];
         if stream.recv_accept().is_err() {
             return Err(ConnError::Protocol(format!("second ACCEPT for {id}")));
+        }
+        if identity.is_some() && (stream.op != Op::Read || !features.contains(Features::IDENTITY)) {
+            return Err(ConnError::Protocol(format!(
+                "ACCEPT for {id} carries an identity, which only a READ between peers with \
+                 feature IDENTITY may"
+            )));
         }
         if stream.op == Op::Write && size != stream.size {
             let message = format!(
@@ -154,7 +167,11 @@ impl Connection {
         }
         stream.size = size;
         stream.progress += 1;
-        self.events.push_back(Event::Accepted { stream: id, size });
+        self.events.push_back(Event::Accepted {
+            stream: id,
+            size,
+            identity,
+        });
         self.send.prioritize.schedule(key, stream);
         Ok(())
     }
@@ -270,8 +287,9 @@ impl Connection {
         self.peer.map_or(0, |p| p.stream_window)
     }
 
-    /// Accepts a stream the peer asked for. For a read, `size` is the volume's length.
-    pub fn accept(&mut self, id: StreamId, size: u64) {
+    /// Accepts a stream the peer asked for. For a read, `size` is the volume's length and
+    /// `identity` its identity, sent when the peer has feature IDENTITY.
+    pub fn accept(&mut self, id: StreamId, size: u64, identity: Option<VolumeIdentity>) {
         let Some(key) = self.store.find(id) else {
             return;
         };
@@ -288,9 +306,12 @@ impl Connection {
             stream.size = size;
             self.send.init(stream, features, window);
         }
+        let identity =
+            identity.filter(|_| stream.op == Op::Read && features.contains(Features::IDENTITY));
         Frame::Accept {
             stream: id,
             size: stream.size,
+            identity,
         }
         .encode(&mut self.control);
         self.send.prioritize.schedule(key, stream);

@@ -48,6 +48,7 @@ impl<P: Produce> Produce for Cut<P> {
         }
         let mut out = Produced {
             size: p.size,
+            identity: p.identity,
             ..Produced::default()
         };
         for chunk in &p.chunks {

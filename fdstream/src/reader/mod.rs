@@ -20,7 +20,7 @@ use crate::budget;
 use crate::error::Error;
 use crate::fd::Location;
 use crate::pool::{Job, JobHandle, Pool, Step, WeakJobHandle};
-use engine::{Chunk, Notify, RangeSet, VolumeError, VolumeReader};
+use engine::{Chunk, Notify, RangeSet, VolumeError, VolumeIdentity, VolumeReader};
 use std::collections::VecDeque;
 use std::fs::File;
 use std::path::PathBuf;
@@ -100,6 +100,7 @@ impl Default for ReaderOptions {
 #[derive(Default)]
 struct Out {
     size: Option<Result<u64, VolumeError>>,
+    identity: Option<VolumeIdentity>,
     queue: VecDeque<Chunk>,
     queued_bytes: u64,
     error: Option<VolumeError>,
@@ -260,6 +261,10 @@ impl VolumeReader for FileReader {
         self.producer.as_ref().is_some_and(|p| p.serves_ranges())
     }
 
+    fn identity(&self) -> Option<VolumeIdentity> {
+        self.out.lock().unwrap().identity.clone()
+    }
+
     fn cancel(&mut self) {
         let mut out = self.out.lock().unwrap();
         out.cancelled = true;
@@ -303,6 +308,8 @@ impl ReadJob {
 pub struct Produced {
     /// Set by the first step, which opens the volume.
     pub size: Option<u64>,
+    /// Set by the first step where the volume has one ([`crate::identity`]).
+    pub identity: Option<VolumeIdentity>,
     pub chunks: Vec<Chunk>,
     /// `Chunk::End` is the last of `chunks`: nothing more will come.
     pub end: bool,
@@ -340,6 +347,7 @@ impl Job for ReadJob {
             Ok(p) => {
                 if let Some(size) = p.size {
                     out.size = Some(Ok(size));
+                    out.identity = p.identity;
                 }
                 for chunk in p.chunks {
                     if let Chunk::Data { bytes, .. } = &chunk {

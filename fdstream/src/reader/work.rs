@@ -40,6 +40,7 @@ pub(super) struct Work {
     ranges: Option<Arc<RangeSet>>,
     /// Index of the range `pos` is in or before.
     range: usize,
+    identity: Option<engine::VolumeIdentity>,
 }
 
 /// The synchronous core of [`FileReader`], without worker or queue: each `step` opens the
@@ -150,6 +151,7 @@ impl Work {
             align: fd::DIRECT_ALIGN,
             ranges: options.ranges.clone(),
             range: 0,
+            identity: None,
         }
     }
 
@@ -182,6 +184,7 @@ impl Work {
             }
         }?;
         self.kind = Kind::of(&file).map_err(|e| Error::io(format!("inspecting {shown}"), e))?;
+        self.identity = file.metadata().ok().as_ref().and_then(crate::identity::of);
         let size =
             fd::size_of(&file, self.kind).map_err(|e| Error::io(format!("sizing {shown}"), e))?;
         self.size = match (size, self.stream_size) {
@@ -274,6 +277,7 @@ impl Work {
         let mut p = Produced::default();
         if self.file.is_none() {
             p.size = Some(self.open()?);
+            p.identity = self.identity.clone();
             return Ok(p);
         }
         loop {

@@ -25,7 +25,8 @@ impl Driver {
                     match local.stream {
                         Some(stream) => {
                             local.gate = Gate::Open;
-                            self.conn.accept(stream, size);
+                            let identity = reader.identity();
+                            self.conn.accept(stream, size, identity);
                             self.pull(key, now);
                         }
                         None => {
@@ -42,7 +43,7 @@ impl Driver {
                 Poll::Ready(Ok(())) => {
                     local.gate = Gate::Open;
                     let (stream, size) = (local.stream.unwrap(), local.size);
-                    self.conn.accept(stream, size);
+                    self.conn.accept(stream, size, None);
                     self.progress(key, now);
                 }
                 Poll::Ready(Err(e)) => self.refuse(key, e, now),

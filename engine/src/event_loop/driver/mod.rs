@@ -393,7 +393,11 @@ impl Driver {
                     };
                     self.on_open_requested(stream, op, request, now)
                 }
-                Event::Accepted { stream, size } => {
+                Event::Accepted {
+                    stream,
+                    size,
+                    identity,
+                } => {
                     let Some(&key) = self.by_stream.get(&stream) else {
                         continue;
                     };
@@ -403,6 +407,7 @@ impl Driver {
                     match &mut local.endpoint {
                         Endpoint::Writer(writer) => {
                             local.size = size;
+                            writer.source_identity(identity);
                             writer.start(size, notify);
                         }
                         Endpoint::Reader(_) => self.pull(key, now),
