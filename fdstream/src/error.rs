@@ -69,6 +69,12 @@ pub enum Error {
     },
     /// qemu-img or qemu-nbd failed, or could not be run.
     Qemu(String),
+    /// A partial's journal ([`crate::journal`]) cannot be trusted: cut short, edited, or
+    /// describing ranges it cannot hold. Nothing in it is used.
+    Journal {
+        path: String,
+        problem: String,
+    },
 }
 
 impl Error {
@@ -114,6 +120,7 @@ impl Error {
                 _ => Reason::Io,
             },
             Error::Qemu(_) => Reason::Io,
+            Error::Journal { .. } => Reason::Io,
         }
     }
 }
@@ -190,6 +197,7 @@ impl fmt::Display for Error {
                 write!(f, "{context}: the NBD server failed it: {source}")
             }
             Error::Qemu(m) => f.write_str(m),
+            Error::Journal { path, problem } => write!(f, "journal {path}: {problem}"),
         }
     }
 }

@@ -22,6 +22,7 @@ pub mod extents;
 mod fd;
 pub mod helper;
 pub mod identity;
+pub mod journal;
 pub mod nbd;
 pub mod pool;
 pub mod provider;
