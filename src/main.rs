@@ -1,8 +1,9 @@
-//! The `volstream` command: serve, upload, download, list, extents, checksum, demo.
+//! The `volstream` command: serve, upload, download, attach, list, extents, checksum, demo.
 //!
 //! Exit codes: 0 success; 1 one or more transfers failed (one line each on stderr); 2 bad
 //! usage; 3 the server could not be reached or the service could not start.
 
+mod attach;
 mod checksum;
 mod demo;
 mod destinations;
@@ -45,6 +46,8 @@ enum Command {
     Upload(options::UploadArgs),
     /// List a server's volumes.
     List(query::ListArgs),
+    /// Export a server's volumes as local NBD disks, read over one connection.
+    Attach(attach::AttachArgs),
     /// Show the allocation map of a local file or device, or of a remote volume.
     Extents(query::ExtentsArgs),
     /// A content checksum of a local file or device, or of a remote volume, that does not
@@ -124,6 +127,7 @@ fn main() -> ExitCode {
         Command::List(args) => query::list(args),
         Command::Extents(args) => query::extents(args),
         Command::Checksum(args) => checksum::run(args),
+        Command::Attach(args) => attach::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Stress(args) => stress::run(args),
         Command::Certs(args) => tls::certs(args),

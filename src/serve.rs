@@ -334,7 +334,7 @@ fn start_nbd_export(
 }
 
 /// Plain TCP off loopback lets anyone who reaches it in: only with --insecure.
-fn refuse_open_tcp(
+pub(crate) fn refuse_open_tcp(
     sock: &std::net::SocketAddr,
     insecure: bool,
     what: &str,
@@ -402,7 +402,7 @@ impl<P: Provider> Provider for Policy<P> {
 }
 
 /// A socket file left by a server that died is removed; a live one is an error.
-fn remove_stale_socket(path: &std::path::Path) -> Result<(), CliError> {
+pub(crate) fn remove_stale_socket(path: &std::path::Path) -> Result<(), CliError> {
     if !path.exists() {
         return Ok(());
     }

@@ -11,6 +11,7 @@
 //! - [`helper`]: the same readers and writers run in a `volstream-iohelper` process per volume
 //!   (crash isolation, O_DIRECT).
 
+pub mod attach;
 pub mod blockhash;
 pub mod budget;
 pub mod copy;

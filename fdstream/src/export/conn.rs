@@ -2,7 +2,8 @@
 //! on the worker pool. Runs on the loop thread and never blocks: reads and writes stop at
 //! WouldBlock, disk work is queued to workers whose answers come back through [`Wake`].
 
-use super::volume::{Exports, Failure, Outcome, Piece, Volume};
+use super::volume::{Failure, Outcome, Piece};
+use super::{Catalog, Disk};
 use crate::pool::{Job, JobHandle, Pool, Step};
 use bytes::{Bytes, BytesMut};
 use nbd::server_handshake::BASE_ALLOCATION_ID;
@@ -50,11 +51,11 @@ impl Wake {
 enum Task {
     Open(String),
     List,
-    Io(Arc<Volume>, Request),
+    Io(Arc<dyn Disk>, Request),
 }
 
 enum Done {
-    Opened(Result<Volume, LookupError>),
+    Opened(Result<Arc<dyn Disk>, LookupError>),
     Listed(io::Result<Vec<String>>),
     Io {
         cookie: Cookie,
@@ -79,12 +80,19 @@ pub enum Admission {
 struct Work {
     key: Key,
     admission: Admission,
-    exports: Arc<Exports>,
+    exports: Arc<dyn Catalog>,
     wake: Arc<Wake>,
     tasks: Mutex<VecDeque<(Task, usize)>>,
     done: Mutex<VecDeque<Done>>,
     /// The connection is gone: queued work is dropped.
     closed: AtomicBool,
+}
+
+impl Work {
+    fn finish(&self, done: Done) {
+        self.done.lock().unwrap().push_back(done);
+        self.wake.notify(self.key);
+    }
 }
 
 /// One of a connection's worker slots. Several share the connection's queue, so one client's
@@ -101,26 +109,33 @@ impl Job for Worker {
         let Some((task, cost)) = w.tasks.lock().unwrap().pop_front() else {
             return Step::Idle;
         };
-        let done = match task {
-            Task::Open(name) => Done::Opened(match &w.admission {
+        match task {
+            Task::Open(name) => w.finish(Done::Opened(match &w.admission {
                 Admission::Refused(why) => Err(LookupError {
                     reply: nbd::wire::REP_ERR_POLICY,
                     message: why.clone(),
                 }),
                 a => w.exports.open(&name, *a == Admission::ReadWrite),
-            }),
-            Task::List => Done::Listed(match w.admission {
+            })),
+            Task::List => w.finish(Done::Listed(match w.admission {
                 Admission::Refused(_) => Ok(Vec::new()),
                 _ => w.exports.names(),
-            }),
-            Task::Io(volume, request) => Done::Io {
-                cookie: cookie_of(&request),
-                cost,
-                result: volume.run(&request),
-            },
-        };
-        w.done.lock().unwrap().push_back(done);
-        w.wake.notify(w.key);
+            })),
+            Task::Io(volume, request) => {
+                let cookie = cookie_of(&request);
+                let work = Arc::clone(w);
+                volume.run(
+                    &request,
+                    Box::new(move |result| {
+                        work.finish(Done::Io {
+                            cookie,
+                            cost,
+                            result,
+                        })
+                    }),
+                );
+            }
+        }
         if w.tasks.lock().unwrap().is_empty() {
             Step::Idle
         } else {
@@ -200,7 +215,7 @@ pub struct Conn {
     work: Arc<Work>,
     jobs: Vec<JobHandle>,
     next_job: usize,
-    volume: Option<Arc<Volume>>,
+    volume: Option<Arc<dyn Disk>>,
     in_flight_bytes: usize,
     /// The client ended the session (NBD_OPT_ABORT, NBD_CMD_DISC): close once answered.
     ending: bool,
@@ -219,7 +234,7 @@ impl Conn {
         peer: String,
         admission: Admission,
         key: Key,
-        exports: Arc<Exports>,
+        exports: Arc<dyn Catalog>,
         wake: Arc<Wake>,
         pool: &Pool,
         timeout: Duration,
@@ -497,7 +512,7 @@ impl Conn {
                         );
                         // The answer to GO is still in the handshake's output.
                         self.out.extend(std::iter::from_fn(|| hs.poll_transmit()));
-                        self.volume = volume.map(Arc::new);
+                        self.volume = volume;
                         self.phase = Phase::Transmission(Server::new(export, MAX_IN_FLIGHT));
                         Ok(())
                     }

@@ -15,7 +15,9 @@ mod conn;
 pub mod volume;
 
 pub use conn::Admission;
-pub use volume::Exports;
+pub use volume::{Exports, Failure, Outcome, Piece};
+
+use nbd::{ExportInfo, LookupError, Request};
 
 use crate::pool::Pool;
 use conn::{Conn, Key, Next, Stream, Wake};
@@ -29,6 +31,29 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// Answers one request, once, from any thread.
+pub type Reply = Box<dyn FnOnce(Result<Outcome, Failure>) + Send>;
+
+/// What an export server offers: the pool's files ([`Exports`]), or volumes of a remote
+/// server (`crate::attach`). Called on the worker pool, so it may block.
+pub trait Catalog: Send + Sync {
+    /// Whether any client may write (a read-only client is still told it cannot).
+    fn writable(&self) -> bool;
+    /// The names a client may ask for.
+    fn names(&self) -> io::Result<Vec<String>>;
+    /// Opens `name` for a client, for writing if it `may_write` and the catalog is writable.
+    /// The reply says only what a client may know.
+    fn open(&self, name: &str, may_write: bool) -> Result<Arc<dyn Disk>, LookupError>;
+}
+
+/// One opened export.
+pub trait Disk: Send + Sync {
+    fn info(&self) -> ExportInfo;
+    /// Carries out one request the codec already checked against [`Disk::info`]. Runs on a
+    /// worker: it may block, or hand `reply` to whoever finishes the work (a remote read).
+    fn run(&self, request: &Request, reply: Reply);
+}
 
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
@@ -100,7 +125,7 @@ pub struct ExportServer {
     listener: Listener,
     conns: Slab<(u64, Conn)>,
     generation: u64,
-    exports: Arc<Exports>,
+    exports: Arc<dyn Catalog>,
     wake: Arc<Wake>,
     pool: Arc<Pool>,
     config: ExportConfig,
@@ -111,7 +136,11 @@ pub struct ExportServer {
 impl ExportServer {
     /// Listens on `unix:PATH` or `tcp:HOST:PORT` (a TLS address is refused: this export
     /// speaks plain NBD).
-    pub fn bind(addr: &Address, exports: Exports, config: ExportConfig) -> io::Result<Self> {
+    pub fn bind(
+        addr: &Address,
+        exports: impl Catalog + 'static,
+        config: ExportConfig,
+    ) -> io::Result<Self> {
         let poll = Poll::new()?;
         let mut listener = match addr {
             Address::Unix(path) => {

@@ -13,6 +13,9 @@ use std::fs::File;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::{Catalog, Disk, Reply};
 
 /// The largest READ or WRITE payload offered: the protocol's default, so a client that never
 /// asked for size constraints is not refused.
@@ -45,13 +48,14 @@ impl Exports {
         self.devices.insert(name.into(), path.into());
         self
     }
+}
 
-    pub fn writable(&self) -> bool {
+impl Catalog for Exports {
+    fn writable(&self) -> bool {
         self.writable
     }
 
-    /// The names a client may ask for.
-    pub fn names(&self) -> io::Result<Vec<String>> {
+    fn names(&self) -> io::Result<Vec<String>> {
         let mut names: Vec<String> =
             crate::provider::list_volumes(&self.path, &self.devices, &HashMap::new())?
                 .into_iter()
@@ -61,10 +65,8 @@ impl Exports {
         Ok(names)
     }
 
-    /// Opens the volume `name` for a client, for writing if the export is writable and
-    /// `may_write` (the client's identity may write). The reply says only what a client may
-    /// know: no paths of this host.
-    pub fn open(&self, name: &str, may_write: bool) -> Result<Volume, LookupError> {
+    /// No paths of this host in the reply.
+    fn open(&self, name: &str, may_write: bool) -> Result<Arc<dyn Disk>, LookupError> {
         let writable = self.writable && may_write;
         let unknown = |why: String| LookupError {
             reply: wire::REP_ERR_UNKNOWN,
@@ -119,12 +121,12 @@ impl Exports {
         let size = fd::size_of(&file, kind)
             .map_err(io_error)?
             .unwrap_or_default();
-        Ok(Volume {
+        Ok(Arc::new(Volume {
             file,
             kind,
             size,
             writable,
-        })
+        }))
     }
 }
 
@@ -171,8 +173,8 @@ pub struct Volume {
     writable: bool,
 }
 
-impl Volume {
-    pub fn info(&self) -> ExportInfo {
+impl Disk for Volume {
+    fn info(&self) -> ExportInfo {
         let mut flags = wire::FLAG_CAN_MULTI_CONN;
         if self.writable {
             // Every connection writes the same file and FLUSH is fdatasync of that file, so
@@ -192,12 +194,13 @@ impl Volume {
         }
     }
 
-    pub fn size(&self) -> u64 {
-        self.size
+    fn run(&self, request: &Request, reply: Reply) {
+        reply(self.serve(request))
     }
+}
 
-    /// Carries out one request the codec already checked against the export.
-    pub fn run(&self, request: &Request) -> Result<Outcome, Failure> {
+impl Volume {
+    fn serve(&self, request: &Request) -> Result<Outcome, Failure> {
         let r = match *request {
             Request::Read { offset, len, .. } => self.read(offset, len).map(Outcome::Read),
             Request::BlockStatus {
