@@ -305,3 +305,41 @@ fn a_hundred_volumes_attached_over_one_connection_read_correctly() {
         (rss_hundred as f64 - rss_one as f64) / 99.0
     );
 }
+
+#[test]
+fn reads_fail_with_an_error_once_the_server_is_gone() {
+    if !tools() {
+        return;
+    }
+    let dir = TempDir::new("attach-gone");
+    let pool = dir.join("pool");
+    std::fs::create_dir(&pool).unwrap();
+    sparse_file(&pool.join("a"), 8 * MIB, &[(MIB, MIB)], 5);
+    let listen = format!("unix:{}", dir.join("s").display());
+    let server = Server::start(&pool, &listen);
+    let attached = Attached::start(&listen, &["a".into()], &dir);
+    check(
+        Command::new("nbdcopy")
+            .arg(attached.uri("a"))
+            .arg(dir.join("before")),
+    );
+    drop(server);
+    // The block status is cached, the bytes are not: the read fails, and says so, instead of
+    // waiting for a server that is not coming back or inventing zeroes.
+    let out = Command::new("nbdcopy")
+        .arg(attached.uri("a"))
+        .arg(dir.join("after"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a read without a server succeeded");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Input/output error"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        attached.log().contains("reading \"a\""),
+        "{}",
+        attached.log()
+    );
+}
