@@ -82,17 +82,38 @@ pub fn random_bytes(len: usize, seed: u64) -> Bytes {
 
 /// A source that sends `size` bytes by repeating one shared buffer: no generation cost and no
 /// copies, so a benchmark measures the engine, not the source.
+///
+/// The digest of a full block is computed once and appended for every repeat (the content is
+/// fixed, as `engine::MemoryReader` digests its content once); only a shorter last chunk is
+/// digested from its bytes. A real source digests what it reads on the worker pool, never on
+/// the loop, so a pass over every chunk here would charge the loop for work the engine does not
+/// do.
 pub struct RepeatReader {
     block: Bytes,
+    block_digest: Digest,
     size: u64,
     offset: u64,
     digest: Digest,
 }
 
+/// The digest of `block`, for `RepeatReader::with_digest`.
+pub fn block_digest(block: &[u8]) -> Digest {
+    let mut d = Digest::new();
+    d.update(block);
+    d
+}
+
 impl RepeatReader {
     pub fn new(block: Bytes, size: u64) -> Self {
+        let digest = block_digest(&block);
+        Self::with_digest(block, digest, size)
+    }
+
+    /// `block_digest` must be `block_digest(&block)`: many readers of one block share it.
+    pub fn with_digest(block: Bytes, block_digest: Digest, size: u64) -> Self {
         RepeatReader {
             block,
+            block_digest,
             size,
             offset: 0,
             digest: Digest::new(),
@@ -116,7 +137,11 @@ impl VolumeReader for RepeatReader {
         }
         let n = (self.size - self.offset).min(self.block.len() as u64) as usize;
         let bytes = self.block.slice(..n);
-        self.digest.update(&bytes);
+        if n == self.block.len() {
+            self.digest.append(&self.block_digest);
+        } else {
+            self.digest.update(&bytes);
+        }
         let chunk = Chunk::Data {
             offset: self.offset,
             bytes,
@@ -130,6 +155,8 @@ impl VolumeReader for RepeatReader {
 /// after checking its digest.
 pub struct MemoryProvider {
     pub block: Bytes,
+    /// `block_digest(&block)`, computed once for every reader.
+    pub block_digest: Digest,
     pub size: u64,
     /// Named sinks that override the discarding default (e.g. a latency probe).
     pub sinks: std::sync::Mutex<HashMap<String, Box<dyn VolumeWriter>>>,
@@ -137,7 +164,11 @@ pub struct MemoryProvider {
 
 impl Provider for MemoryProvider {
     fn open_read(&self, _request: &OpenRequest) -> Result<Box<dyn VolumeReader>, VolumeError> {
-        Ok(Box::new(RepeatReader::new(self.block.clone(), self.size)))
+        Ok(Box::new(RepeatReader::with_digest(
+            self.block.clone(),
+            self.block_digest,
+            self.size,
+        )))
     }
 
     fn open_write(&self, request: &OpenRequest) -> Result<Box<dyn VolumeWriter>, VolumeError> {
@@ -160,6 +191,7 @@ pub fn socket_path(tag: &str) -> engine::Address {
 
 pub fn provider(block: Bytes, size: u64) -> Arc<MemoryProvider> {
     Arc::new(MemoryProvider {
+        block_digest: block_digest(&block),
         block,
         size,
         sinks: Default::default(),
@@ -174,14 +206,40 @@ pub fn start_bulk_uploads(
     count: u64,
     block: &Bytes,
 ) -> Vec<std::sync::mpsc::Receiver<engine::TransferReport>> {
+    let digest = block_digest(block);
     (0..count)
         .map(|i| {
             client.upload(
                 conn,
                 &format!("bulk{i}"),
                 engine::proto::OpenOptions::default(),
-                Box::new(RepeatReader::new(block.clone(), 1 << 40)),
+                Box::new(RepeatReader::with_digest(block.clone(), digest, 1 << 40)),
             )
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The appended block digest must equal digesting every byte sent, or every benchmark's
+    /// sink would fail its transfers.
+    #[test]
+    fn a_repeat_reader_sends_the_digest_of_its_bytes() {
+        let block = random_bytes(4096 + 7, 3);
+        for size in [0, 100, 4096 + 7, 3 * (4096 + 7), 5 * (4096 + 7) + 1234] {
+            let mut reader = RepeatReader::new(block.clone(), size);
+            let mut seen = Digest::new();
+            let sent = loop {
+                match reader.poll_chunk() {
+                    Poll::Ready(Ok(Chunk::Data { bytes, .. })) => seen.update(&bytes),
+                    Poll::Ready(Ok(Chunk::End { length, digest })) => break (length, digest),
+                    other => panic!("unexpected {other:?}"),
+                }
+            };
+            assert_eq!(sent, (size, Some(seen.value())), "size {size}");
+            assert_eq!(seen.len(), size);
+        }
+    }
 }
