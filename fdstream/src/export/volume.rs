@@ -276,11 +276,12 @@ impl Volume {
                 }
                 Segment::Data(to) => {
                     let to = to.clamp(pos + 1, end);
-                    let mut buf = vec![0u8; (to - pos) as usize];
-                    fd::read_full(&self.file, self.kind, pos, &mut buf)?;
+                    // Not zero-filled first: a memset of every READ's buffer was 18 % of the
+                    // export's CPU (perf, nbdcopy reading 1 GiB), as much as the pread itself.
+                    let buf = fd::read_new(&self.file, self.kind, pos, (to - pos) as usize)?;
                     pieces.push(Piece::Data {
                         offset: pos,
-                        bytes: Bytes::from(buf),
+                        bytes: buf.freeze(),
                     });
                     pos = to;
                 }
