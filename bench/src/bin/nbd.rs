@@ -6,8 +6,10 @@
 //!   a sparse raw file by `volstream download` through `serve`, by `qemu-img convert -O raw`
 //!   and by `nbdcopy` from `qemu-nbd` (target: at most 1.0x qemu-img's time).
 //!
-//! Every case runs once untimed (page cache, memory faulted in), then `--runs` times; the JSON
-//! has each case's median and best seconds and the ratios volstream/peer from the same run.
+//! Every case runs once untimed (page cache, memory faulted in), then `--runs` times, the cases
+//! taking turns; the JSON has each case's median and best seconds, the ratios volstream/peer
+//! from the same run and, for the export, each server's CPU seconds per GiB (which the
+//! machine's load moves less than wall time).
 //! volstream runs with --no-sync where the peers do not fsync their output.
 
 use bench::load_average;
@@ -120,6 +122,9 @@ struct Case {
     fresh_output: Option<(PathBuf, u64)>,
     seconds: Vec<f64>,
     error: Option<String>,
+    /// The server process whose CPU time each run costs (user + system, all threads).
+    server: Option<u32>,
+    server_cpu: Vec<f64>,
 }
 
 impl Case {
@@ -130,36 +135,45 @@ impl Case {
             fresh_output: None,
             seconds: Vec::new(),
             error: None,
+            server: None,
+            server_cpu: Vec::new(),
         }
     }
 
-    fn measure(&mut self, runs: usize, output: Option<&Path>) {
-        for i in 0..=runs {
-            if let Some(out) = output {
-                let _ = std::fs::remove_file(out);
-            }
-            if let Some((path, size)) = &self.fresh_output {
-                File::create(path).and_then(|f| f.set_len(*size)).unwrap();
-            }
-            let t = Instant::now();
-            if let Err(e) = run(&self.argv) {
-                eprintln!("{}: {e}", self.label);
-                self.error = Some(e);
-                return;
-            }
-            if i > 0 {
-                self.seconds.push(t.elapsed().as_secs_f64());
-            }
+    /// One run; `timed` keeps its time (and the server's CPU time).
+    fn run_once(&mut self, timed: bool, output: Option<&Path>) {
+        if self.error.is_some() {
+            return;
         }
         if let Some(out) = output {
             let _ = std::fs::remove_file(out);
         }
+        if let Some((path, size)) = &self.fresh_output {
+            File::create(path).and_then(|f| f.set_len(*size)).unwrap();
+        }
+        let cpu = self.server.map(cpu_seconds);
+        let t = Instant::now();
+        if let Err(e) = run(&self.argv) {
+            eprintln!("{}: {e}", self.label);
+            self.error = Some(e);
+            return;
+        }
+        if timed {
+            self.seconds.push(t.elapsed().as_secs_f64());
+            if let (Some(pid), Some(before)) = (self.server, cpu) {
+                self.server_cpu.push(cpu_seconds(pid) - before);
+            }
+        }
+    }
+
+    fn median_of(values: &[f64]) -> f64 {
+        let mut s = values.to_vec();
+        s.sort_by(f64::total_cmp);
+        s.get(s.len() / 2).copied().unwrap_or(f64::NAN)
     }
 
     fn median(&self) -> f64 {
-        let mut s = self.seconds.clone();
-        s.sort_by(f64::total_cmp);
-        s.get(s.len() / 2).copied().unwrap_or(f64::NAN)
+        Self::median_of(&self.seconds)
     }
 
     fn best(&self) -> f64 {
@@ -178,11 +192,52 @@ impl Case {
             "runs": self.seconds,
             "MiB_per_s": (bytes as f64 / MIB as f64 / self.median()).round(),
         });
+        if !self.server_cpu.is_empty() {
+            let gib = bytes as f64 / (1u64 << 30) as f64;
+            v["server_cpu_s_per_GiB_median"] =
+                serde_json::json!(r(Self::median_of(&self.server_cpu) / gib));
+        }
         if let Some(o) = ours.filter(|o| o.error.is_none()) {
             v["time_ratio_volstream_over_peer"] = serde_json::json!(r(o.median() / self.median()));
             v["best_time_ratio_volstream_over_peer"] = serde_json::json!(r(o.best() / self.best()));
         }
         v
+    }
+}
+
+/// User + system CPU seconds of process `pid` so far, all threads (/proc/PID/stat).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0.0))
+        .collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    let ticks = f.get(11).unwrap_or(&0.0) + f.get(12).unwrap_or(&0.0);
+    // SAFETY: sysconf has no preconditions.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// One untimed round, then `runs` timed rounds, each running every case once in turn, so the
+/// cases of one round see the same machine (on a shared VM the rate moves by a third from one
+/// second to the next; all of one case's runs, then all of the next's, measured that drift).
+fn measure_rounds(cases: &mut [Case], runs: usize, output: Option<&Path>) {
+    for i in 0..=runs {
+        // The order turns every round: whichever runs first after the previous one's exit
+        // may pay for it (freed memory goes back to the host here, see PERFORMANCE.md).
+        let order: Vec<usize> = if i % 2 == 0 {
+            (0..cases.len()).collect()
+        } else {
+            (0..cases.len()).rev().collect()
+        };
+        for k in order {
+            cases[k].run_once(i > 0, output);
+        }
+    }
+    if let Some(out) = output {
+        let _ = std::fs::remove_file(out);
     }
 }
 
@@ -226,7 +281,7 @@ fn export_bench(dir: &Path, size: u64, runs: usize) -> serde_json::Value {
     dense_file(&file, size);
     let ours_sock = dir.join("vs-nbd.sock");
     let qemu_sock = dir.join("qemu-nbd.sock");
-    let _ours = Daemon::start(
+    let ours = Daemon::start(
         Command::new(volstream())
             .args(["serve", "--pool"])
             .arg(&pool)
@@ -234,7 +289,7 @@ fn export_bench(dir: &Path, size: u64, runs: usize) -> serde_json::Value {
             .arg(format!("unix:{}", ours_sock.display())),
         &ours_sock,
     );
-    let _theirs = qemu_nbd(&qemu_sock, "raw", &file);
+    let theirs = qemu_nbd(&qemu_sock, "raw", &file);
     let uri = |sock: &Path, name: &str| format!("nbd+unix:///{name}?socket={}", sock.display());
     let mut cases = [
         Case::new(
@@ -250,9 +305,9 @@ fn export_bench(dir: &Path, size: u64, runs: usize) -> serde_json::Value {
             vec!["nbdcopy".into(), uri(&qemu_sock, ""), "null:".into()],
         ),
     ];
-    for c in cases.iter_mut() {
-        c.measure(runs, None);
-    }
+    cases[0].server = Some(ours.0.id());
+    cases[1].server = Some(theirs.0.id());
+    measure_rounds(&mut cases, runs, None);
     serde_json::json!({
         "workload": "export",
         "reader": "nbdcopy URI null:",
@@ -363,9 +418,7 @@ fn chain_bench(dir: &Path, size: u64, data: u64, runs: usize) -> serde_json::Val
         ),
     ];
     cases[2].fresh_output = Some((out.clone(), size));
-    for c in cases.iter_mut() {
-        c.measure(runs, Some(&out));
-    }
+    measure_rounds(&mut cases, runs, Some(&out));
     serde_json::json!({
         "workload": "qcow2_chain",
         "apparent_bytes": size,
