@@ -57,6 +57,10 @@ struct Ended<'a> {
     /// The one line the text output shows.
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
+    /// `--update`: what the block digests found and cost (their wire bytes are not in
+    /// `wire_bytes`, which counts the content).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    update: Option<&'a crate::update::Figures>,
 }
 
 /// One transfer as the events see it.
@@ -65,6 +69,7 @@ pub struct Transfer {
     pub volume: String,
     pub file: String,
     pub count: Counter,
+    pub update: Option<crate::update::Figures>,
 }
 
 struct Entry {
@@ -181,6 +186,7 @@ impl Events {
             reason,
             code,
             error,
+            update: entry.transfer.update.as_ref(),
         };
         say!("{}", json(&line));
     }

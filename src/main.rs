@@ -20,6 +20,7 @@ mod serve;
 mod stress;
 mod tls;
 mod transfer;
+mod update;
 
 use clap::{Args, Parser, Subcommand};
 use error::CliError;

@@ -70,6 +70,12 @@ pub struct DownloadArgs {
     /// server that serves ranges, a FILE that is a file or device, and no --verify.
     #[arg(long = "range", value_name = "OFFSET:LENGTH", value_parser = range_arg)]
     ranges: Vec<Range>,
+    /// Each FILE holds an older version of its VOLUME: only the 64 KiB blocks that differ
+    /// travel (found by comparing block digests), written into a copy of FILE that replaces
+    /// it once its content equals the server's, checked block by block. A FILE that does not
+    /// exist yet is downloaded whole.
+    #[arg(long, conflicts_with_all = ["ranges", "in_place", "verify", "iohelper"])]
+    update: bool,
     #[command(flatten)]
     output: OutputArgs,
     /// VOLUME FILE pairs: the server's VOLUME is written to the local FILE (`-` is stdout;
@@ -195,6 +201,8 @@ pub struct Settings {
     pub qcow2: bool,
     /// Downloads: only these ranges of each volume.
     pub ranges: Option<Arc<RangeSet>>,
+    /// Only the blocks that differ from what the destination holds travel.
+    pub update: bool,
     pub progress: bool,
     pub json: bool,
     pub progress_interval: Duration,
@@ -229,6 +237,7 @@ impl DownloadArgs {
             verify: self.verify,
             qcow2: false,
             ranges,
+            update: self.update,
             progress: self.output.progress,
             json: self.output.json,
             progress_interval: self.output.progress_interval,
@@ -259,6 +268,7 @@ impl UploadArgs {
             verify: self.verify,
             qcow2: self.format == "qcow2",
             ranges: None,
+            update: false,
             progress: self.output.progress,
             json: self.output.json,
             progress_interval: self.output.progress_interval,

@@ -54,6 +54,8 @@ struct Pending {
     /// As the user named it (`-` for stdin or stdout).
     file: PathBuf,
     count: Counter,
+    /// `--update`: what the block digests found.
+    update: Option<crate::update::Figures>,
 }
 
 /// Where a pair's local side is.
@@ -128,13 +130,22 @@ pub fn run(args: Settings) -> Result<(), CliError> {
     let (done_tx, done_rx) = mpsc::channel();
     let mut pending = Vec::new();
     let mut transfers = Vec::new();
+    let mut updating: Vec<Option<crate::update::Updating>> = Vec::new();
     for (index, ((pair, local), volume)) in args.pairs.iter().zip(locals).zip(volumes).enumerate() {
         let count = Counter::default();
         let done = done_tx.clone();
         let on_done = move |report| {
             let _ = done.send((index, report));
         };
+        updating.push(None);
+        let mut figures = None;
         match volume {
+            Some(_) if args.update => {
+                return Err(CliError::Usage(format!(
+                    "--update: {} is an NBD export; updates are read from a server (--connect)",
+                    pair.volume
+                )));
+            }
             Some(_) if args.ranges.is_some() => {
                 return Err(CliError::Usage(format!(
                     "--range: {} is an NBD export, copied here whole; ranges are read from a \
@@ -170,6 +181,49 @@ pub fn run(args: Settings) -> Result<(), CliError> {
                     on_done,
                 );
             }
+            None if args.update => {
+                let (Local::Path(file), Some((engine, _, conn))) = (&local, &engine) else {
+                    return Err(CliError::Usage(format!(
+                        "--update writes into a copy of FILE: {} must be a file",
+                        pair.file
+                    )));
+                };
+                let update = crate::update::prepare(engine, *conn, &pair.volume, file)?;
+                match update.ranges() {
+                    // Nothing differs but perhaps the length: no content to move.
+                    None => on_done(TransferReport {
+                        name: pair.volume.clone(),
+                        op: Op::Read,
+                        size: update.size(),
+                        stats: StreamStats::default(),
+                        elapsed: Duration::ZERO,
+                        first_byte: None,
+                        result: Ok(()),
+                    }),
+                    ranges => {
+                        let sink_options = WriterOptions {
+                            // Our own temporary, written in place.
+                            overwrite: true,
+                            ranges: ranges.clone(),
+                            ..writer_options(&args)
+                        };
+                        let writer = args.backend().in_place(update.temp_path(), sink_options);
+                        transfers.push(Transfer {
+                            op: Op::Read,
+                            name: pair.volume.clone(),
+                            options,
+                            ranges,
+                            endpoint: Endpoint::Writer(Box::new(CountingWriter {
+                                inner: writer,
+                                count: count.clone(),
+                            })),
+                            on_done: Box::new(on_done),
+                        });
+                    }
+                }
+                figures = Some(update.figures.clone());
+                updating[index] = Some(update);
+            }
             None => {
                 let endpoint = match direction {
                     Direction::Download => Endpoint::Writer(Box::new(CountingWriter {
@@ -198,6 +252,7 @@ pub fn run(args: Settings) -> Result<(), CliError> {
             volume: pair.volume.clone(),
             file: PathBuf::from(&pair.file),
             count,
+            update: figures,
         });
     }
     drop(done_tx);
@@ -232,6 +287,7 @@ pub fn run(args: Settings) -> Result<(), CliError> {
                 volume: p.volume.clone(),
                 file: p.file.display().to_string(),
                 count: p.count.clone(),
+                update: p.update.clone(),
             })
             .collect();
         Events::start(transfers, args.progress_interval)
@@ -239,13 +295,18 @@ pub fn run(args: Settings) -> Result<(), CliError> {
     let started = Instant::now();
     let mut reports: Vec<Option<TransferReport>> = pending.iter().map(|_| None).collect();
     for _ in 0..pending.len() {
-        let Ok((index, report)) = done_rx.recv() else {
+        let Ok((index, mut report)) = done_rx.recv() else {
             // The queued transfers were dropped unstarted after an interrupt.
             if interrupts.caught().is_some() {
                 break;
             }
             return Err(CliError::Other("event loop ended early".into()));
         };
+        if let Some(update) = updating[index].take() {
+            if report.result.is_ok() {
+                report.result = update.finish();
+            }
+        }
         if let Some(bars) = &bars {
             bars.finished(index, report.result.is_ok(), report.elapsed);
         }
@@ -300,13 +361,20 @@ pub fn run(args: Settings) -> Result<(), CliError> {
                 Direction::Download => crate::destinations::device_tail(&p.file, r.size),
                 Direction::Upload => None,
             };
+            let update = p.update.as_ref().map(|u| {
+                format!(
+                    "; update: {} blocks changed, {} zeroed, {} bytes of block digests",
+                    u.changed_blocks, u.zeroed_blocks, u.digests_wire_bytes
+                )
+            });
             say!(
-                "{verb} {from} -> {to}: {} bytes ({} data, {} hole) in {:.2}s{}",
+                "{verb} {from} -> {to}: {} bytes ({} data, {} hole) in {:.2}s{}{}",
                 r.size,
                 r.stats.data_bytes,
                 r.stats.hole_bytes,
                 r.elapsed.as_secs_f64(),
-                tail.map(|t| format!("; {t}")).unwrap_or_default()
+                tail.map(|t| format!("; {t}")).unwrap_or_default(),
+                update.unwrap_or_default()
             );
         }
         if let Err(e) = &r.result {

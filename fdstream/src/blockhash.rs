@@ -39,23 +39,63 @@ impl BlockDigests {
     /// The volume's checksum: independent of allocation, since zero blocks enter it as the
     /// digest of zeroes whether they were read or not.
     pub fn checksum(&self) -> BlockDigest {
-        let header = self.header;
-        let full_zero = *blake3::hash(&vec![0u8; header.block_size as usize]).as_bytes();
-        let mut h = blake3::Hasher::new();
-        h.update(CONTEXT);
-        h.update(&u64::from(header.block_size).to_le_bytes());
-        h.update(&header.volume_len.to_le_bytes());
-        let mut records = self.records.iter().peekable();
-        for index in 0..header.blocks() {
-            match records.next_if(|r| r.index == index) {
-                Some(r) => h.update(&r.digest),
-                None => match header.block_len(index) {
-                    len if len == u64::from(header.block_size) => h.update(&full_zero),
-                    len => h.update(blake3::hash(&vec![0u8; len as usize]).as_bytes()),
-                },
+        let mut sum = Checksum::new(self.header);
+        for r in &self.records {
+            sum.record(r);
+        }
+        sum.finish()
+    }
+}
+
+/// The volume checksum (docs/PROTOCOL.md 8.3) built record by record, so a document that
+/// arrives as a stream is summed without being held.
+pub struct Checksum {
+    header: BlockMapHeader,
+    hasher: blake3::Hasher,
+    /// The next block to enter the sum.
+    next: u64,
+    full_zero: BlockDigest,
+}
+
+impl Checksum {
+    pub fn new(header: BlockMapHeader) -> Self {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(CONTEXT);
+        hasher.update(&u64::from(header.block_size).to_le_bytes());
+        hasher.update(&header.volume_len.to_le_bytes());
+        Checksum {
+            header,
+            hasher,
+            next: 0,
+            full_zero: *blake3::hash(&vec![0u8; header.block_size as usize]).as_bytes(),
+        }
+    }
+
+    /// Records must come in increasing index order, each below the block count (as a
+    /// decoded document's do).
+    pub fn record(&mut self, r: &BlockRecord) {
+        self.zeroes_until(r.index);
+        self.hasher.update(&r.digest);
+        self.next = r.index + 1;
+    }
+
+    pub fn finish(mut self) -> BlockDigest {
+        self.zeroes_until(self.header.blocks());
+        *self.hasher.finalize().as_bytes()
+    }
+
+    fn zeroes_until(&mut self, end: u64) {
+        for index in self.next..end {
+            match self.header.block_len(index) {
+                len if len == u64::from(self.header.block_size) => {
+                    self.hasher.update(&self.full_zero)
+                }
+                len => self
+                    .hasher
+                    .update(blake3::hash(&vec![0u8; len as usize]).as_bytes()),
             };
         }
-        *h.finalize().as_bytes()
+        self.next = self.next.max(end);
     }
 }
 

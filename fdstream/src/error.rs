@@ -75,6 +75,9 @@ pub enum Error {
         path: String,
         problem: String,
     },
+    /// An updated copy's block digests differ from the source's (`--update`): the source
+    /// changed during the update, or a block went wrong. The copy did not get the final name.
+    UpdateMismatch(String),
 }
 
 impl Error {
@@ -121,6 +124,7 @@ impl Error {
             },
             Error::Qemu(_) => Reason::Io,
             Error::Journal { .. } => Reason::Io,
+            Error::UpdateMismatch(_) => Reason::DigestMismatch,
         }
     }
 }
@@ -198,6 +202,11 @@ impl fmt::Display for Error {
             }
             Error::Qemu(m) => f.write_str(m),
             Error::Journal { path, problem } => write!(f, "journal {path}: {problem}"),
+            Error::UpdateMismatch(target) => write!(
+                f,
+                "{target}: the updated copy's block digests differ from the source's (did the \
+                 source change during the update?); {target} was left as it was"
+            ),
         }
     }
 }

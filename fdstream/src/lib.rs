@@ -34,6 +34,7 @@ pub mod qemu;
 pub mod reader;
 mod sink;
 pub mod temp;
+pub mod update;
 mod verify;
 pub mod writer;
 pub mod zero;
