@@ -139,6 +139,12 @@ pub struct UploadArgs {
     #[arg(long, value_name = "FORMAT", default_value = "raw",
           value_parser = ["raw", "qcow2"])]
     format: String,
+    /// Each VOLUME holds an older version of its FILE: the server sends its block digests,
+    /// only the 64 KiB blocks that differ travel, and the server writes them into a copy of
+    /// VOLUME that replaces it once its content equals FILE's, checked block by block (implies
+    /// --overwrite). A VOLUME the server does not have is uploaded whole.
+    #[arg(long, conflicts_with_all = ["size", "verify", "format"])]
+    update: bool,
     #[command(flatten)]
     output: OutputArgs,
     /// FILE VOLUME pairs: the local FILE (`-` is stdin, with --size) becomes the server's
@@ -268,7 +274,7 @@ impl UploadArgs {
             verify: self.verify,
             qcow2: self.format == "qcow2",
             ranges: None,
-            update: false,
+            update: self.update,
             progress: self.output.progress,
             json: self.output.json,
             progress_interval: self.output.progress_interval,

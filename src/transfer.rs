@@ -181,6 +181,46 @@ pub fn run(args: Settings) -> Result<(), CliError> {
                     on_done,
                 );
             }
+            None if args.update && direction == Direction::Upload => {
+                let (Local::Path(file), Some((engine, _, conn))) = (&local, &engine) else {
+                    return Err(CliError::Usage(format!(
+                        "--update hashes FILE first: {} must be a file or a device",
+                        pair.file
+                    )));
+                };
+                let update = crate::update::prepare_upload(engine, *conn, file, &pair.volume)?;
+                let (update_options, ranges) = match &update {
+                    // The server has no such volume: it is uploaded whole.
+                    None => (options, None),
+                    Some(u) => (
+                        options.with_overwrite(true).with_update(Some(u.checksum())),
+                        u.ranges(),
+                    ),
+                };
+                figures = update.as_ref().map(|u| u.figures.clone());
+                match (&update, ranges) {
+                    (Some(u), None) => on_done(TransferReport {
+                        name: pair.volume.clone(),
+                        op: Op::Write,
+                        size: u.size(),
+                        stats: StreamStats::default(),
+                        elapsed: Duration::ZERO,
+                        first_byte: None,
+                        result: Ok(()),
+                    }),
+                    (_, ranges) => transfers.push(Transfer {
+                        op: Op::Write,
+                        name: pair.volume.clone(),
+                        options: update_options,
+                        ranges,
+                        endpoint: Endpoint::Reader(Box::new(CountingReader {
+                            inner: upload_source(&args, local),
+                            count: count.clone(),
+                        })),
+                        on_done: Box::new(on_done),
+                    }),
+                }
+            }
             None if args.update => {
                 let (Local::Path(file), Some((engine, _, conn))) = (&local, &engine) else {
                     return Err(CliError::Usage(format!(

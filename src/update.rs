@@ -1,7 +1,8 @@
-//! `download --update`: the local FILE holds an older version of the volume. Its block
+//! `--update`: the destination holds an older version of the volume. The local volume's block
 //! digests are merged with the server's DIGESTS document as that streams in
-//! (fdstream::update), only the blocks that differ are read (as ranges) into a copy of FILE,
-//! and the copy replaces FILE once its digests equal the source's (docs/PROTOCOL.md 8.4).
+//! (fdstream::update), and only the blocks that differ travel, as ranges (docs/PROTOCOL.md
+//! 8.4). A download writes them into a copy of FILE that replaces it once its digests equal
+//! the source's; an upload sends them in an updating WRITE, whose sink does the same.
 
 use crate::error::CliError;
 use engine::event_loop::ConnectionId;
@@ -67,44 +68,43 @@ impl Updating {
     }
 }
 
-/// Stages the update of `file` from the server's `volume` over `conn`: copies FILE, hashes
-/// it, merges the server's digests and gives the copy the source's length.
-pub fn prepare(
+/// Hashes the local volume and merges the server's digests of `volume` into a plan (the
+/// local side being the source when uploading). `None`: the server has no such volume.
+fn plan(
     engine: &EngineHandle,
     conn: ConnectionId,
     volume: &str,
-    file: &Path,
-) -> Result<Updating, CliError> {
-    let shown = file.display();
-    let local_error = |e: fdstream::Error| CliError::Other(format!("--update {shown}: {e}"));
+    local: &std::fs::File,
+    shown: &str,
+    upload: bool,
+) -> Result<Option<(Plan, Figures)>, CliError> {
     let started = Instant::now();
-    let staged = Staged::beside(file).map_err(local_error)?;
-    let local = blockhash::digests_of(staged.file(), blockhash::threads())
+    let digests = blockhash::digests_of(local, blockhash::threads())
         .map_err(|e| CliError::Other(format!("--update: hashing {shown}: {e}")))?;
     let hash_seconds = started.elapsed().as_secs_f64();
     let started = Instant::now();
-    let sink = DigestsSink::new(StreamDiff::new(local, true));
+    let sink = DigestsSink::new(StreamDiff::new(digests, !upload));
     let plan = sink.plan();
     let report = engine
         .fetch(conn, Op::Digests, volume, Box::new(sink))
         .recv()
         .map_err(|_| CliError::Other("event loop ended early".into()))?;
-    if let Err(e) = report.result {
-        return Err(CliError::Other(format!(
-            "--update {shown}: block digests of {volume}: {e}"
-        )));
+    match report.result {
+        Err(e) if upload && e.reason == engine::Reason::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(CliError::Other(format!(
+                "--update {shown}: block digests of {volume}: {e}"
+            )))
+        }
+        Ok(()) => {}
     }
     let plan = plan
         .lock()
         .unwrap()
         .take()
         .ok_or_else(|| CliError::Other(format!("--update {shown}: no block digests")))?;
-    staged
-        .file()
-        .set_len(plan.source.volume_len)
-        .map_err(|e| CliError::Other(format!("--update {shown}: setting its length: {e}")))?;
     log::info!(
-        "update {shown}: {} blocks changed, {} zeroed, {} bytes to read",
+        "update {shown}: {} blocks changed, {} zeroed, {} bytes to send",
         plan.changed_blocks,
         plan.zeroed_blocks,
         plan.range_bytes()
@@ -114,14 +114,83 @@ pub fn prepare(
         zeroed_blocks: plan.zeroed_blocks,
         range_bytes: plan.range_bytes(),
         digests_wire_bytes: report.stats.wire_bytes,
-        copied_bytes: staged.copied,
-        reflinked: staged.reflinked,
+        copied_bytes: 0,
+        reflinked: false,
         hash_seconds,
         digests_seconds: started.elapsed().as_secs_f64(),
     };
+    Ok(Some((plan, figures)))
+}
+
+/// Stages the update of `file` from the server's `volume` over `conn`: copies FILE, hashes
+/// it, merges the server's digests and gives the copy the source's length.
+pub fn prepare(
+    engine: &EngineHandle,
+    conn: ConnectionId,
+    volume: &str,
+    file: &Path,
+) -> Result<Updating, CliError> {
+    let shown = file.display().to_string();
+    let local_error = |e: fdstream::Error| CliError::Other(format!("--update {shown}: {e}"));
+    let staged = Staged::beside(file).map_err(local_error)?;
+    let (plan, mut figures) = plan(engine, conn, volume, staged.file(), &shown, false)?
+        .ok_or_else(|| CliError::Other(format!("--update {shown}: no block digests")))?;
+    figures.copied_bytes = staged.copied;
+    figures.reflinked = staged.reflinked;
+    staged
+        .file()
+        .set_len(plan.source.volume_len)
+        .map_err(|e| CliError::Other(format!("--update {shown}: setting its length: {e}")))?;
     Ok(Updating {
         staged,
         plan,
         figures,
     })
+}
+
+/// An upload's update: what to send, and the checksum the server's result must have.
+pub struct UploadUpdate {
+    plan: Plan,
+    pub figures: Figures,
+}
+
+impl UploadUpdate {
+    /// The ranges to send; `None` when the server's volume is already the same.
+    pub fn ranges(&self) -> Option<Arc<RangeSet>> {
+        if let Some(set) = self.plan.range_set() {
+            return Some(set);
+        }
+        // Equal blocks but another length (trailing zeroes grew or shrank): the last block,
+        // as a HOLE, carries the change.
+        let (s, d) = (self.plan.source, self.plan.destination);
+        if s.volume_len == d.volume_len || s.blocks() == 0 {
+            return None;
+        }
+        let last = s.blocks() - 1;
+        let range = engine::Range::new(last * u64::from(s.block_size), s.block_len(last));
+        Some(Arc::new(RangeSet::new(vec![range]).expect("one range")))
+    }
+
+    pub fn size(&self) -> u64 {
+        self.plan.source.volume_len
+    }
+
+    pub fn checksum(&self) -> [u8; 32] {
+        self.plan.checksum
+    }
+}
+
+/// Plans the update of the server's `volume` from the local `file`; `None` when the server
+/// has no such volume yet (it is then uploaded whole).
+pub fn prepare_upload(
+    engine: &EngineHandle,
+    conn: ConnectionId,
+    file: &Path,
+    volume: &str,
+) -> Result<Option<UploadUpdate>, CliError> {
+    let shown = file.display().to_string();
+    let local = std::fs::File::open(file)
+        .map_err(|e| CliError::Other(format!("--update: opening {shown}: {e}")))?;
+    Ok(plan(engine, conn, volume, &local, &shown, true)?
+        .map(|(plan, figures)| UploadUpdate { plan, figures }))
 }

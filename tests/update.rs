@@ -237,3 +237,102 @@ fn download_update_follows_the_length_and_creates_a_missing_file() {
     update(1);
     assert_eq!(std::fs::metadata(&local).unwrap().len(), 2 * MIB + 5);
 }
+
+#[test]
+fn upload_update_sends_only_the_changed_blocks() {
+    let dir = TempDir::new("update-up");
+    let pool = dir.join("pool");
+    std::fs::create_dir(&pool).unwrap();
+    let (remote, local) = (pool.join("disk.raw"), dir.join("new.raw"));
+    let (punched, zeroed) = make_versions(&remote, &local);
+    let sock = dir.join("sock");
+    let listen = format!("unix:{}", sock.display());
+    let _server = Server::start(&pool, &listen);
+
+    let upload = || {
+        finished(&run(bin()
+            .args(["upload", "--json", "--update", "--connect", &listen])
+            .arg(&local)
+            .arg("disk.raw")))
+    };
+    let event = upload();
+    let data: u64 = data_layout().iter().map(|e| e.1).sum();
+    let wire = event["wire_bytes"].as_u64().unwrap();
+    let update = &event["update"];
+    let digests = update["digests_wire_bytes"].as_u64().unwrap();
+    println!(
+        "upload --update: data {data}, content on the wire {wire} ({:.3} %), block digests \
+         {digests}, changed blocks {}, zeroed {}",
+        100.0 * wire as f64 / data as f64,
+        update["changed_blocks"],
+        update["zeroed_blocks"],
+    );
+    assert_eq!(
+        update["changed_blocks"].as_u64().unwrap(),
+        changed_blocks().len() as u64
+    );
+    assert_eq!(update["zeroed_blocks"].as_u64().unwrap(), 2);
+    assert!(
+        wire * 1000 <= data * 15,
+        "{wire} bytes is more than 1.5 % of {data}"
+    );
+    assert!(digests <= data / BLOCK * 40 + 64 * 1024, "{digests}");
+    assert_same_sparse(&local, &remote);
+    assert!(is_hole(&remote, punched) && is_hole(&remote, zeroed));
+    assert!(allocated(&remote) <= allocated(&local));
+    assert!(temporaries(&pool).is_empty(), "{:?}", temporaries(&pool));
+
+    let event = upload();
+    assert_eq!(event["wire_bytes"].as_u64().unwrap(), 0);
+}
+
+/// A volume the server lacks is uploaded whole; lengths change both ways.
+#[test]
+fn upload_update_of_a_missing_volume_is_a_whole_upload_and_lengths_follow() {
+    let dir = TempDir::new("update-up-len");
+    let pool = dir.join("pool");
+    std::fs::create_dir(&pool).unwrap();
+    let sock = dir.join("sock");
+    let listen = format!("unix:{}", sock.display());
+    let _server = Server::start(&pool, &listen);
+    let (local, remote) = (dir.join("v"), pool.join("v"));
+    let upload = || {
+        finished(&run(bin()
+            .args(["upload", "--json", "--update", "--connect", &listen])
+            .arg(&local)
+            .arg("v")))
+    };
+    sparse_file(
+        &local,
+        20 * MIB + 100,
+        &[(MIB, 2 * MIB), (20 * MIB, 100)],
+        1,
+    );
+    let event = upload();
+    assert!(event.get("update").is_none(), "{event}");
+    cmp(&local, &remote);
+    sparse_file(
+        &local,
+        30 * MIB,
+        &[(MIB, 2 * MIB), (20 * MIB, 100), (29 * MIB, 10)],
+        1,
+    );
+    assert_eq!(upload()["update"]["changed_blocks"], 2);
+    cmp(&local, &remote);
+    sparse_file(&local, 2 * MIB + 5, &[(MIB, MIB + 5)], 1);
+    assert_eq!(upload()["update"]["changed_blocks"], 1);
+    cmp(&local, &remote);
+    // Longer by zeroes: the short last block grows (it is sent again), and then, from a
+    // whole last block, no block differs but the length still changes.
+    for (len, changed) in [(40 * MIB, 1), (50 * MIB, 0)] {
+        std::fs::File::options()
+            .write(true)
+            .open(&local)
+            .unwrap()
+            .set_len(len)
+            .unwrap();
+        assert_eq!(upload()["update"]["changed_blocks"], changed);
+        cmp(&local, &remote);
+    }
+    assert!(temporaries(&pool).is_empty());
+}

@@ -361,6 +361,20 @@ impl Provider for DirProvider {
             return Ok(Box::new(crate::nbd::NbdWriter::new(uri.clone(), options)));
         }
         let shown = self.shown(&request.name);
+        if let Some(checksum) = request.options.update() {
+            if self.devices.contains_key(&request.name) {
+                return Err(VolumeError::new(
+                    Reason::Unsupported,
+                    format!("{shown} is a device, which is not updated through a copy"),
+                ));
+            }
+            options.ranges = request.ranges.clone();
+            let name = self.name(&request.name)?;
+            let dir = Arc::clone(&self.dir);
+            return Ok(Box::new(FileWriter::update_at(
+                dir, name, shown, checksum, options,
+            )));
+        }
         let target = match self.devices.get(&request.name) {
             Some(path) => WriteTarget::InPlace(Location::Named(path.clone(), shown)),
             None => WriteTarget::create_at(Arc::clone(&self.dir), self.name(&request.name)?, shown),

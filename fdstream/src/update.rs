@@ -289,7 +289,7 @@ impl VolumeWriter for DigestsSink {
 /// old destination (reflinked where the file system can, else its data extents copied), held
 /// like every temporary (see [`temp`]) and removed on drop unless committed.
 pub struct Staged {
-    dir: OwnedFd,
+    dir: Arc<OwnedFd>,
     temp: CString,
     final_name: CString,
     file: Option<File>,
@@ -315,20 +315,34 @@ impl Staged {
             .ok_or_else(|| Error::InvalidName(shown.clone()))?;
         let dir = fd::open_dir(&dir_path)
             .map_err(|e| Error::io(format!("opening {shown}'s directory"), e))?;
-        let old = match File::open(path) {
+        let mut staged = Staged::at(Arc::new(dir), final_name, shown)?;
+        staged.path = dir_path.join(std::ffi::OsStr::from_bytes(staged.temp.as_bytes()));
+        Ok(staged)
+    }
+
+    /// Stages an update of `final_name` inside `dir` (a server's pool), as [`Staged::beside`].
+    pub fn at(dir: Arc<OwnedFd>, final_name: CString, shown: String) -> Result<Staged, Error> {
+        let old = match fd::open_beneath(&dir, &final_name, libc::O_RDONLY | libc::O_NONBLOCK) {
             Ok(f) => Some(f),
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
             Err(e) => return Err(Error::io(format!("opening {shown}"), e)),
         };
-        if let Some(meta) = old
-            .as_ref()
-            .map(File::metadata)
-            .transpose()
-            .map_err(|e| Error::io(format!("inspecting {shown}"), e))?
-        {
+        if let Some(old) = &old {
+            let meta = old
+                .metadata()
+                .map_err(|e| Error::io(format!("inspecting {shown}"), e))?;
             if !meta.is_file() {
                 return Err(Error::Unsupported(format!(
-                    "--update replaces a regular file; {shown} is not one"
+                    "an update replaces a regular file; {shown} is not one"
+                )));
+            }
+            // The digests of a qcow2 container's bytes would not describe its guest view.
+            if crate::qemu::qcow2_header(old)
+                .map_err(|e| Error::io(shown.clone(), e))?
+                .is_some()
+            {
+                return Err(Error::Unsupported(format!(
+                    "{shown} is a qcow2 image, which cannot be updated by blocks"
                 )));
             }
         }
@@ -338,7 +352,7 @@ impl Staged {
             .map_err(|e| Error::io(format!("creating a temporary file for {shown}"), e))?;
         temp::hold(&file);
         let mut staged = Staged {
-            path: dir_path.join(std::ffi::OsStr::from_bytes(temp_name.as_bytes())),
+            path: PathBuf::from(std::ffi::OsStr::from_bytes(temp_name.as_bytes())),
             dir,
             temp: temp_name,
             final_name,
@@ -359,6 +373,16 @@ impl Staged {
             staged.copied = copied;
         }
         Ok(staged)
+    }
+
+    /// The temporary's name in its directory.
+    pub fn temp_name(&self) -> &CString {
+        &self.temp
+    }
+
+    /// The directory the temporary and the final name are in.
+    pub fn dir(&self) -> &Arc<OwnedFd> {
+        &self.dir
     }
 
     pub fn file(&self) -> &File {

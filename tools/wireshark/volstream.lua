@@ -47,9 +47,9 @@ local REASONS = {
 
 -- Section 3.2.
 local SPARSE, DIGEST, PRIORITY, VERIFY, QCOW2, RANGES = 0x1, 0x2, 0x4, 0x8, 0x10, 0x20
-local BLOCK_DIGESTS = 0x100
+local BLOCK_DIGESTS, UPDATE = 0x100, 0x400
 local IDENTITY = 0x200
-local FEATURES_RESERVED = 0xfffffcc0
+local FEATURES_RESERVED = 0xfffff8c0
 local OP_DIGESTS = 5
 -- Section 4.2, FINISH and RANGES flags.
 local FLAG_ACK, FLAG_DIGEST = 0x01, 0x02
@@ -61,7 +61,9 @@ local MAX_IDENTITY_LEN = 64
 local OPTION_PRIORITY = 0x40
 local OPTION_TOP_ONLY = 0x80
 -- Section 4.3: OPEN's header flags.
-local FLAG_VERIFY, FLAG_QCOW2, FLAG_RANGES = 0x01, 0x02, 0x04
+local FLAG_VERIFY, FLAG_QCOW2, FLAG_RANGES, FLAG_UPDATE = 0x01, 0x02, 0x04, 0x08
+-- Section 8.4: an OPEN with UPDATE carries the result's volume checksum after its name.
+local UPDATE_CHECKSUM_LEN = 32
 
 local f = {
     -- Section 2: the Hello record.
@@ -86,6 +88,8 @@ local f = {
         "BLOCK_DIGESTS", 32, nil, BLOCK_DIGESTS, "OPEN may ask for op DIGESTS"),
     feature_identity = ProtoField.bool("volstream.hello.features.IDENTITY", "IDENTITY", 32, nil,
         IDENTITY, "a READ's ACCEPT may carry the volume's identity"),
+    feature_update = ProtoField.bool("volstream.hello.features.UPDATE", "UPDATE", 32, nil,
+        UPDATE, "a WRITE may update an existing volume by ranges"),
     feature_reserved = ProtoField.uint32("volstream.hello.features.reserved", "reserved",
         base.HEX, nil, FEATURES_RESERVED),
     max_frame = ProtoField.uint32("volstream.hello.max_frame", "max_frame", base.DEC),
@@ -132,6 +136,9 @@ local f = {
         "OPEN: the sink writes the volume as a qcow2 image"),
     flag_ranges = ProtoField.bool("volstream.flags.RANGES", "RANGES", 8, nil, FLAG_RANGES,
         "OPEN: RANGES frames follow; only those ranges are sent"),
+    flag_update = ProtoField.bool("volstream.flags.UPDATE", "UPDATE", 8, nil, FLAG_UPDATE,
+        "OPEN: a WRITE that updates the volume; its checksum follows the name"),
+    open_checksum = ProtoField.bytes("volstream.open.checksum", "checksum"),
     flag_last = ProtoField.bool("volstream.flags.LAST", "LAST", 8, nil, FLAG_LAST,
         "RANGES: the stream's range list is complete"),
     flag_identity = ProtoField.bool("volstream.flags.IDENTITY", "IDENTITY", 8, nil,
@@ -317,6 +324,7 @@ local function dissect_hello(tvb, pinfo, tree, offset)
     ft:add(f.feature_ranges, tvb(offset + 12, 4))
     ft:add(f.feature_block_digests, tvb(offset + 12, 4))
     ft:add(f.feature_identity, tvb(offset + 12, 4))
+    ft:add(f.feature_update, tvb(offset + 12, 4))
     local fr = ft:add(f.feature_reserved, tvb(offset + 12, 4))
     if bit32.band(features, FEATURES_RESERVED) ~= 0 then
         fr:add_proto_expert_info(e.reserved_features)
@@ -335,7 +343,8 @@ local function dissect_hello(tvb, pinfo, tree, offset)
     local names = bit_names(features,
         { { SPARSE, "SPARSE" }, { DIGEST, "DIGEST" }, { PRIORITY, "PRIORITY" },
           { VERIFY, "VERIFY" }, { QCOW2, "QCOW2" }, { RANGES, "RANGES" },
-          { BLOCK_DIGESTS, "BLOCK_DIGESTS" }, { IDENTITY, "IDENTITY" } })
+          { BLOCK_DIGESTS, "BLOCK_DIGESTS" }, { IDENTITY, "IDENTITY" },
+          { UPDATE, "UPDATE" } })
     return string.format("Hello v%d..%d features %s max_frame %d", vmin, vmax,
         names == "" and "none" or names, max_frame)
 end
@@ -346,7 +355,9 @@ local function header_problem(kind, flags, reserved, len, stream)
     if TYPES[kind] == nil then return e.unknown_type end
     local allowed = 0
     if kind == T.FINISH then allowed = bit32.bor(FLAG_ACK, FLAG_DIGEST) end
-    if kind == T.OPEN then allowed = bit32.bor(FLAG_VERIFY, FLAG_QCOW2, FLAG_RANGES) end
+    if kind == T.OPEN then
+        allowed = bit32.bor(FLAG_VERIFY, FLAG_QCOW2, FLAG_RANGES, FLAG_UPDATE)
+    end
     if kind == T.RANGES then allowed = FLAG_LAST end
     if kind == T.ACCEPT then allowed = FLAG_IDENTITY end
     if bit32.band(flags, bit32.bnot(allowed)) ~= 0 then return e.bad_flags end
@@ -355,7 +366,8 @@ local function header_problem(kind, flags, reserved, len, stream)
     if not connection_level and kind ~= T.WINDOW and stream == 0 then return e.bad_stream end
     local ok
     if kind == T.OPEN then
-        ok = len >= 16 and len <= 16 + MAX_NAME_LEN
+        local trailer = bit32.band(flags, FLAG_UPDATE) ~= 0 and UPDATE_CHECKSUM_LEN or 0
+        ok = len >= 16 + trailer and len <= 16 + trailer + MAX_NAME_LEN
     elseif kind == T.ACCEPT and bit32.band(flags, FLAG_IDENTITY) ~= 0 then
         ok = len >= 9 and len <= 8 + MAX_IDENTITY_LEN
     elseif kind == T.ACCEPT or kind == T.PING or kind == T.PONG then
@@ -424,12 +436,15 @@ local function dissect_body(tvb, pinfo, t, kind, flags, o, len)
         t:add(f.open_zero_granularity, tvb(o + 4, 4))
         t:add(f.open_size, tvb(o + 8, 8))
         local name = ""
-        if len > 16 then
-            local range = tvb(o + 16, len - 16)
+        local trailer = bit32.band(flags, FLAG_UPDATE) ~= 0 and UPDATE_CHECKSUM_LEN or 0
+        local name_end = len - trailer
+        if name_end > 16 then
+            local range = tvb(o + 16, name_end - 16)
             name = range:raw()
             t:add_packet_field(f.open_name, range, ENC_UTF_8)
         end
-        if name_len ~= len - 16 or (name_len == 0) ~= (op == 3) or not is_utf8(name) then
+        if trailer > 0 then t:add(f.open_checksum, tvb(o + name_end, trailer)) end
+        if name_len ~= name_end - 16 or (name_len == 0) ~= (op == 3) or not is_utf8(name) then
             nitem:add_proto_expert_info(e.bad_name)
         end
         local text = " " .. (OPS[op] or ("op " .. op))
@@ -442,6 +457,8 @@ local function dissect_body(tvb, pinfo, t, kind, flags, o, len)
         if bit32.band(flags, FLAG_VERIFY) ~= 0 then text = text .. " VERIFY"
         end
         if bit32.band(flags, FLAG_RANGES) ~= 0 then text = text .. " RANGES"
+        end
+        if bit32.band(flags, FLAG_UPDATE) ~= 0 then text = text .. " UPDATE"
         end
         if name ~= "" then text = text .. " " .. name end
         return text

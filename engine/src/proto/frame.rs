@@ -176,6 +176,11 @@ const FLAG_VERIFY: u8 = 1;
 const FLAG_QCOW2: u8 = 2;
 /// OPEN flag: RANGES frames follow (`OpenOptions::ranges`).
 const FLAG_RANGES: u8 = 4;
+/// OPEN flag: a WRITE that updates the volume; the name is followed by the result's
+/// 32-byte volume checksum (`OpenOptions::update`).
+const FLAG_UPDATE: u8 = 8;
+/// Bytes after the name of an OPEN with UPDATE.
+pub const UPDATE_CHECKSUM_LEN: usize = 32;
 /// RANGES flag: the last frame of the stream's list.
 const FLAG_LAST: u8 = 1;
 /// ACCEPT flag: the volume's identity follows the size (feature IDENTITY).
@@ -328,14 +333,24 @@ impl Frame {
             } => {
                 let flags = if options.verify() { FLAG_VERIFY } else { 0 }
                     | if options.qcow2() { FLAG_QCOW2 } else { 0 }
-                    | if options.ranges() { FLAG_RANGES } else { 0 };
-                put_header(out, kind::OPEN, flags, *stream, body::OPEN_MIN + name.len());
+                    | if options.ranges() { FLAG_RANGES } else { 0 }
+                    | if options.update().is_some() {
+                        FLAG_UPDATE
+                    } else {
+                        0
+                    };
+                let trailer = options.update().map_or(0, |_| UPDATE_CHECKSUM_LEN);
+                let len = body::OPEN_MIN + name.len() + trailer;
+                put_header(out, kind::OPEN, flags, *stream, len);
                 out.put_u8(*op as u8);
                 out.put_u8(options.wire_flags());
                 out.put_u16(name.len() as u16);
                 out.put_u32(options.zero_granularity());
                 out.put_u64(*size);
                 out.put_slice(name.as_bytes());
+                if let Some(checksum) = options.update() {
+                    out.put_slice(&checksum);
+                }
             }
             Frame::Accept {
                 stream,
@@ -490,7 +505,7 @@ fn check_shape(kind: u8, flags: u8, len: u32, stream: StreamId) -> Result<(), De
     };
     let allowed_flags = match kind {
         kind::FINISH => FLAG_ACK | FLAG_DIGEST,
-        kind::OPEN => FLAG_VERIFY | FLAG_QCOW2 | FLAG_RANGES,
+        kind::OPEN => FLAG_VERIFY | FLAG_QCOW2 | FLAG_RANGES | FLAG_UPDATE,
         kind::RANGES => FLAG_LAST,
         kind::ACCEPT => FLAG_IDENTITY,
         _ => 0,
@@ -507,6 +522,9 @@ fn check_shape(kind: u8, flags: u8, len: u32, stream: StreamId) -> Result<(), De
         return Err(DecodeError::StreamIdZero { kind });
     }
     match kind {
+        kind::OPEN if flags & FLAG_UPDATE != 0 => {
+            at_least(body::OPEN_MIN + UPDATE_CHECKSUM_LEN, MAX_NAME_LEN)
+        }
         kind::OPEN => at_least(body::OPEN_MIN, MAX_NAME_LEN),
         kind::ACCEPT if flags & FLAG_IDENTITY != 0 => {
             at_least(body::ACCEPT + 1, MAX_IDENTITY_LEN - 1)
@@ -547,6 +565,7 @@ fn parse_body(
             let verify = flags & FLAG_VERIFY != 0;
             let qcow2 = flags & FLAG_QCOW2 != 0;
             let ranges = flags & FLAG_RANGES != 0;
+            let update = flags & FLAG_UPDATE != 0;
             let flags = body.get_u8();
             let name_len = body.get_u16() as usize;
             let options = OpenOptions::from_wire(flags, body.get_u32())
@@ -555,6 +574,13 @@ fn parse_body(
                 .with_qcow2(qcow2)
                 .with_ranges(ranges);
             let size = body.get_u64();
+            // The frame's length was checked to hold the checksum.
+            let checksum = update.then(|| body.split_off(body.len() - UPDATE_CHECKSUM_LEN));
+            let options = options.with_update(checksum.map(|c| {
+                let mut sum = [0u8; UPDATE_CHECKSUM_LEN];
+                sum.copy_from_slice(&c);
+                sum
+            }));
             if name_len != body.len() || (name_len == 0) != (op == Op::List) {
                 return Err(DecodeError::BadName);
             }

@@ -38,7 +38,10 @@ impl Features {
     /// A READ's ACCEPT may carry the volume's identity (`VolumeIdentity`, ACCEPT flag
     /// IDENTITY): what a resuming client compares with the part it holds.
     pub const IDENTITY: Features = Features(0x200);
-    pub const ALL: Features = Features(63 | 0x100 | 0x200);
+    /// A WRITE may update an existing volume: OPEN header flag UPDATE with the result's
+    /// volume checksum, then only the ranges that differ (docs/PROTOCOL.md 8.4).
+    pub const UPDATE: Features = Features(0x400);
+    pub const ALL: Features = Features(63 | 0x100 | 0x200 | 0x400);
 
     pub fn contains(self, other: Features) -> bool {
         self.0 & other.0 == other.0

@@ -37,15 +37,26 @@ impl Connection {
                 "OPEN of {id} asks for a qcow2 image, which was not negotiated"
             )));
         }
+        if options.update().is_some() && !self.features().contains(Features::UPDATE) {
+            return Err(ConnError::Protocol(format!(
+                "OPEN of {id} asks for an update, which was not negotiated"
+            )));
+        }
+        if options.update().is_some() && op != Op::Write {
+            return Err(ConnError::Protocol(format!(
+                "OPEN of {id} asks for an update of a {op:?}: only a WRITE updates"
+            )));
+        }
         let ranged = options.ranges();
         if ranged && !self.features().contains(Features::RANGES) {
             return Err(ConnError::Protocol(format!(
                 "OPEN of {id} announces ranges, which were not negotiated"
             )));
         }
-        if ranged && op != Op::Read {
+        if ranged && op != Op::Read && options.update().is_none() {
             return Err(ConnError::Protocol(format!(
-                "OPEN of {id} announces ranges for a {op:?}: only a READ may ask for ranges"
+                "OPEN of {id} announces ranges for a {op:?}: only a READ or an updating WRITE \
+                 has ranges"
             )));
         }
         if op == Op::Digests && !self.features().contains(Features::BLOCK_DIGESTS) {
@@ -241,8 +252,14 @@ impl Connection {
         if options.qcow2() && !self.features().contains(Features::QCOW2) {
             return Err(OpenError::Unsupported);
         }
+        if options.update().is_some()
+            && (op != Op::Write || !self.features().contains(Features::UPDATE))
+        {
+            return Err(OpenError::Unsupported);
+        }
         if let Some(set) = &ranges {
-            if op != Op::Read || set.is_empty() || !self.features().contains(Features::RANGES) {
+            let takes = op == Op::Read || (op == Op::Write && options.update().is_some());
+            if !takes || set.is_empty() || !self.features().contains(Features::RANGES) {
                 return Err(OpenError::Unsupported);
             }
         }

@@ -38,6 +38,9 @@ pub struct OpenOptions {
     /// Also a header flag: the OPEN is followed by RANGES frames (set by the connection when it
     /// opens a ranged read; see `Connection::open_ranges`).
     ranges: bool,
+    /// Also a header flag: a WRITE that updates the existing volume, which must end with this
+    /// volume checksum (docs/PROTOCOL.md 8.3, 8.4); carried after OPEN's name.
+    update: Option<[u8; 32]>,
     zero_granularity: u32,
 }
 
@@ -114,6 +117,14 @@ impl OpenOptions {
         self
     }
 
+    /// A WRITE that updates the existing volume (only the ranges that differ arrive) and
+    /// commits only if the result's volume checksum is `checksum`; only with the UPDATE
+    /// feature.
+    pub fn with_update(mut self, checksum: Option<[u8; 32]>) -> Self {
+        self.update = checksum;
+        self
+    }
+
     /// Zero-detection granularity in bytes (`-S`); 0 turns zero detection off.
     pub fn with_zero_granularity(mut self, bytes: u32) -> Self {
         self.zero_granularity = bytes;
@@ -165,6 +176,11 @@ impl OpenOptions {
         self.ranges
     }
 
+    /// The volume checksum an updating WRITE must end with.
+    pub fn update(&self) -> Option<[u8; 32]> {
+        self.update
+    }
+
     pub fn zero_granularity(&self) -> u32 {
         self.zero_granularity
     }
@@ -188,6 +204,7 @@ impl OpenOptions {
             verify: false,
             qcow2: false,
             ranges: false,
+            update: None,
             zero_granularity,
         })
     }

@@ -9,6 +9,7 @@
 //! This module is that queue and the pool job around a [`Consume`]r; the file and device sink
 //! itself (open, write, zero, commit) is `work`, which the iohelper drives as [`WriteCore`].
 
+mod update;
 mod work;
 
 pub(crate) use work::create_dir;
@@ -147,6 +148,31 @@ impl FileWriter {
         FileWriter {
             make: Some(Box::new(move |size| {
                 Box::new(Work::new(target, opts, size, counter)) as Box<dyn Consume>
+            })),
+            options,
+            out: Arc::default(),
+            job: None,
+            bytes_written,
+        }
+    }
+
+    /// The sink of a WRITE that updates the existing volume `name` in `dir` (docs/PROTOCOL.md
+    /// 8.4): only `options.ranges` arrive, written into a copy of the volume that replaces it
+    /// if its volume checksum is `checksum`.
+    pub fn update_at(
+        dir: Arc<std::os::fd::OwnedFd>,
+        name: CString,
+        shown: String,
+        checksum: [u8; 32],
+        options: WriterOptions,
+    ) -> Self {
+        let bytes_written: Arc<AtomicU64> = Arc::default();
+        let (opts, counter) = (options.clone(), Arc::clone(&bytes_written));
+        FileWriter {
+            make: Some(Box::new(move |size| {
+                Box::new(update::UpdateWork::new(
+                    dir, name, shown, opts, size, checksum, counter,
+                )) as Box<dyn Consume>
             })),
             options,
             out: Arc::default(),

@@ -254,7 +254,14 @@ impl Driver {
     /// Starts a transfer the local user asked for.
     pub fn submit(&mut self, transfer: Transfer, now: Instant) {
         let op = transfer.op;
-        let key = self.new_local(transfer.endpoint, op, transfer.name, now);
+        let endpoint = match (transfer.endpoint, &transfer.ranges) {
+            // An update sends only its ranges, from a source that may not seek to them.
+            (Endpoint::Reader(reader), Some(ranges)) if !reader.serves_ranges() => {
+                Endpoint::Reader(Box::new(clip::Clip::new(reader, Arc::clone(ranges))))
+            }
+            (endpoint, _) => endpoint,
+        };
+        let key = self.new_local(endpoint, op, transfer.name, now);
         let local = self.locals.get_mut(&key).unwrap();
         local.options = transfer.options;
         local.ranges = transfer.ranges;
@@ -341,7 +348,9 @@ impl Driver {
                 }
                 Err(OpenError::Unsupported) => {
                     self.waiting.pop_front();
-                    let why = if local.ranges.is_some() {
+                    let why = if local.options.update().is_some() {
+                        "the peer cannot update a volume (it does not announce UPDATE)"
+                    } else if local.ranges.is_some() {
                         "the peer cannot serve ranges of a volume (it does not announce RANGES)"
                     } else {
                         "the peer cannot verify what it writes (it does not announce VERIFY)"
