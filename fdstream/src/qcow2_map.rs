@@ -19,7 +19,7 @@ use crate::error::Error;
 use crate::fd::{self, Kind};
 use crate::nbd::conn::Conn;
 use crate::reader::{read_unit, Produce, Produced};
-use crate::zero::{self, Run};
+use crate::zero::Coalesce;
 use bytes::Bytes;
 use engine::{Chunk, Digest};
 use nbd::{Command, Reply, Uri};
@@ -72,7 +72,7 @@ pub(crate) struct Mapped {
     current: Option<(u64, u64, Part)>,
     pos: u64,
     digest: Digest,
-    pending_hole: Option<(u64, u64)>,
+    out: Coalesce,
     /// qemu-nbd's export, connected on the first range it must serve.
     nbd: Uri,
     conn: Option<Conn>,
@@ -103,7 +103,7 @@ impl Mapped {
             current: None,
             pos: 0,
             digest: Digest::new(),
-            pending_hole: None,
+            out: Coalesce::default(),
             nbd,
             conn: None,
             image: image.to_path_buf(),
@@ -154,37 +154,15 @@ impl Mapped {
         Ok(Some((e.start, end, self.part(&e))))
     }
 
-    fn hole(&mut self, offset: u64, len: u64, chunks: &mut Vec<Chunk>, digest: bool) {
-        if digest {
-            self.digest.update_zeroes(len);
-        }
-        match &mut self.pending_hole {
-            Some((o, l)) if *o + *l == offset => *l += len,
-            _ => {
-                self.flush_hole(chunks);
-                self.pending_hole = Some((offset, len));
-            }
-        }
-    }
-
-    fn flush_hole(&mut self, chunks: &mut Vec<Chunk>) {
-        if let Some((offset, len)) = self.pending_hole.take() {
-            chunks.push(Chunk::Hole { offset, len });
-        }
+    fn hole(&mut self, offset: u64, len: u64, chunks: &mut Vec<Chunk>) {
+        self.digest.update_zeroes(len);
+        self.out.hole(offset, len, chunks);
     }
 
     /// Data read at `offset`: digested, zero-detected, queued.
     fn data(&mut self, offset: u64, bytes: Bytes, chunks: &mut Vec<Chunk>) {
         self.digest.update(&bytes);
-        for run in zero::split(offset, bytes, self.zero_granularity) {
-            match run {
-                Run::Zero { offset, len } => self.hole(offset, len, chunks, false),
-                Run::Data { offset, bytes } => {
-                    self.flush_hole(chunks);
-                    chunks.push(Chunk::Data { offset, bytes });
-                }
-            }
-        }
+        self.out.data(offset, bytes, self.zero_granularity, chunks);
     }
 
     /// Reads `[start, start + len)` through qemu-nbd, waiting for the whole reply.
@@ -219,7 +197,7 @@ impl Mapped {
         for (offset, piece) in pieces {
             match piece {
                 Ok(bytes) => self.data(offset, bytes, chunks),
-                Err(len) => self.hole(offset, len, chunks, true),
+                Err(len) => self.hole(offset, len, chunks),
             }
         }
         Ok(())
@@ -248,7 +226,7 @@ impl Produce for Mapped {
                     .take()
                     .ok_or(Error::Cancelled)?
                     .finish(&self.shown)?;
-                self.flush_hole(&mut p.chunks);
+                self.out.flush(&mut p.chunks);
                 p.chunks.push(Chunk::End {
                     length: self.size,
                     digest: Some(self.digest.value()),
@@ -278,7 +256,7 @@ impl Produce for Mapped {
             let pos = self.pos;
             match part {
                 Part::Hole => {
-                    self.hole(pos, end - pos, &mut p.chunks, true);
+                    self.hole(pos, end - pos, &mut p.chunks);
                     self.pos = end;
                     // Bounded work per step, as long runs of holes can be.
                     if p.chunks.len() > 64 {

@@ -2,6 +2,7 @@
 //! as holes.
 
 use bytes::Bytes;
+use engine::Chunk;
 
 /// Whether every byte of `buf` is zero. Looks at the first 16 bytes first, because non-zero
 /// data nearly always shows there, then ORs the rest in 64-byte strides the compiler vectorises.
@@ -24,6 +25,46 @@ pub fn is_zero(buf: &[u8]) -> bool {
 pub enum Run {
     Data { offset: u64, bytes: Bytes },
     Zero { offset: u64, len: u64 },
+}
+
+/// A source's output in offset order: holes next to each other (from an extent map, from
+/// zero detection, from an NBD hole reply) merged into one chunk, data queued as the slices of
+/// the buffer read. Digesting stays with the source, which knows what it has digested.
+#[derive(Debug, Default)]
+pub(crate) struct Coalesce {
+    hole: Option<(u64, u64)>,
+}
+
+impl Coalesce {
+    pub fn hole(&mut self, offset: u64, len: u64, chunks: &mut Vec<Chunk>) {
+        match &mut self.hole {
+            Some((o, l)) if *o + *l == offset => *l += len,
+            _ => {
+                self.flush(chunks);
+                self.hole = Some((offset, len));
+            }
+        }
+    }
+
+    /// `bytes` read at `offset`, split by zero detection at `granularity` (0: off).
+    pub fn data(&mut self, offset: u64, bytes: Bytes, granularity: u64, chunks: &mut Vec<Chunk>) {
+        for run in split(offset, bytes, granularity) {
+            match run {
+                Run::Zero { offset, len } => self.hole(offset, len, chunks),
+                Run::Data { offset, bytes } => {
+                    self.flush(chunks);
+                    chunks.push(Chunk::Data { offset, bytes });
+                }
+            }
+        }
+    }
+
+    /// Queues the hole being merged, if any: before End, or before the step returns.
+    pub fn flush(&mut self, chunks: &mut Vec<Chunk>) {
+        if let Some((offset, len)) = self.hole.take() {
+            chunks.push(Chunk::Hole { offset, len });
+        }
+    }
 }
 
 /// Splits `bytes`, read at volume offset `offset`, into data and zero runs. Blocks are the

@@ -9,7 +9,7 @@ use super::conn::Conn;
 use super::map::{combine, Gather, Status, STATUS_RANGE};
 use crate::error::Error;
 use crate::reader::{read_unit, Produce, Produced};
-use crate::zero::{self, Run};
+use crate::zero::Coalesce;
 use bytes::Bytes;
 use engine::{Chunk, Digest};
 use nbd::wire::{CONTEXT_ALLOCATION_DEPTH, CONTEXT_BASE_ALLOCATION};
@@ -73,7 +73,7 @@ pub struct Source {
     /// Everything before this was emitted.
     pos: u64,
     digest: Digest,
-    pending_hole: Option<(u64, u64)>,
+    out: Coalesce,
     finished: bool,
 }
 
@@ -94,7 +94,7 @@ impl Source {
             planned: 0,
             pos: 0,
             digest: Digest::new(),
-            pending_hole: None,
+            out: Coalesce::default(),
             finished: false,
         }
     }
@@ -277,23 +277,9 @@ impl Source {
         Ok(())
     }
 
-    fn hole(&mut self, offset: u64, len: u64, chunks: &mut Vec<Chunk>, digest: bool) {
-        if digest {
-            self.digest.update_zeroes(len);
-        }
-        match &mut self.pending_hole {
-            Some((o, l)) if *o + *l == offset => *l += len,
-            _ => {
-                self.flush_hole(chunks);
-                self.pending_hole = Some((offset, len));
-            }
-        }
-    }
-
-    fn flush_hole(&mut self, chunks: &mut Vec<Chunk>) {
-        if let Some((offset, len)) = self.pending_hole.take() {
-            chunks.push(Chunk::Hole { offset, len });
-        }
+    fn hole(&mut self, offset: u64, len: u64, chunks: &mut Vec<Chunk>) {
+        self.digest.update_zeroes(len);
+        self.out.hole(offset, len, chunks);
     }
 
     /// Emits a completed READ in order: data zero-detected, holes merged.
@@ -302,18 +288,10 @@ impl Source {
         let granularity = self.options.zero_granularity as u64;
         for (offset, piece) in read.pieces {
             match piece {
-                Piece::Zero(len) => self.hole(offset, len, chunks, true),
+                Piece::Zero(len) => self.hole(offset, len, chunks),
                 Piece::Data(bytes) => {
                     self.digest.update(&bytes);
-                    for run in zero::split(offset, bytes, granularity) {
-                        match run {
-                            Run::Zero { offset, len } => self.hole(offset, len, chunks, false),
-                            Run::Data { offset, bytes } => {
-                                self.flush_hole(chunks);
-                                chunks.push(Chunk::Data { offset, bytes });
-                            }
-                        }
-                    }
+                    self.out.data(offset, bytes, granularity, chunks);
                 }
             }
         }
@@ -337,7 +315,7 @@ impl Produce for Source {
         }
         loop {
             if self.pos >= self.size {
-                self.flush_hole(&mut p.chunks);
+                self.out.flush(&mut p.chunks);
                 p.chunks.push(Chunk::End {
                     length: self.size,
                     digest: Some(self.digest.value()),
@@ -354,7 +332,7 @@ impl Produce for Source {
                 Some(Plan::Hole { start, end }) => {
                     let (start, end) = (*start, *end);
                     self.plan.pop_front();
-                    self.hole(start, end - start, &mut p.chunks, true);
+                    self.hole(start, end - start, &mut p.chunks);
                     self.pos = end;
                     // Bounded work per step: a long run of holes ends the step after each
                     // block status range.

@@ -7,7 +7,7 @@ use super::{read_unit, Produce, Produced, ReaderOptions, READ_BUF};
 use crate::error::Error;
 use crate::extents::{segment_at, Segment};
 use crate::fd::{self, Kind, Location};
-use crate::zero::{self, Run};
+use crate::zero::Coalesce;
 use engine::{Chunk, Digest, RangeSet};
 use std::fs::File;
 use std::io;
@@ -30,7 +30,7 @@ pub(super) struct Work {
     force_share: bool,
     digest: Digest,
     /// A hole not yet queued, so that it can grow by the next zero run.
-    pending_hole: Option<(u64, u64)>,
+    out: Coalesce,
     bytes_read: Arc<AtomicU64>,
     direct: bool,
     /// O_DIRECT is set on `file` (asked for, and accepted by the file system).
@@ -144,7 +144,7 @@ impl Work {
             stream_size: options.stream_size,
             force_share: options.force_share,
             digest: Digest::new(),
-            pending_hole: None,
+            out: Coalesce::default(),
             bytes_read,
             direct: options.direct,
             direct_on: false,
@@ -214,19 +214,7 @@ impl Work {
 
     fn hole(&mut self, offset: u64, len: u64, chunks: &mut Vec<Chunk>) {
         self.digest.update_zeroes(len);
-        match &mut self.pending_hole {
-            Some((o, l)) if *o + *l == offset => *l += len,
-            _ => {
-                self.flush_hole(chunks);
-                self.pending_hole = Some((offset, len));
-            }
-        }
-    }
-
-    fn flush_hole(&mut self, chunks: &mut Vec<Chunk>) {
-        if let Some((offset, len)) = self.pending_hole.take() {
-            chunks.push(Chunk::Hole { offset, len });
-        }
+        self.out.hole(offset, len, chunks);
     }
 
     /// A pipe given a size must end there: more would be data the volume silently lacks.
@@ -286,7 +274,7 @@ impl Work {
                 if self.kind == Kind::Stream {
                     self.check_drained()?;
                 }
-                self.flush_hole(&mut p.chunks);
+                self.out.flush(&mut p.chunks);
                 p.chunks.push(Chunk::End {
                     length: self.size,
                     digest: Some(self.digest.value()),
@@ -341,24 +329,8 @@ impl Work {
                 .map_err(|e| Error::io(format!("reading at {}", self.pos), e))?;
             self.bytes_read.fetch_add(n, Ordering::Relaxed);
             self.digest.update(&buf);
-            for run in zero::split(self.pos, buf, self.granularity) {
-                match run {
-                    Run::Zero { offset, len } => {
-                        // Already digested with the buffer: record the hole without it.
-                        match &mut self.pending_hole {
-                            Some((o, l)) if *o + *l == offset => *l += len,
-                            _ => {
-                                self.flush_hole(&mut p.chunks);
-                                self.pending_hole = Some((offset, len));
-                            }
-                        }
-                    }
-                    Run::Data { offset, bytes } => {
-                        self.flush_hole(&mut p.chunks);
-                        p.chunks.push(Chunk::Data { offset, bytes });
-                    }
-                }
-            }
+            self.out
+                .data(self.pos, buf, self.granularity, &mut p.chunks);
             self.pos += n;
             return Ok(p);
         }
