@@ -70,17 +70,17 @@ pub struct Throughput {
 }
 
 impl Throughput {
-    pub fn json(&self) -> String {
-        format!(
-            "{{\"streams\":{},\"bytes\":{},\"seconds\":{:.3},\"GBps\":{:.3},\"sender_cpu_s_per_GiB\":{:.3},\"receiver_cpu_s_per_GiB\":{:.3},\"errors\":{}}}",
-            self.streams,
-            self.bytes,
-            self.seconds,
-            self.gbps,
-            self.sender_cpu_per_gib,
-            self.receiver_cpu_per_gib,
-            self.errors
-        )
+    pub fn json(&self) -> serde_json::Value {
+        let round3 = |x: f64| (x * 1000.0).round() / 1000.0;
+        serde_json::json!({
+            "streams": self.streams,
+            "bytes": self.bytes,
+            "seconds": round3(self.seconds),
+            "GBps": round3(self.gbps),
+            "sender_cpu_s_per_GiB": round3(self.sender_cpu_per_gib),
+            "receiver_cpu_s_per_GiB": round3(self.receiver_cpu_per_gib),
+            "errors": self.errors,
+        })
     }
 }
 

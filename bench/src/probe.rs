@@ -145,7 +145,7 @@ impl VolumeWriter for CountingWriter {
 pub struct ProbeResult {
     pub p99_us: u64,
     /// The run as a JSON object.
-    pub json: String,
+    pub json: serde_json::Value,
 }
 
 /// One probe run: `bulk` bulk uploads and `messages` probe messages every `interval`, between
@@ -313,7 +313,7 @@ pub fn probe_traced(
     }
     ProbeResult {
         p99_us: h.value_at_quantile(0.99),
-        json: run.to_string(),
+        json: run,
     }
 }
 

@@ -19,6 +19,7 @@ use clap::Parser;
 use engine::proto::OpenOptions;
 use engine::{Engine, EngineConfig};
 use fdstream::{extents, Backend, DirProvider, ExtentKind, HelperOptions, WriterOptions};
+use serde_json::{json, Map, Value};
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -116,13 +117,11 @@ fn time_once(dst: &Path, copy: &mut dyn FnMut() -> Result<(), String>) -> Result
     Ok(t.elapsed().as_secs_f64())
 }
 
-/// A JSON number, or null where a failed case left none.
-fn num(x: f64, decimals: usize) -> String {
-    if x.is_finite() {
-        format!("{x:.decimals$}")
-    } else {
-        "null".to_owned()
-    }
+/// A JSON number rounded to `decimals`, or null where a failed case left none (serde_json
+/// turns non-finite floats into null).
+fn num(x: f64, decimals: i32) -> Value {
+    let scale = 10f64.powi(decimals);
+    Value::from((x * scale).round() / scale)
 }
 
 /// One tool (or volstream backend) on one workload, with every run's time.
@@ -159,20 +158,24 @@ impl<'a> Case<'a> {
         self.seconds.iter().copied().fold(f64::NAN, f64::min)
     }
 
-    /// The JSON fields every case shares.
-    fn fields(&self, w: &Workload) -> String {
+    /// The JSON fields every case shares, under `key` = `label`.
+    fn fields(&self, w: &Workload, key: &str) -> Map<String, Value> {
         let (secs, best) = (self.median(), self.best());
-        let runs: Vec<String> = self.seconds.iter().map(|s| format!("{s:.3}")).collect();
-        format!(
-            "\"seconds\":{},\"best_seconds\":{},\"runs\":[{}],\"apparent_gb_s\":{},\"data_gb_s\":{},\"dst_allocated\":{},\"content_ok\":{}",
-            num(secs, 3),
-            num(best, 3),
-            runs.join(","),
-            num(w.size as f64 / secs / 1e9, 2),
-            num(w.data() as f64 / secs / 1e9, 3),
-            self.dst_allocated,
-            self.content_ok,
-        )
+        let runs: Vec<Value> = self.seconds.iter().map(|&s| num(s, 3)).collect();
+        let row = json!({
+            "seconds": num(secs, 3),
+            "best_seconds": num(best, 3),
+            "runs": runs,
+            "apparent_gb_s": num(w.size as f64 / secs / 1e9, 2),
+            "data_gb_s": num(w.data() as f64 / secs / 1e9, 3),
+            "dst_allocated": self.dst_allocated,
+            "content_ok": self.content_ok,
+        });
+        let Value::Object(mut map) = row else {
+            unreachable!("json! of an object literal")
+        };
+        map.insert(key.to_owned(), Value::from(self.label.as_str()));
+        map
     }
 }
 
@@ -356,10 +359,10 @@ fn main() {
                 break;
             }
             if !installed(argv[0]) {
-                skipped.push(format!(
-                    "{{\"tool\":\"{label}\",\"skipped\":\"{} is not installed\"}}",
-                    argv[0]
-                ));
+                skipped.push(json!({
+                    "tool": label,
+                    "skipped": format!("{} is not installed", argv[0]),
+                }));
                 continue;
             }
             let (dst, size) = (&dst, w.size);
@@ -397,44 +400,46 @@ fn main() {
         let _ = std::fs::remove_file(&dst);
 
         let inproc = &cases[0];
-        let volstream_rows: Vec<String> = cases[..ours]
+        let volstream_rows: Vec<Value> = cases[..ours]
             .iter()
             .map(|c| {
-                format!(
-                    "{{\"backend\":\"{}\",{},\"throughput_vs_inproc\":{:.2}}}",
-                    c.label,
-                    c.fields(&w),
-                    if backends[0].0 == "inproc" {
-                        inproc.median() / c.median()
-                    } else {
-                        f64::NAN
-                    },
-                )
+                let mut row = c.fields(&w, "backend");
+                let vs_inproc = if backends[0].0 == "inproc" {
+                    inproc.median() / c.median()
+                } else {
+                    f64::NAN
+                };
+                row.insert("throughput_vs_inproc".into(), num(vs_inproc, 2));
+                Value::Object(row)
             })
             .collect();
-        let mut peers: Vec<String> = cases[ours..]
+        let mut peers: Vec<Value> = cases[ours..]
             .iter()
             .map(|c| match &c.error {
-                Some(e) => format!("{{\"tool\":\"{}\",\"error\":{e:?}}}", c.label),
-                None => format!(
-                    "{{\"tool\":\"{}\",{},\"time_ratio_volstream_over_peer\":{},\"best_time_ratio_volstream_over_peer\":{}}}",
-                    c.label,
-                    c.fields(&w),
-                    num(inproc.median() / c.median(), 2),
-                    num(inproc.best() / c.best(), 2),
-                ),
+                Some(e) => json!({"tool": c.label, "error": e}),
+                None => {
+                    let mut row = c.fields(&w, "tool");
+                    row.insert(
+                        "time_ratio_volstream_over_peer".into(),
+                        num(inproc.median() / c.median(), 2),
+                    );
+                    row.insert(
+                        "best_time_ratio_volstream_over_peer".into(),
+                        num(inproc.best() / c.best(), 2),
+                    );
+                    Value::Object(row)
+                }
             })
             .collect();
         peers.extend(skipped);
-        rows.push(format!(
-            "{{\"workload\":\"{}\",\"apparent_bytes\":{},\"data_bytes\":{},\"volstream\":{},\"backends\":[{}],\"peers\":[{}]}}",
-            w.name,
-            w.size,
-            w.data(),
-            volstream_rows[0],
-            volstream_rows.join(","),
-            peers.join(",")
-        ));
+        rows.push(json!({
+            "workload": w.name,
+            "apparent_bytes": w.size,
+            "data_bytes": w.data(),
+            "volstream": volstream_rows[0],
+            "backends": volstream_rows,
+            "peers": peers,
+        }));
     }
     for (server, client, _) in &ends {
         client.shutdown();
@@ -446,10 +451,17 @@ fn main() {
     let mut cpuinfo = String::new();
     let _ = File::open("/proc/cpuinfo").and_then(|mut f| f.read_to_string(&mut cpuinfo));
     let cpus = cpuinfo.matches("processor").count();
-    println!(
-        "{{\"bench\":\"files\",\"transport\":\"unix\",\"stream_window\":{},\"runs_per_case\":{runs},\"warmup_runs\":1,\"cache\":\"warm\",\"fsync\":false,\"cpus\":{cpus},\"workers\":{},\"results\":[{}]}}",
-        config.connection.stream_window,
-        fdstream::Pool::shared().workers(),
-        rows.join(",")
-    );
+    let doc = json!({
+        "bench": "files",
+        "transport": "unix",
+        "stream_window": config.connection.stream_window,
+        "runs_per_case": runs,
+        "warmup_runs": 1,
+        "cache": "warm",
+        "fsync": false,
+        "cpus": cpus,
+        "workers": fdstream::Pool::shared().workers(),
+        "results": rows,
+    });
+    println!("{doc}");
 }

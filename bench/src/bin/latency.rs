@@ -82,8 +82,7 @@ fn main() {
                 let trace = cli.trace != 0;
                 let result =
                     probe_traced(bulk, messages, interval, configs, &listen, options, trace);
-                let mut r: serde_json::Value =
-                    serde_json::from_str(&result.json).expect("probe JSON");
+                let mut r = result.json;
                 r["interval_us"] = interval_us.into();
                 r["load_1min"] = load.into();
                 if let Some(floor) = floor {

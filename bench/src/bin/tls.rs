@@ -134,11 +134,9 @@ fn main() {
             if r.tls.is_some() {
                 suite = r.tls.clone();
             }
-            runs.push(format!(
-                "{{\"transport\":\"{}\",{}",
-                t.name(),
-                &r.json()[1..]
-            ));
+            let mut run = r.json();
+            run["transport"] = t.name().into();
+            runs.push(run);
             results.push(r);
         }
     }
@@ -154,7 +152,9 @@ fn main() {
                 t.config(&tls),
                 &t.listen(),
             );
-            probes.push(format!("{{\"transport\":\"{}\",{}", t.name(), &r.json[1..]));
+            let mut run = r.json;
+            run["transport"] = t.name().into();
+            probes.push(run);
             p99[i].push(r.p99_us as f64);
         }
     }
@@ -177,14 +177,24 @@ fn main() {
     } else {
         "software"
     };
-    println!(
-        "{{\"bench\":\"tls\",\"provider\":\"ring\",\"negotiated\":{:?},\"cpu_flags\":{:?},\"aes_gcm\":{gcm:?},\"throughput_ratio_tls_to_tcp\":{{\"streams_1\":{:.3},\"streams_100\":{:.3}}},\"probe_p99_us\":{{\"tcp\":{p99_tcp},\"tls\":{p99_tls},\"ratio\":{:.3}}},\"runs\":[{}],\"probes\":[{}]}}",
-        suite.unwrap_or_default(),
-        flags,
-        ratio(1),
-        ratio(100),
-        p99_tls / p99_tcp.max(1.0),
-        runs.join(","),
-        probes.join(",")
-    );
+    let round3 = |x: f64| (x * 1000.0).round() / 1000.0;
+    let doc = serde_json::json!({
+        "bench": "tls",
+        "provider": "ring",
+        "negotiated": suite.unwrap_or_default(),
+        "cpu_flags": flags,
+        "aes_gcm": gcm,
+        "throughput_ratio_tls_to_tcp": {
+            "streams_1": round3(ratio(1)),
+            "streams_100": round3(ratio(100)),
+        },
+        "probe_p99_us": {
+            "tcp": p99_tcp,
+            "tls": p99_tls,
+            "ratio": round3(p99_tls / p99_tcp.max(1.0)),
+        },
+        "runs": runs,
+        "probes": probes,
+    });
+    println!("{doc}");
 }
