@@ -103,10 +103,9 @@ impl MemoryWriter {
 }
 
 impl VolumeWriter for MemoryWriter {
-    fn start(&mut self, size: u64, _notify: Notify) {
-        let mut content = self.content.lock().unwrap();
-        content.clear();
-        content.reserve(size.min(1 << 30) as usize);
+    // No reserve by `size`: it comes from the peer, and the content grows only as bytes arrive.
+    fn start(&mut self, _size: u64, _notify: Notify) {
+        self.content.lock().unwrap().clear();
     }
 
     fn write(&mut self, chunk: Chunk) {
