@@ -6,10 +6,11 @@
 //!   a sparse raw file by `volstream download` through `serve`, by `qemu-img convert -O raw`
 //!   and by `nbdcopy` from `qemu-nbd` (target: at most 1.0x qemu-img's time).
 //!
-//! Every case runs once untimed (page cache, memory faulted in), then `--runs` times, the cases
-//! taking turns; the JSON has each case's median and best seconds, the ratios volstream/peer
-//! from the same run and, for the export, each server's CPU seconds per GiB (which the
-//! machine's load moves less than wall time).
+//! The cases take turns, `--runs` rounds; in each round every case runs twice in a row, untimed
+//! then timed, so that each timed run starts from the memory its own case left (see
+//! `measure_rounds`). The JSON has each case's median and best seconds, the ratios
+//! volstream/peer from the same run and, for the export, each server's CPU seconds per GiB
+//! (which the machine's load moves less than wall time).
 //! volstream runs with --no-sync where the peers do not fsync their output.
 
 use bench::load_average;
@@ -33,7 +34,7 @@ struct Cli {
     /// Scratch directory (the volumes are made once and kept).
     #[arg(long, default_value = "/var/tmp/volstream-bench-nbd")]
     dir: PathBuf,
-    /// Timed runs per case, after one untimed.
+    /// Rounds; in each, every case runs untimed and then timed.
     #[arg(long, default_value_t = 3)]
     runs: usize,
     /// Bytes of the raw file the exports serve.
@@ -220,20 +221,27 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }
 
-/// One untimed round, then `runs` timed rounds, each running every case once in turn, so the
-/// cases of one round see the same machine (on a shared VM the rate moves by a third from one
-/// second to the next; all of one case's runs, then all of the next's, measured that drift).
+/// `runs` rounds, each running every case in turn, so the cases of one round see the same
+/// machine (on a shared VM the rate moves by a third from one second to the next; all of one
+/// case's runs, then all of the next's, measured that drift). Each timed run comes right after
+/// an untimed run of the same case: on this VM memory a program frees goes back to the host
+/// (free-page reporting, docs/PERFORMANCE.md), and a run that fills page cache pays for faulting
+/// it in again unless the run before it freed the same amount a moment ago. nbdcopy drops its
+/// output from the page cache as it writes (sync_file_range + fadvise DONTNEED), so whatever ran
+/// after it paid that: with one timed run per case per round, qemu-img convert took 1.0-1.9 s
+/// in the bench against 0.58-0.65 s by hand, and 1.6-1.9x the CPU time after an nbdcopy run
+/// than after one of its own (bench/RESULTS.md, "Issue 15: why the bench's qemu-img figures").
 fn measure_rounds(cases: &mut [Case], runs: usize, output: Option<&Path>) {
-    for i in 0..=runs {
-        // The order turns every round: whichever runs first after the previous one's exit
-        // may pay for it (freed memory goes back to the host here, see PERFORMANCE.md).
+    for i in 0..runs {
+        // The order turns every round, so no case always follows the same other one.
         let order: Vec<usize> = if i % 2 == 0 {
             (0..cases.len()).collect()
         } else {
             (0..cases.len()).rev().collect()
         };
         for k in order {
-            cases[k].run_once(i > 0, output);
+            cases[k].run_once(false, output);
+            cases[k].run_once(true, output);
         }
     }
     if let Some(out) = output {
