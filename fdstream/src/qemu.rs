@@ -251,6 +251,9 @@ impl QemuNbd {
             },
         };
         let started = Instant::now();
+        // qemu-nbd listens 30-50 ms after exec, and every download of an image waits for it:
+        // poll often at first (a fixed 10 ms cost 5 ms on average), then back off.
+        let mut pause = Duration::from_millis(1);
         // The socket exists at bind, before listen: wait for a connection to succeed.
         while std::os::unix::net::UnixStream::connect(&sock).is_err() {
             let why = match q.child.try_wait() {
@@ -263,7 +266,8 @@ impl QemuNbd {
                 let said = said.lines().last().unwrap_or("").trim().to_string();
                 return Err(Error::Qemu(format!("{shown}: qemu-nbd {why}: {said}")));
             }
-            std::thread::sleep(Duration::from_millis(10));
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(10));
         }
         Ok(q)
     }
