@@ -365,3 +365,86 @@ fn control_frames_wait_only_for_bytes_already_handed_to_the_link() {
         assert!(pair.client.closed_with().is_none() && pair.server.closed_with().is_none());
     }
 }
+
+/// Like `probe_waits`, on a link whose rate changes: `rate(step)` gives the bytes per step.
+/// The probe's messages come at `fraction` of its share of the link's mean rate `mean`.
+/// Returns each message's birth step and wait in frame times (at the mean rate).
+fn probe_waits_varying(
+    pair: &mut Pair,
+    bulk: &[StreamId],
+    probe: StreamId,
+    messages: u64,
+    fraction: f64,
+    mean: f64,
+    rate: impl Fn(u64) -> usize,
+) -> Vec<(u64, f64)> {
+    let per_step = mean / (bulk.len() + 1) as f64 * fraction;
+    let mut budget = MESSAGE as f64;
+    let (mut born, mut given) = (0, 0);
+    let mut births = Vec::new();
+    let mut waits = Vec::new();
+    let first = pair.steps;
+    while waits.len() < messages as usize {
+        pair.link.bytes_per_step = rate(pair.steps - first);
+        if budget >= MESSAGE as f64 && born < messages {
+            budget -= MESSAGE as f64;
+            births.push(pair.steps);
+            born += 1;
+        }
+        while given < born && pair.client.conn.can_send(probe) {
+            pair.client.pump(probe, 1);
+            given += 1;
+        }
+        budget += per_step;
+        step(pair, bulk);
+        let next = waits.len() as u64 * MESSAGE;
+        let received = pair.server.received(probe);
+        for k in (next / MESSAGE)..(received / MESSAGE) {
+            let b = births[k as usize];
+            let bytes = (pair.steps - b) as f64 * mean;
+            waits.push((b - first, bytes / FRAME_WIRE as f64));
+        }
+        assert!(pair.steps < 20_000_000, "probe stalled");
+    }
+    waits
+}
+
+#[test]
+fn a_probe_below_its_share_rides_out_a_dip_of_the_link_until_its_head_start_is_spent() {
+    // The link alternates between 1.75x and 0.25x its mean rate; the probe sends at 0.85 of
+    // its share of the mean, so in a dip it sends 3.4x its share there. It pays for that out of
+    // the head start it banked while below its share (LAG: four full frames, 512 KiB), at
+    // (0.85 - 0.25) x 162 B per 16 us step: a 50 ms dip costs it 304 KB, a 200 ms one 1.2 MB.
+    let base = link().bytes_per_step;
+    let bulk = 100;
+    for (dip_steps, covered) in [(3125u64, true), (12500, false)] {
+        let rate = move |s: u64| -> usize {
+            let f = if (s / dip_steps).is_multiple_of(2) {
+                1.75
+            } else {
+                0.25
+            };
+            (base as f64 * f) as usize
+        };
+        // Enough messages to span two dips.
+        let per_step = base as f64 / (bulk + 1) as f64 * 0.85;
+        let messages = (4.0 * dip_steps as f64 * per_step / MESSAGE as f64) as u64;
+        let (mut pair, ids) = pair_with_bulk(bulk);
+        let probe = open_probe(&mut pair, &ids, messages, OpenOptions::default());
+        warm_up(&mut pair, &ids, 2);
+        let waits = probe_waits_varying(&mut pair, &ids, probe, messages, 0.85, base as f64, rate);
+        let waits = Waits(waits.into_iter().map(|(_, w)| w).collect());
+        println!(
+            "{} ms dips: wait median {:.2}, max {:.2} frame times",
+            dip_steps * 16 / 1000,
+            waits.median(),
+            waits.max()
+        );
+        if covered {
+            assert!(waits.max() <= 4.0, "waits {:?} frame times", waits.0);
+        } else {
+            // Spent: fairness holds it to its share and its own queue grows.
+            assert!(waits.max() > 50.0, "waits {:?} frame times", waits.0);
+        }
+    }
+}
