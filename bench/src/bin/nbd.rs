@@ -230,7 +230,7 @@ fn cpu_seconds(pid: u32) -> f64 {
 /// output from the page cache as it writes (sync_file_range + fadvise DONTNEED), so whatever ran
 /// after it paid that: with one timed run per case per round, qemu-img convert took 1.0-1.9 s
 /// in the bench against 0.58-0.65 s by hand, and 1.6-1.9x the CPU time after an nbdcopy run
-/// than after one of its own (bench/RESULTS.md, "Issue 15: why the bench's qemu-img figures").
+/// than after one of its own (bench/RESULTS.md, the perf2 section of 2026-12-02).
 fn measure_rounds(cases: &mut [Case], runs: usize, output: Option<&Path>) {
     for i in 0..runs {
         // The order turns every round, so no case always follows the same other one.
