@@ -145,6 +145,13 @@ pub struct UploadArgs {
     /// --overwrite). A VOLUME the server does not have is uploaded whole.
     #[arg(long, conflicts_with_all = ["size", "verify", "format"])]
     update: bool,
+    /// If the upload breaks off, the server (serve --resume-keep) keeps what arrived; the same
+    /// command with --resume then sends only what the server lacks. The partial is found by
+    /// FILE's absolute path, the VOLUME and the identity this client connects with; a FILE
+    /// that changed since is uploaded anew. The result gets the VOLUME's name only once its
+    /// content equals FILE's, checked block by block.
+    #[arg(long, conflicts_with_all = ["size", "verify", "format", "update"])]
+    resume: bool,
     #[command(flatten)]
     output: OutputArgs,
     /// FILE VOLUME pairs: the local FILE (`-` is stdin, with --size) becomes the server's
@@ -209,6 +216,8 @@ pub struct Settings {
     pub ranges: Option<Arc<RangeSet>>,
     /// Only the blocks that differ from what the destination holds travel.
     pub update: bool,
+    /// Uploads: resumable, continuing the partial the server kept, if any.
+    pub resume_upload: bool,
     pub progress: bool,
     pub json: bool,
     pub progress_interval: Duration,
@@ -244,6 +253,7 @@ impl DownloadArgs {
             qcow2: false,
             ranges,
             update: self.update,
+            resume_upload: false,
             progress: self.output.progress,
             json: self.output.json,
             progress_interval: self.output.progress_interval,
@@ -275,6 +285,7 @@ impl UploadArgs {
             qcow2: self.format == "qcow2",
             ranges: None,
             update: self.update,
+            resume_upload: self.resume,
             progress: self.output.progress,
             json: self.output.json,
             progress_interval: self.output.progress_interval,

@@ -4,7 +4,7 @@ use crate::error::CliError;
 use crate::tls::{Role, TlsArgs};
 use clap::Args;
 use engine::event_loop::peer::glob_match;
-use engine::proto::Reason;
+use engine::proto::{Features, Reason};
 use engine::{
     Address, AllowList, Engine, EngineConfig, OpenRequest, Provider, UnixPeerPolicy, VolumeError,
     VolumeReader, VolumeWriter,
@@ -86,6 +86,16 @@ pub struct ServeArgs {
     /// Seconds a stream may make no progress before it is aborted.
     #[arg(long, value_name = "SECS", default_value_t = 300)]
     stream_timeout: u64,
+    /// Keep an interrupted `upload --resume` (what arrived, and its journal) this long after
+    /// its last write, e.g. 30m, 12h, 7d, 90s; the client's next `upload --resume` sends only
+    /// what is missing. Without it uploads are not resumable.
+    #[arg(long, value_name = "DURATION", value_parser = duration)]
+    resume_keep: Option<std::time::Duration>,
+    /// Disk the kept partial uploads may take together, e.g. 500G, 2T, 1048576; over it the
+    /// oldest are removed.
+    #[arg(long, value_name = "BYTES", value_parser = bytes, requires = "resume_keep",
+          default_value = "100G")]
+    resume_budget: u64,
     /// Answer HTTP GET /metrics (Prometheus text format) on tcp:HOST:PORT.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<String>,
@@ -181,6 +191,9 @@ pub fn run(args: ServeArgs) -> Result<(), CliError> {
     if args.no_sync {
         provider = provider.without_sync();
     }
+    if let (Some(keep), false) = (args.resume_keep, args.read_only) {
+        provider = provider.with_resume(keep, args.resume_budget);
+    }
     provider = provider.with_direct_io(args.direct);
     if args.iohelper {
         provider = provider.with_backend(Backend::Helper(HelperOptions {
@@ -222,6 +235,15 @@ pub fn run(args: ServeArgs) -> Result<(), CliError> {
         remove_stale_socket(path)?;
     }
     let mut config = args.engine_config()?;
+    let store = provider.resume_store();
+    if store.is_none() {
+        // A client must not be told partials are kept when they are not.
+        config.connection.features = config.connection.features.without(Features::RESUME);
+    }
+    if let Some(store) = store {
+        // Before the first client: what expired while the server was down is gone.
+        sweep_partials(store, args.pool.clone());
+    }
     let allow = AllowList {
         subjects: args.allow_dn.clone(),
         alt_names: args.allow_san.clone(),
@@ -289,6 +311,79 @@ pub fn run(args: ServeArgs) -> Result<(), CliError> {
         }
     }
     Ok(())
+}
+
+/// Removes expired and over-budget partial uploads now (before the first client) and then
+/// periodically, on a thread of its own (it stats the pool).
+fn sweep_partials(store: Arc<fdstream::resume::ResumeStore>, pool: PathBuf) {
+    let interval = store.sweep_interval();
+    let sweep = move || match store.sweep() {
+        Ok(removed) => {
+            for r in removed {
+                crate::out::tell!(
+                    "volstream: removed partial upload {} ({} bytes, {})",
+                    r.name,
+                    r.allocated,
+                    r.why
+                );
+            }
+        }
+        Err(e) => crate::out::tell!(
+            "volstream: warning: cannot sweep partial uploads in {}: {e}",
+            pool.display()
+        ),
+    };
+    sweep();
+    std::thread::Builder::new()
+        .name("resume-sweep".into())
+        .spawn(move || loop {
+            std::thread::sleep(interval);
+            sweep();
+        })
+        .expect("spawning a thread");
+}
+
+/// Parses 90s, 30m, 12h, 7d or a plain number of seconds.
+fn duration(text: &str) -> Result<std::time::Duration, String> {
+    let (digits, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?}: expected a number with s, m, h or d"))?;
+    let factor = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return Err(format!("{text:?}: the unit is s, m, h or d")),
+    };
+    n.checked_mul(factor)
+        .filter(|&s| s > 0)
+        .map(std::time::Duration::from_secs)
+        .ok_or_else(|| format!("{text:?}: out of range (at least 1s)"))
+}
+
+/// Parses a byte count with an optional K, M, G or T suffix (powers of 1024).
+fn bytes(text: &str) -> Result<u64, String> {
+    let (digits, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?}: expected a number with K, M, G or T"))?;
+    let shift = match unit {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => return Err(format!("{text:?}: the suffix is K, M, G or T")),
+    };
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{text:?}: out of range"))
 }
 
 /// Starts the NBD export of the pool on its own loop thread.

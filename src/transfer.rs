@@ -181,6 +181,29 @@ pub fn run(args: Settings) -> Result<(), CliError> {
                     on_done,
                 );
             }
+            None if args.resume_upload => {
+                let (Local::Path(file), Some((engine, _, conn))) = (&local, &engine) else {
+                    return Err(CliError::Usage(format!(
+                        "--resume hashes FILE first: {} must be a regular file",
+                        pair.file
+                    )));
+                };
+                let resume = crate::update::prepare_resume(engine, *conn, file, &pair.volume)?;
+                figures = resume.figures.clone();
+                transfers.push(Transfer {
+                    op: Op::Write,
+                    name: pair.volume.clone(),
+                    options: options
+                        .with_update(Some(resume.checksum))
+                        .with_resume(Some(resume.key)),
+                    ranges: resume.ranges,
+                    endpoint: Endpoint::Reader(Box::new(CountingReader {
+                        inner: upload_source(&args, local),
+                        count: count.clone(),
+                    })),
+                    on_done: Box::new(on_done),
+                });
+            }
             None if args.update && direction == Direction::Upload => {
                 let (Local::Path(file), Some((engine, _, conn))) = (&local, &engine) else {
                     return Err(CliError::Usage(format!(

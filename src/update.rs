@@ -6,7 +6,7 @@
 
 use crate::error::CliError;
 use engine::event_loop::ConnectionId;
-use engine::proto::Op;
+use engine::proto::{Op, OpenOptions, ResumeKey};
 use engine::{EngineHandle, RangeSet, TransferError};
 use fdstream::blockhash;
 use fdstream::update::{DigestsSink, Plan, Staged, StreamDiff};
@@ -82,15 +82,41 @@ fn plan(
     let digests = blockhash::digests_of(local, blockhash::threads())
         .map_err(|e| CliError::Other(format!("--update: hashing {shown}: {e}")))?;
     let hash_seconds = started.elapsed().as_secs_f64();
+    plan_against(
+        engine,
+        conn,
+        volume,
+        OpenOptions::default(),
+        digests,
+        hash_seconds,
+        shown,
+        upload,
+    )
+    .map(|p| p.map_err(|_| ()).ok())
+}
+
+/// Merges `local`'s digests with the server's DIGESTS of `volume` (opened with `options`).
+/// For an upload, the server's NOT_FOUND comes back as `Ok(Err(message))`.
+#[allow(clippy::too_many_arguments)]
+fn plan_against(
+    engine: &EngineHandle,
+    conn: ConnectionId,
+    volume: &str,
+    options: OpenOptions,
+    digests: fdstream::blockhash::BlockDigests,
+    hash_seconds: f64,
+    shown: &str,
+    upload: bool,
+) -> Result<Result<(Plan, Figures), String>, CliError> {
     let started = Instant::now();
     let sink = DigestsSink::new(StreamDiff::new(digests, !upload));
     let plan = sink.plan();
     let report = engine
-        .fetch(conn, Op::Digests, volume, Box::new(sink))
+        .fetch_with(conn, Op::Digests, volume, options, Box::new(sink))
         .recv()
         .map_err(|_| CliError::Other("event loop ended early".into()))?;
     match report.result {
-        Err(e) if upload && e.reason == engine::Reason::NotFound => return Ok(None),
+        Err(e) if upload && e.reason == engine::Reason::NotFound => return Ok(Err(e.message)),
         Err(e) => {
             return Err(CliError::Other(format!(
                 "--update {shown}: block digests of {volume}: {e}"
@@ -119,7 +145,7 @@ fn plan(
         hash_seconds,
         digests_seconds: started.elapsed().as_secs_f64(),
     };
-    Ok(Some((plan, figures)))
+    Ok(Ok((plan, figures)))
 }
 
 /// Stages the update of `file` from the server's `volume` over `conn`: copies FILE, hashes
@@ -193,4 +219,87 @@ pub fn prepare_upload(
         .map_err(|e| CliError::Other(format!("--update: opening {shown}: {e}")))?;
     Ok(plan(engine, conn, volume, &local, &shown, true)?
         .map(|(plan, figures)| UploadUpdate { plan, figures }))
+}
+
+/// A resumable upload: how the server's partial is named, what the result must be, and what
+/// to send (`None`: the whole content, into a new partial).
+pub struct UploadResume {
+    pub key: ResumeKey,
+    pub checksum: [u8; 32],
+    pub ranges: Option<Arc<RangeSet>>,
+    pub figures: Option<Figures>,
+}
+
+/// Hashes `file`, asks the server for the digests of the partial it kept of this upload, and
+/// plans what is missing; a server without one (or whose partial began from another version
+/// of FILE, which it then removed) gets the whole content, and the user is told why.
+pub fn prepare_resume(
+    engine: &EngineHandle,
+    conn: ConnectionId,
+    file: &Path,
+    volume: &str,
+) -> Result<UploadResume, CliError> {
+    let shown = file.display().to_string();
+    let local = std::fs::File::open(file)
+        .map_err(|e| CliError::Other(format!("--resume: opening {shown}: {e}")))?;
+    let meta = local
+        .metadata()
+        .map_err(|e| CliError::Other(format!("--resume: inspecting {shown}: {e}")))?;
+    let identity = fdstream::identity::of(&meta).ok_or_else(|| {
+        CliError::Usage(format!(
+            "--resume: {shown} is not a regular file, whose changes its metadata would show"
+        ))
+    })?;
+    let path = std::fs::canonicalize(file)
+        .map_err(|e| CliError::Other(format!("--resume: {shown}: {e}")))?;
+    let key = fdstream::resume::client_key(&path, volume, &identity);
+    let started = Instant::now();
+    let digests = blockhash::digests_of(&local, blockhash::threads())
+        .map_err(|e| CliError::Other(format!("--resume: hashing {shown}: {e}")))?;
+    let hash_seconds = started.elapsed().as_secs_f64();
+    let checksum = digests.checksum();
+    let options = OpenOptions::default().with_resume(Some(key));
+    match plan_against(
+        engine,
+        conn,
+        volume,
+        options,
+        digests,
+        hash_seconds,
+        &shown,
+        true,
+    )? {
+        Err(why) => {
+            crate::out::tell!("volstream: {volume}: {why}; uploading {shown} whole");
+            Ok(UploadResume {
+                key,
+                checksum,
+                ranges: None,
+                figures: None,
+            })
+        }
+        Ok((plan, figures)) => {
+            crate::out::tell!(
+                "volstream: {volume}: resuming, {} of {} bytes to send",
+                plan.range_bytes(),
+                plan.source.volume_len
+            );
+            let update = UploadUpdate { plan, figures };
+            // A complete partial still needs a stream to be committed: its last block.
+            let ranges = update.ranges().or_else(|| last_block(&update));
+            Ok(UploadResume {
+                key,
+                checksum,
+                ranges,
+                figures: Some(update.figures),
+            })
+        }
+    }
+}
+
+fn last_block(update: &UploadUpdate) -> Option<Arc<RangeSet>> {
+    let s = update.plan.source;
+    let last = s.blocks().checked_sub(1)?;
+    let range = engine::Range::new(last * u64::from(s.block_size), s.block_len(last));
+    Some(Arc::new(RangeSet::new(vec![range]).expect("one range")))
 }

@@ -9,8 +9,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 use engine::proto::flow::{RecvWindow, SendCredit, WindowExceeded, HOLE_COST, MAX_CREDIT};
 use engine::proto::frame::{HEADER_LEN, HELLO_LEN, MAGIC, MAX_MESSAGE_LEN, MAX_NAME_LEN};
 use engine::proto::{
-    Connection, DecodeError, Event, Features, Frame, Hello, Op, OpenOptions, Reason, Side,
-    StreamId, Transmit,
+    Connection, DecodeError, Event, Features, Frame, Hello, Op, OpenOptions, Reason, ResumeKey,
+    Side, StreamId, Transmit,
 };
 use engine::{Digest, VolumeIdentity, MAX_IDENTITY_LEN};
 use proptest::prelude::*;
@@ -79,13 +79,14 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
         (
             arb_stream(),
             prop_oneof![Just(Op::Read), Just(Op::Write), Just(Op::Digests)],
-            0u16..2048,
+            0u16..8192,
             any::<u32>(),
             any::<u64>(),
-            arb_name()
+            arb_name(),
+            any::<[u8; 32]>(),
         )
-            .prop_map(
-                |(stream, op, flags, zero_granularity, size, name)| Frame::Open {
+            .prop_map(|(stream, op, flags, zero_granularity, size, name, bytes)| {
+                Frame::Open {
                     stream,
                     op,
                     // Each of the known flag bits, set through its setter.
@@ -101,11 +102,17 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
                         .with_verify(flags & 256 != 0)
                         .with_qcow2(flags & 512 != 0)
                         .with_ranges(flags & 1024 != 0)
+                        // The trailers after the name: UPDATE's checksum, RESUME's key.
+                        .with_update((flags & 2048 != 0).then_some(bytes))
+                        .with_resume((flags & 4096 != 0).then(|| ResumeKey {
+                            token: bytes,
+                            source: [bytes[0] ^ 0x5a; 32],
+                        }))
                         .with_zero_granularity(zero_granularity),
                     size,
-                    name
+                    name,
                 }
-            ),
+            }),
         (arb_stream(), any::<u64>(), arb_identity()).prop_map(|(stream, size, identity)| {
             Frame::Accept {
                 stream,

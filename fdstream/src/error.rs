@@ -78,6 +78,9 @@ pub enum Error {
     /// An updated copy's block digests differ from the source's (`--update`): the source
     /// changed during the update, or a block went wrong. The copy did not get the final name.
     UpdateMismatch(String),
+    /// A resumable upload found no partial it may continue (none kept, expired, begun from
+    /// another source, or in use): the message says which; the client starts over.
+    NoPartial(String),
 }
 
 impl Error {
@@ -125,6 +128,7 @@ impl Error {
             Error::Qemu(_) => Reason::Io,
             Error::Journal { .. } => Reason::Io,
             Error::UpdateMismatch(_) => Reason::DigestMismatch,
+            Error::NoPartial(_) => Reason::NotFound,
         }
     }
 }
@@ -202,6 +206,7 @@ impl fmt::Display for Error {
             }
             Error::Qemu(m) => f.write_str(m),
             Error::Journal { path, problem } => write!(f, "journal {path}: {problem}"),
+            Error::NoPartial(why) => f.write_str(why),
             Error::UpdateMismatch(target) => write!(
                 f,
                 "{target}: the updated copy's block digests differ from the source's (did the \

@@ -305,6 +305,43 @@ impl Journal {
         Ok(())
     }
 
+    /// Records several ranges with one rewrite of the journal (a sink that made a batch of
+    /// ranges durable with one fdatasync); all or none are recorded, as with [`Journal::record`].
+    pub fn record_all(&mut self, records: &[Record]) -> Result<(), Error> {
+        let before = self.records.clone();
+        for r in records {
+            let at = self
+                .records
+                .partition_point(|x| x.range.offset < r.range.offset);
+            let overlaps =
+                |x: &Record| x.range.offset < r.range.end() && r.range.offset < x.range.end();
+            let outside = r.range.len == 0
+                || r.range
+                    .offset
+                    .checked_add(r.range.len)
+                    .is_none_or(|e| e > self.size);
+            let hits = self.records[at.saturating_sub(1)..(at + 1).min(self.records.len())]
+                .iter()
+                .any(overlaps);
+            if outside || hits || self.records.len() == MAX_RECORDS {
+                self.records = before;
+                return Err(Error::Journal {
+                    path: self.path.display().to_string(),
+                    problem: format!(
+                        "range {} overlaps a recorded one, lies outside, or is one too many",
+                        r.range
+                    ),
+                });
+            }
+            self.records.insert(at, *r);
+        }
+        if let Err(e) = self.save() {
+            self.records = before;
+            return Err(e);
+        }
+        Ok(())
+    }
+
     fn render(&self) -> String {
         let mut text = format!("{MAGIC}\nsize {}\n", self.size);
         match &self.identity {

@@ -32,6 +32,7 @@ mod qcow2_map;
 mod qcow2_sink;
 pub mod qemu;
 pub mod reader;
+pub mod resume;
 mod sink;
 pub mod temp;
 pub mod update;

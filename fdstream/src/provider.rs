@@ -12,6 +12,7 @@ use crate::fd::Location;
 use crate::helper::Backend;
 use crate::pool::Pool;
 use crate::reader::{FileReader, ReaderOptions};
+use crate::resume::ResumeStore;
 use crate::temp;
 use crate::writer::FileWriter;
 use crate::writer::{WriteTarget, WriterOptions};
@@ -72,6 +73,7 @@ pub struct DirProvider {
     no_sync: bool,
     direct: bool,
     backend: Backend,
+    resume: Option<Arc<ResumeStore>>,
 }
 
 impl DirProvider {
@@ -87,6 +89,7 @@ impl DirProvider {
             no_sync: false,
             direct: false,
             backend: Backend::InProcess,
+            resume: None,
         })
     }
 
@@ -125,6 +128,37 @@ impl DirProvider {
     pub fn without_sync(mut self) -> Self {
         self.no_sync = true;
         self
+    }
+
+    /// Keeps interrupted resumable uploads in the pool (see [`crate::resume`]).
+    pub fn with_resume(mut self, keep: std::time::Duration, budget: u64) -> Self {
+        self.resume = Some(Arc::new(ResumeStore::new(self.path.clone(), keep, budget)));
+        self
+    }
+
+    /// Where partial uploads are kept, if they are.
+    pub fn resume_store(&self) -> Option<Arc<ResumeStore>> {
+        self.resume.clone()
+    }
+
+    /// The store a stream that names a partial upload needs.
+    fn store_for(&self, request: &OpenRequest) -> Result<Arc<ResumeStore>, VolumeError> {
+        if self.nbd_volumes.contains_key(&request.name) || self.devices.contains_key(&request.name)
+        {
+            return Err(VolumeError::new(
+                Reason::Unsupported,
+                format!(
+                    "{}: only a file of the pool is uploaded resumably",
+                    request.name
+                ),
+            ));
+        }
+        self.resume.clone().ok_or_else(|| {
+            VolumeError::new(
+                Reason::Unsupported,
+                "this server keeps no partial uploads (serve --resume-keep)",
+            )
+        })
     }
 
     fn name(&self, name: &str) -> Result<std::ffi::CString, VolumeError> {
@@ -257,6 +291,14 @@ impl Provider for DirProvider {
             ));
         }
         let shown = self.shown(&request.name);
+        if let Some(key) = request.options.resume() {
+            let store = self.store_for(request)?;
+            self.name(&request.name)?;
+            let owner = crate::resume::owner(&request.identity);
+            return Ok(self.document(move || {
+                store.digests(&shown, &owner, &key, crate::blockhash::threads())
+            }));
+        }
         let open: Box<dyn FnOnce() -> io::Result<File> + Send> = match self
             .devices
             .get(&request.name)
@@ -361,6 +403,20 @@ impl Provider for DirProvider {
             return Ok(Box::new(crate::nbd::NbdWriter::new(uri.clone(), options)));
         }
         let shown = self.shown(&request.name);
+        if let (Some(key), Some(checksum)) = (request.options.resume(), request.options.update()) {
+            let store = self.store_for(request)?;
+            options.ranges = request.ranges.clone();
+            let target = crate::writer::ResumeTarget {
+                store,
+                dir: Arc::clone(&self.dir),
+                final_name: self.name(&request.name)?,
+                volume: shown,
+                owner: crate::resume::owner(&request.identity),
+                key,
+                checksum,
+            };
+            return Ok(Box::new(FileWriter::resume_at(target, options)));
+        }
         if let Some(checksum) = request.options.update() {
             if self.devices.contains_key(&request.name) {
                 return Err(VolumeError::new(

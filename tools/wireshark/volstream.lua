@@ -47,9 +47,9 @@ local REASONS = {
 
 -- Section 3.2.
 local SPARSE, DIGEST, PRIORITY, VERIFY, QCOW2, RANGES = 0x1, 0x2, 0x4, 0x8, 0x10, 0x20
-local BLOCK_DIGESTS, UPDATE = 0x100, 0x400
+local BLOCK_DIGESTS, UPDATE, RESUME = 0x100, 0x400, 0x800
 local IDENTITY = 0x200
-local FEATURES_RESERVED = 0xfffff8c0
+local FEATURES_RESERVED = 0xfffff0c0
 local OP_DIGESTS = 5
 -- Section 4.2, FINISH and RANGES flags.
 local FLAG_ACK, FLAG_DIGEST = 0x01, 0x02
@@ -64,6 +64,8 @@ local OPTION_TOP_ONLY = 0x80
 local FLAG_VERIFY, FLAG_QCOW2, FLAG_RANGES, FLAG_UPDATE = 0x01, 0x02, 0x04, 0x08
 -- Section 8.4: an OPEN with UPDATE carries the result's volume checksum after its name.
 local UPDATE_CHECKSUM_LEN = 32
+-- Section 8.5: an OPEN with RESUME carries a token and the source's identity digest after that.
+local FLAG_RESUME, RESUME_KEY_LEN = 0x10, 64
 
 local f = {
     -- Section 2: the Hello record.
@@ -90,6 +92,8 @@ local f = {
         IDENTITY, "a READ's ACCEPT may carry the volume's identity"),
     feature_update = ProtoField.bool("volstream.hello.features.UPDATE", "UPDATE", 32, nil,
         UPDATE, "a WRITE may update an existing volume by ranges"),
+    feature_resume = ProtoField.bool("volstream.hello.features.RESUME", "RESUME", 32, nil,
+        RESUME, "an upload may continue a partial the server kept"),
     feature_reserved = ProtoField.uint32("volstream.hello.features.reserved", "reserved",
         base.HEX, nil, FEATURES_RESERVED),
     max_frame = ProtoField.uint32("volstream.hello.max_frame", "max_frame", base.DEC),
@@ -139,6 +143,10 @@ local f = {
     flag_update = ProtoField.bool("volstream.flags.UPDATE", "UPDATE", 8, nil, FLAG_UPDATE,
         "OPEN: a WRITE that updates the volume; its checksum follows the name"),
     open_checksum = ProtoField.bytes("volstream.open.checksum", "checksum"),
+    flag_resume = ProtoField.bool("volstream.flags.RESUME", "RESUME", 8, nil, FLAG_RESUME,
+        "OPEN: names a partial upload; a token and the source's identity digest follow"),
+    open_token = ProtoField.bytes("volstream.open.resume_token", "resume token"),
+    open_source = ProtoField.bytes("volstream.open.resume_source", "resume source"),
     flag_last = ProtoField.bool("volstream.flags.LAST", "LAST", 8, nil, FLAG_LAST,
         "RANGES: the stream's range list is complete"),
     flag_identity = ProtoField.bool("volstream.flags.IDENTITY", "IDENTITY", 8, nil,
@@ -325,6 +333,7 @@ local function dissect_hello(tvb, pinfo, tree, offset)
     ft:add(f.feature_block_digests, tvb(offset + 12, 4))
     ft:add(f.feature_identity, tvb(offset + 12, 4))
     ft:add(f.feature_update, tvb(offset + 12, 4))
+    ft:add(f.feature_resume, tvb(offset + 12, 4))
     local fr = ft:add(f.feature_reserved, tvb(offset + 12, 4))
     if bit32.band(features, FEATURES_RESERVED) ~= 0 then
         fr:add_proto_expert_info(e.reserved_features)
@@ -344,19 +353,27 @@ local function dissect_hello(tvb, pinfo, tree, offset)
         { { SPARSE, "SPARSE" }, { DIGEST, "DIGEST" }, { PRIORITY, "PRIORITY" },
           { VERIFY, "VERIFY" }, { QCOW2, "QCOW2" }, { RANGES, "RANGES" },
           { BLOCK_DIGESTS, "BLOCK_DIGESTS" }, { IDENTITY, "IDENTITY" },
-          { UPDATE, "UPDATE" } })
+          { UPDATE, "UPDATE" }, { RESUME, "RESUME" } })
     return string.format("Hello v%d..%d features %s max_frame %d", vmin, vmax,
         names == "" and "none" or names, max_frame)
 end
 
 -- Section 4.1: what the header alone allows, as (expert, text) or nil.
+-- Bytes an OPEN carries after its name: UPDATE's checksum, then RESUME's key.
+local function open_trailer(flags)
+    local n = 0
+    if bit32.band(flags, FLAG_UPDATE) ~= 0 then n = n + UPDATE_CHECKSUM_LEN end
+    if bit32.band(flags, FLAG_RESUME) ~= 0 then n = n + RESUME_KEY_LEN end
+    return n
+end
+
 local function header_problem(kind, flags, reserved, len, stream)
     if reserved ~= 0 then return e.reserved end
     if TYPES[kind] == nil then return e.unknown_type end
     local allowed = 0
     if kind == T.FINISH then allowed = bit32.bor(FLAG_ACK, FLAG_DIGEST) end
     if kind == T.OPEN then
-        allowed = bit32.bor(FLAG_VERIFY, FLAG_QCOW2, FLAG_RANGES, FLAG_UPDATE)
+        allowed = bit32.bor(FLAG_VERIFY, FLAG_QCOW2, FLAG_RANGES, FLAG_UPDATE, FLAG_RESUME)
     end
     if kind == T.RANGES then allowed = FLAG_LAST end
     if kind == T.ACCEPT then allowed = FLAG_IDENTITY end
@@ -366,7 +383,7 @@ local function header_problem(kind, flags, reserved, len, stream)
     if not connection_level and kind ~= T.WINDOW and stream == 0 then return e.bad_stream end
     local ok
     if kind == T.OPEN then
-        local trailer = bit32.band(flags, FLAG_UPDATE) ~= 0 and UPDATE_CHECKSUM_LEN or 0
+        local trailer = open_trailer(flags)
         ok = len >= 16 + trailer and len <= 16 + trailer + MAX_NAME_LEN
     elseif kind == T.ACCEPT and bit32.band(flags, FLAG_IDENTITY) ~= 0 then
         ok = len >= 9 and len <= 8 + MAX_IDENTITY_LEN
@@ -436,14 +453,22 @@ local function dissect_body(tvb, pinfo, t, kind, flags, o, len)
         t:add(f.open_zero_granularity, tvb(o + 4, 4))
         t:add(f.open_size, tvb(o + 8, 8))
         local name = ""
-        local trailer = bit32.band(flags, FLAG_UPDATE) ~= 0 and UPDATE_CHECKSUM_LEN or 0
+        local trailer = open_trailer(flags)
         local name_end = len - trailer
         if name_end > 16 then
             local range = tvb(o + 16, name_end - 16)
             name = range:raw()
             t:add_packet_field(f.open_name, range, ENC_UTF_8)
         end
-        if trailer > 0 then t:add(f.open_checksum, tvb(o + name_end, trailer)) end
+        local at = o + name_end
+        if bit32.band(flags, FLAG_UPDATE) ~= 0 then
+            t:add(f.open_checksum, tvb(at, UPDATE_CHECKSUM_LEN))
+            at = at + UPDATE_CHECKSUM_LEN
+        end
+        if bit32.band(flags, FLAG_RESUME) ~= 0 then
+            t:add(f.open_token, tvb(at, 32))
+            t:add(f.open_source, tvb(at + 32, 32))
+        end
         if name_len ~= name_end - 16 or (name_len == 0) ~= (op == 3) or not is_utf8(name) then
             nitem:add_proto_expert_info(e.bad_name)
         end
@@ -459,6 +484,8 @@ local function dissect_body(tvb, pinfo, t, kind, flags, o, len)
         if bit32.band(flags, FLAG_RANGES) ~= 0 then text = text .. " RANGES"
         end
         if bit32.band(flags, FLAG_UPDATE) ~= 0 then text = text .. " UPDATE"
+        end
+        if bit32.band(flags, FLAG_RESUME) ~= 0 then text = text .. " RESUME"
         end
         if name ~= "" then text = text .. " " .. name end
         return text
@@ -582,6 +609,8 @@ local function dissect_frame(tvb, pinfo, tree, offset)
         items[e.bad_flags]:add(f.flag_verify, tvb(offset + 5, 1))
         items[e.bad_flags]:add(f.flag_qcow2, tvb(offset + 5, 1))
         items[e.bad_flags]:add(f.flag_ranges, tvb(offset + 5, 1))
+        items[e.bad_flags]:add(f.flag_update, tvb(offset + 5, 1))
+        items[e.bad_flags]:add(f.flag_resume, tvb(offset + 5, 1))
     elseif kind == T.RANGES then
         items[e.bad_flags]:add(f.flag_last, tvb(offset + 5, 1))
     elseif kind == T.ACCEPT then

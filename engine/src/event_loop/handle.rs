@@ -203,6 +203,18 @@ impl EngineHandle {
         )
     }
 
+    /// As [`EngineHandle::fetch`], with OPEN options (a DIGESTS of a partial upload).
+    pub fn fetch_with(
+        &self,
+        conn: ConnectionId,
+        op: Op,
+        name: &str,
+        options: OpenOptions,
+        writer: Box<dyn VolumeWriter>,
+    ) -> mpsc::Receiver<TransferReport> {
+        self.start(conn, op, name, options, Endpoint::Writer(writer))
+    }
+
     fn start(
         &self,
         conn: ConnectionId,

@@ -7,7 +7,7 @@
 
 use super::error::DecodeError;
 pub use super::hello::{Features, Hello, HELLO_LEN, MAGIC, VERSION_MAX, VERSION_MIN};
-pub use super::options::OpenOptions;
+pub use super::options::{OpenOptions, ResumeKey};
 use crate::range::{self, Range, RANGES_PER_FRAME, RANGE_WIRE_LEN};
 use crate::reason::Reason;
 use crate::{VolumeIdentity, MAX_IDENTITY_LEN};
@@ -181,6 +181,24 @@ const FLAG_RANGES: u8 = 4;
 const FLAG_UPDATE: u8 = 8;
 /// Bytes after the name of an OPEN with UPDATE.
 pub const UPDATE_CHECKSUM_LEN: usize = 32;
+/// OPEN flag: the stream names a partial upload; a token and the source's identity digest
+/// follow the name and any checksum (`OpenOptions::resume`).
+const FLAG_RESUME: u8 = 0x10;
+/// Bytes of an OPEN's RESUME trailer.
+pub const RESUME_KEY_LEN: usize = 64;
+
+/// Bytes an OPEN carries after its name with these header flags.
+fn open_trailer(flags: u8) -> usize {
+    (if flags & FLAG_UPDATE != 0 {
+        UPDATE_CHECKSUM_LEN
+    } else {
+        0
+    }) + if flags & FLAG_RESUME != 0 {
+        RESUME_KEY_LEN
+    } else {
+        0
+    }
+}
 /// RANGES flag: the last frame of the stream's list.
 const FLAG_LAST: u8 = 1;
 /// ACCEPT flag: the volume's identity follows the size (feature IDENTITY).
@@ -338,9 +356,13 @@ impl Frame {
                         FLAG_UPDATE
                     } else {
                         0
+                    }
+                    | if options.resume().is_some() {
+                        FLAG_RESUME
+                    } else {
+                        0
                     };
-                let trailer = options.update().map_or(0, |_| UPDATE_CHECKSUM_LEN);
-                let len = body::OPEN_MIN + name.len() + trailer;
+                let len = body::OPEN_MIN + name.len() + open_trailer(flags);
                 put_header(out, kind::OPEN, flags, *stream, len);
                 out.put_u8(*op as u8);
                 out.put_u8(options.wire_flags());
@@ -350,6 +372,10 @@ impl Frame {
                 out.put_slice(name.as_bytes());
                 if let Some(checksum) = options.update() {
                     out.put_slice(&checksum);
+                }
+                if let Some(key) = options.resume() {
+                    out.put_slice(&key.token);
+                    out.put_slice(&key.source);
                 }
             }
             Frame::Accept {
@@ -505,7 +531,7 @@ fn check_shape(kind: u8, flags: u8, len: u32, stream: StreamId) -> Result<(), De
     };
     let allowed_flags = match kind {
         kind::FINISH => FLAG_ACK | FLAG_DIGEST,
-        kind::OPEN => FLAG_VERIFY | FLAG_QCOW2 | FLAG_RANGES | FLAG_UPDATE,
+        kind::OPEN => FLAG_VERIFY | FLAG_QCOW2 | FLAG_RANGES | FLAG_UPDATE | FLAG_RESUME,
         kind::RANGES => FLAG_LAST,
         kind::ACCEPT => FLAG_IDENTITY,
         _ => 0,
@@ -522,10 +548,7 @@ fn check_shape(kind: u8, flags: u8, len: u32, stream: StreamId) -> Result<(), De
         return Err(DecodeError::StreamIdZero { kind });
     }
     match kind {
-        kind::OPEN if flags & FLAG_UPDATE != 0 => {
-            at_least(body::OPEN_MIN + UPDATE_CHECKSUM_LEN, MAX_NAME_LEN)
-        }
-        kind::OPEN => at_least(body::OPEN_MIN, MAX_NAME_LEN),
+        kind::OPEN => at_least(body::OPEN_MIN + open_trailer(flags), MAX_NAME_LEN),
         kind::ACCEPT if flags & FLAG_IDENTITY != 0 => {
             at_least(body::ACCEPT + 1, MAX_IDENTITY_LEN - 1)
         }
@@ -566,6 +589,7 @@ fn parse_body(
             let qcow2 = flags & FLAG_QCOW2 != 0;
             let ranges = flags & FLAG_RANGES != 0;
             let update = flags & FLAG_UPDATE != 0;
+            let resume = flags & FLAG_RESUME != 0;
             let flags = body.get_u8();
             let name_len = body.get_u16() as usize;
             let options = OpenOptions::from_wire(flags, body.get_u32())
@@ -574,13 +598,21 @@ fn parse_body(
                 .with_qcow2(qcow2)
                 .with_ranges(ranges);
             let size = body.get_u64();
-            // The frame's length was checked to hold the checksum.
+            // The frame's length was checked to hold the trailers; the last one first.
+            let key = resume.then(|| {
+                let key = body.split_off(body.len() - RESUME_KEY_LEN);
+                let (mut token, mut source) = ([0u8; 32], [0u8; 32]);
+                token.copy_from_slice(&key[..32]);
+                source.copy_from_slice(&key[32..]);
+                ResumeKey { token, source }
+            });
             let checksum = update.then(|| body.split_off(body.len() - UPDATE_CHECKSUM_LEN));
             let options = options.with_update(checksum.map(|c| {
                 let mut sum = [0u8; UPDATE_CHECKSUM_LEN];
                 sum.copy_from_slice(&c);
                 sum
             }));
+            let options = options.with_resume(key);
             if name_len != body.len() || (name_len == 0) != (op == Op::List) {
                 return Err(DecodeError::BadName);
             }

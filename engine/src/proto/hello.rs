@@ -41,7 +41,11 @@ impl Features {
     /// A WRITE may update an existing volume: OPEN header flag UPDATE with the result's
     /// volume checksum, then only the ranges that differ (docs/PROTOCOL.md 8.4).
     pub const UPDATE: Features = Features(0x400);
-    pub const ALL: Features = Features(63 | 0x100 | 0x200 | 0x400);
+    /// An updating WRITE, or a DIGESTS, may name a partial upload the server kept (OPEN
+    /// header flag RESUME with a token and the source's identity, docs/PROTOCOL.md 8.5).
+    /// Announced only by a server that keeps partials (`serve --resume-keep`).
+    pub const RESUME: Features = Features(0x800);
+    pub const ALL: Features = Features(63 | 0x100 | 0x200 | 0x400 | 0x800);
 
     pub fn contains(self, other: Features) -> bool {
         self.0 & other.0 == other.0

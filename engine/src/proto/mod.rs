@@ -46,6 +46,6 @@ pub use connection::Connection;
 pub use counts::Side;
 pub use error::{ConnError, DecodeError};
 pub use event::{ConnStats, Event, OpenError};
-pub use frame::{Features, Frame, FrameCounts, Hello, Op, OpenOptions, StreamId};
+pub use frame::{Features, Frame, FrameCounts, Hello, Op, OpenOptions, ResumeKey, StreamId};
 pub use stream::{StreamStats, StreamView};
 pub use transmit::Transmit;

@@ -47,6 +47,18 @@ impl Connection {
                 "OPEN of {id} asks for an update of a {op:?}: only a WRITE updates"
             )));
         }
+        if options.resume().is_some() && !self.features().contains(Features::RESUME) {
+            return Err(ConnError::Protocol(format!(
+                "OPEN of {id} names a partial upload, which was not negotiated"
+            )));
+        }
+        let resumes = op == Op::Digests || (op == Op::Write && options.update().is_some());
+        if options.resume().is_some() && !resumes {
+            return Err(ConnError::Protocol(format!(
+                "OPEN of {id} names a partial upload for a {op:?}: only an updating WRITE or a \
+                 DIGESTS does"
+            )));
+        }
         let ranged = options.ranges();
         if ranged && !self.features().contains(Features::RANGES) {
             return Err(ConnError::Protocol(format!(
@@ -254,6 +266,12 @@ impl Connection {
         }
         if options.update().is_some()
             && (op != Op::Write || !self.features().contains(Features::UPDATE))
+        {
+            return Err(OpenError::Unsupported);
+        }
+        if options.resume().is_some()
+            && (!self.features().contains(Features::RESUME)
+                || !(op == Op::Digests || (op == Op::Write && options.update().is_some())))
         {
             return Err(OpenError::Unsupported);
         }

@@ -41,7 +41,19 @@ pub struct OpenOptions {
     /// Also a header flag: a WRITE that updates the existing volume, which must end with this
     /// volume checksum (docs/PROTOCOL.md 8.3, 8.4); carried after OPEN's name.
     update: Option<[u8; 32]>,
+    /// Also a header flag: the partial upload this WRITE continues or this DIGESTS describes
+    /// (docs/PROTOCOL.md 8.5); carried after the name (and the update's checksum).
+    resume: Option<ResumeKey>,
     zero_granularity: u32,
+}
+
+/// What names a partial upload: a token the client derives (the server keys the partial by it,
+/// the volume and the peer's identity) and a digest of the source's identity, which must be
+/// the one the partial was begun from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ResumeKey {
+    pub token: [u8; 32],
+    pub source: [u8; 32],
 }
 
 impl OpenOptions {
@@ -125,6 +137,13 @@ impl OpenOptions {
         self
     }
 
+    /// The partial upload this WRITE (with UPDATE) continues, or whose digests a DIGESTS asks
+    /// for; only with the RESUME feature.
+    pub fn with_resume(mut self, key: Option<ResumeKey>) -> Self {
+        self.resume = key;
+        self
+    }
+
     /// Zero-detection granularity in bytes (`-S`); 0 turns zero detection off.
     pub fn with_zero_granularity(mut self, bytes: u32) -> Self {
         self.zero_granularity = bytes;
@@ -181,6 +200,11 @@ impl OpenOptions {
         self.update
     }
 
+    /// The partial upload the stream names.
+    pub fn resume(&self) -> Option<ResumeKey> {
+        self.resume
+    }
+
     pub fn zero_granularity(&self) -> u32 {
         self.zero_granularity
     }
@@ -205,6 +229,7 @@ impl OpenOptions {
             qcow2: false,
             ranges: false,
             update: None,
+            resume: None,
             zero_granularity,
         })
     }

@@ -9,8 +9,11 @@
 //! This module is that queue and the pool job around a [`Consume`]r; the file and device sink
 //! itself (open, write, zero, commit) is `work`, which the iohelper drives as [`WriteCore`].
 
+mod resume;
 mod update;
 mod work;
+
+pub(crate) use resume::ResumeTarget;
 
 pub(crate) use work::create_dir;
 use work::Work;
@@ -173,6 +176,23 @@ impl FileWriter {
                 Box::new(update::UpdateWork::new(
                     dir, name, shown, opts, size, checksum, counter,
                 )) as Box<dyn Consume>
+            })),
+            options,
+            out: Arc::default(),
+            job: None,
+            bytes_written,
+        }
+    }
+
+    /// The sink of a resumable upload (docs/PROTOCOL.md 8.5): written into the partial the
+    /// server keeps for its volume, peer and token, journaled as it becomes durable, renamed
+    /// to the volume once its volume checksum is the announced one.
+    pub(crate) fn resume_at(target: ResumeTarget, options: WriterOptions) -> Self {
+        let bytes_written: Arc<AtomicU64> = Arc::default();
+        let (opts, counter) = (options.clone(), Arc::clone(&bytes_written));
+        FileWriter {
+            make: Some(Box::new(move |size| {
+                Box::new(resume::ResumeWork::new(target, opts, size, counter)) as Box<dyn Consume>
             })),
             options,
             out: Arc::default(),

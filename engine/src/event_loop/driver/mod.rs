@@ -348,7 +348,10 @@ impl Driver {
                 }
                 Err(OpenError::Unsupported) => {
                     self.waiting.pop_front();
-                    let why = if local.options.update().is_some() {
+                    let why = if local.options.resume().is_some() {
+                        "the peer keeps no partial uploads (it does not announce RESUME; \
+                         see serve --resume-keep)"
+                    } else if local.options.update().is_some() {
                         "the peer cannot update a volume (it does not announce UPDATE)"
                     } else if local.ranges.is_some() {
                         "the peer cannot serve ranges of a volume (it does not announce RANGES)"
