@@ -5,6 +5,7 @@
 
 mod attach;
 mod checksum;
+mod cor;
 mod demo;
 mod destinations;
 mod endpoint;
@@ -123,7 +124,10 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Serve(args) => serve::run(args),
-        Command::Download(args) => args.settings().and_then(transfer::run),
+        Command::Download(args) => args.settings().and_then(|s| match s.serve_nbd {
+            Some(_) => cor::run(s),
+            None => transfer::run(s),
+        }),
         Command::Upload(args) => args.settings().and_then(transfer::run),
         Command::List(args) => query::list(args),
         Command::Extents(args) => query::extents(args),

@@ -76,6 +76,20 @@ pub struct DownloadArgs {
     /// exist yet is downloaded whole.
     #[arg(long, conflicts_with_all = ["ranges", "in_place", "verify", "iohelper"])]
     update: bool,
+    /// Copy-on-read: while the one VOLUME downloads, FILE is an NBD disk on ADDR (unix:PATH
+    /// or tcp:HOST:PORT on loopback; export VOLUME, also the default export). Reads of what
+    /// has not arrived are fetched at once, ahead of the download; writes stay in FILE and
+    /// are never overwritten by it. At the end the bytes that came from the server are
+    /// checked against its block digests, and FILE gets its name; the disk is served until
+    /// its last client disconnects.
+    #[arg(long, value_name = "ADDR",
+          conflicts_with_all = ["ranges", "in_place", "verify", "iohelper", "update", "direct"])]
+    serve_nbd: Option<String>,
+    /// With --serve-nbd: the background download stores at most this many data bytes a
+    /// second (suffix K, M or G for KiB, MiB, GiB), leaving the rest of the link to what
+    /// the NBD clients read.
+    #[arg(long, value_name = "BYTES", requires = "serve_nbd", value_parser = rate_arg)]
+    background_rate: Option<u64>,
     #[command(flatten)]
     output: OutputArgs,
     /// VOLUME FILE pairs: the server's VOLUME is written to the local FILE (`-` is stdout;
@@ -222,6 +236,9 @@ pub struct Settings {
     pub json: bool,
     pub progress_interval: Duration,
     pub pairs: Vec<Pair>,
+    /// `download --serve-nbd`: where FILE is exported while it arrives.
+    pub serve_nbd: Option<String>,
+    pub background_rate: Option<u64>,
 }
 
 impl DownloadArgs {
@@ -258,6 +275,8 @@ impl DownloadArgs {
             json: self.output.json,
             progress_interval: self.output.progress_interval,
             pairs,
+            serve_nbd: self.serve_nbd,
+            background_rate: self.background_rate,
         })
     }
 }
@@ -290,6 +309,8 @@ impl UploadArgs {
             json: self.output.json,
             progress_interval: self.output.progress_interval,
             pairs,
+            serve_nbd: None,
+            background_rate: None,
         })
     }
 }
@@ -391,6 +412,22 @@ fn interval(text: &str) -> Result<Duration, String> {
     }
 }
 
+/// `--background-rate`: bytes a second, with an optional K, M or G (binary) suffix.
+fn rate_arg(text: &str) -> Result<u64, String> {
+    let (digits, shift) = match text.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&text[..i], 10),
+        Some((i, 'M' | 'm')) => (&text[..i], 20),
+        Some((i, 'G' | 'g')) => (&text[..i], 30),
+        _ => (text, 0),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a rate (BYTES, or with K, M or G)"))?;
+    n.checked_shl(shift)
+        .filter(|&r| r > 0 && r >> shift == n)
+        .ok_or_else(|| format!("{text:?} is not a rate above zero that fits 64 bits"))
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -426,5 +463,17 @@ mod tests {
         for bad in ["0", "-1", "NaN", "inf", "3601", "1s", ""] {
             assert!(super::interval(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn rates_take_binary_suffixes_and_refuse_zero_and_overflow() {
+        assert_eq!(super::rate_arg("1500"), Ok(1500));
+        assert_eq!(super::rate_arg("4K"), Ok(4096));
+        assert_eq!(super::rate_arg("10M"), Ok(10 << 20));
+        assert_eq!(super::rate_arg("2g"), Ok(2 << 30));
+        assert!(super::rate_arg("0").is_err());
+        assert!(super::rate_arg("M").is_err());
+        assert!(super::rate_arg("1.5M").is_err());
+        assert!(super::rate_arg("99999999999G").is_err());
     }
 }

@@ -115,6 +115,25 @@ impl Remote {
     }
 }
 
+/// The size of the server's volume `name`, from its LIST. Blocks; not for the loop thread.
+pub fn volume_size(
+    engine: &EngineHandle,
+    conn: ConnectionId,
+    name: &str,
+) -> Result<u64, AttachError> {
+    let list = fetch(engine, conn, Op::List, "")
+        .map_err(|e| AttachError::Document(format!("listing the server's volumes: {e}")))?;
+    let text = String::from_utf8(list)
+        .map_err(|_| AttachError::Document("the server's LIST is not UTF-8".into()))?;
+    let entries = document::parse_list(&text)
+        .map_err(|e| AttachError::Document(format!("the server's LIST: {e}")))?;
+    entries
+        .iter()
+        .find(|e| e.name == name)
+        .map(|e| e.size)
+        .ok_or_else(|| AttachError::NoVolume(name.to_string()))
+}
+
 /// Fetches a document stream's content, at most [`MAX_DOCUMENT`] bytes.
 fn fetch(engine: &EngineHandle, conn: ConnectionId, op: Op, name: &str) -> Result<Vec<u8>, String> {
     let (sink, got) = Collect::new(0, MAX_DOCUMENT, false);
@@ -142,12 +161,12 @@ fn fetch(engine: &EngineHandle, conn: ConnectionId, op: Op, name: &str) -> Resul
 
 /// A volume's allocation as NBD states: sorted, disjoint `(offset, end, flags)`, gaps data.
 #[derive(Debug, Clone, Default)]
-struct Map {
+pub(crate) struct Map {
     extents: Vec<(u64, u64, u32)>,
 }
 
 impl Map {
-    fn fetch(engine: &EngineHandle, conn: ConnectionId, volume: &str, size: u64) -> Map {
+    pub(crate) fn fetch(engine: &EngineHandle, conn: ConnectionId, volume: &str, size: u64) -> Map {
         let parsed = fetch(engine, conn, Op::Extents, volume).and_then(|doc| {
             let text = String::from_utf8(doc).map_err(|_| "not UTF-8".to_string())?;
             let entries = document::parse_extents(&text).map_err(|e| e.to_string())?;
@@ -202,7 +221,13 @@ impl Map {
         }
     }
 
-    fn status(&self, offset: u64, len: u32, req_one: bool, size: u64) -> Vec<Descriptor> {
+    pub(crate) fn status(
+        &self,
+        offset: u64,
+        len: u32,
+        req_one: bool,
+        size: u64,
+    ) -> Vec<Descriptor> {
         let end = offset + len as u64;
         let mut out: Vec<Descriptor> = Vec::new();
         let mut pos = offset;
@@ -269,7 +294,7 @@ impl RemoteDisk {
     }
 }
 
-fn piece(c: Chunk) -> Option<Piece> {
+pub(crate) fn piece(c: Chunk) -> Option<Piece> {
     match c {
         Chunk::Data { offset, bytes } => Some(Piece::Data { offset, bytes }),
         // Within one request, so at most its u32 length.
@@ -281,16 +306,16 @@ fn piece(c: Chunk) -> Option<Piece> {
     }
 }
 
-fn failure(errno: u32, message: String) -> Failure {
+pub(crate) fn failure(errno: u32, message: String) -> Failure {
     Failure { errno, message }
 }
 
 /// A reply that is sent exactly once: if the transfer's completion is dropped unrun (the event
 /// loop stopped), the client still gets an error instead of waiting forever.
-struct Once(Option<Reply>);
+pub(crate) struct Once(pub(crate) Option<Reply>);
 
 impl Once {
-    fn send(mut self, result: Result<Outcome, Failure>) {
+    pub(crate) fn send(mut self, result: Result<Outcome, Failure>) {
         if let Some(r) = self.0.take() {
             r(result)
         }
@@ -366,14 +391,14 @@ impl Disk for RemoteDisk {
 
 /// What a [`Collect`] sink received.
 #[derive(Default)]
-struct Collected {
-    chunks: Vec<Chunk>,
+pub(crate) struct Collected {
+    pub(crate) chunks: Vec<Chunk>,
 }
 
 /// A sink that keeps a stream's chunks in memory: the bytes of one NBD READ, or a document.
 /// It takes only contiguous chunks from `next` within `limit` bytes, so a peer can neither
 /// send what was not asked nor make it hold more.
-struct Collect {
+pub(crate) struct Collect {
     got: Arc<Mutex<Collected>>,
     next: u64,
     end: u64,
@@ -385,7 +410,7 @@ struct Collect {
 }
 
 impl Collect {
-    fn new(offset: u64, limit: u64, exact: bool) -> (Collect, Arc<Mutex<Collected>>) {
+    pub(crate) fn new(offset: u64, limit: u64, exact: bool) -> (Collect, Arc<Mutex<Collected>>) {
         let got = Arc::new(Mutex::new(Collected::default()));
         let sink = Collect {
             got: Arc::clone(&got),

@@ -81,6 +81,12 @@ pub enum Error {
     /// A resumable upload found no partial it may continue (none kept, expired, begun from
     /// another source, or in use): the message says which; the client starts over.
     NoPartial(String),
+    /// A copy-on-read destination's block that came from the source (no local write in it)
+    /// differs from the source's block digest.
+    SourceMismatch {
+        target: String,
+        offset: u64,
+    },
 }
 
 impl Error {
@@ -129,6 +135,7 @@ impl Error {
             Error::Journal { .. } => Reason::Io,
             Error::UpdateMismatch(_) => Reason::DigestMismatch,
             Error::NoPartial(_) => Reason::NotFound,
+            Error::SourceMismatch { .. } => Reason::DigestMismatch,
         }
     }
 }
@@ -207,6 +214,11 @@ impl fmt::Display for Error {
             Error::Qemu(m) => f.write_str(m),
             Error::Journal { path, problem } => write!(f, "journal {path}: {problem}"),
             Error::NoPartial(why) => f.write_str(why),
+            Error::SourceMismatch { target, offset } => write!(
+                f,
+                "{target}: the block at {offset} came from the source but differs from the \
+                 source's block digest (did the source change during the download?)"
+            ),
             Error::UpdateMismatch(target) => write!(
                 f,
                 "{target}: the updated copy's block digests differ from the source's (did the \

@@ -15,6 +15,7 @@ pub mod attach;
 pub mod blockhash;
 pub mod budget;
 pub mod copy;
+pub mod cor;
 mod direct;
 pub mod document;
 pub mod error;

@@ -37,6 +37,8 @@ pub struct Wake {
     pub ready: Mutex<Vec<Key>>,
     pub waker: mio::Waker,
     pub shutdown: AtomicBool,
+    /// NBD clients connected now.
+    pub clients: std::sync::atomic::AtomicUsize,
 }
 
 impl Wake {

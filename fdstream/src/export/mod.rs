@@ -118,6 +118,11 @@ impl ExportHandle {
         self.0.shutdown.store(true, Ordering::SeqCst);
         let _ = self.0.waker.wake();
     }
+
+    /// NBD clients connected now.
+    pub fn clients(&self) -> usize {
+        self.0.clients.load(Ordering::SeqCst)
+    }
 }
 
 pub struct ExportServer {
@@ -172,6 +177,7 @@ impl ExportServer {
             ready: Mutex::new(Vec::new()),
             waker: Waker::new(poll.registry(), WAKER)?,
             shutdown: Default::default(),
+            clients: Default::default(),
         });
         Ok(ExportServer {
             poll,
@@ -330,6 +336,7 @@ impl ExportServer {
                 now,
             );
             entry.insert((self.generation, conn));
+            self.wake.clients.fetch_add(1, Ordering::SeqCst);
             self.drive(slot, Some(self.generation), now);
         }
     }
@@ -348,6 +355,7 @@ impl ExportServer {
 
     fn close(&mut self, slot: usize, why: Option<String>) {
         let (_, mut conn) = self.conns.remove(slot);
+        self.wake.clients.fetch_sub(1, Ordering::SeqCst);
         match why {
             Some(why) => log::warn!("{}: closing the connection: {why}", conn.peer),
             None => log::debug!("{}: disconnected", conn.peer),

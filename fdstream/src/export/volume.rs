@@ -173,6 +173,19 @@ pub struct Volume {
     writable: bool,
 }
 
+impl Volume {
+    /// A regular file of `size` bytes already open (for reading and, if `writable`, writing),
+    /// served as it is.
+    pub fn of_file(file: File, size: u64, writable: bool) -> Volume {
+        Volume {
+            file,
+            kind: Kind::Regular,
+            size,
+            writable,
+        }
+    }
+}
+
 impl Disk for Volume {
     fn info(&self) -> ExportInfo {
         let mut flags = wire::FLAG_CAN_MULTI_CONN;
