@@ -150,6 +150,12 @@ impl Cache {
         self.state.lock().unwrap().owners.complete(self.size)
     }
 
+    /// Whether every byte of `[offset, offset + len)` arrived or was written locally.
+    pub fn complete_in(&self, offset: u64, len: u64) -> bool {
+        let owners = &self.state.lock().unwrap().owners;
+        owners.absent(Range::new(offset, len)).is_empty()
+    }
+
     /// The ranges written locally.
     pub fn local(&self) -> Vec<Range> {
         self.state.lock().unwrap().owners.local()

@@ -11,7 +11,7 @@ pub mod map;
 pub(crate) mod sink;
 pub(crate) mod source;
 
-pub use conn::timeout;
+pub use conn::{timeout, Conn};
 pub use map::{map, map_as, Status};
 pub use source::SourceOptions;
 
