@@ -176,7 +176,7 @@ fn main() {
         while idle.len() < cli.reads && slot > 0 {
             slot -= 1;
             // Every other slot, so no read's neighbour was fetched with it.
-            if slot % 2 == 0 {
+            if slot.is_multiple_of(2) {
                 idle.push(d.read(slot * len as u64, len));
             }
         }
@@ -205,7 +205,7 @@ fn main() {
         while loaded.len() < cli.reads && slot > 0 {
             slot -= 1;
             let offset = slot * len as u64;
-            if slot % 2 != 0 || !d.absent(offset, len) {
+            if !slot.is_multiple_of(2) || !d.absent(offset, len) {
                 continue;
             }
             // The stream must still be running after the read too, or it did not compete.
