@@ -186,6 +186,12 @@ impl<T: VolumeReader + ?Sized> VolumeReader for Box<T> {
     fn poll_failure(&mut self) -> Option<VolumeError> {
         (**self).poll_failure()
     }
+    fn serves_ranges(&self) -> bool {
+        (**self).serves_ranges()
+    }
+    fn identity(&self) -> Option<VolumeIdentity> {
+        (**self).identity()
+    }
     fn cancel(&mut self) {
         (**self).cancel()
     }
@@ -197,6 +203,9 @@ impl<T: VolumeWriter + ?Sized> VolumeWriter for Box<T> {
     }
     fn poll_ready(&mut self) -> Poll<Result<(), VolumeError>> {
         (**self).poll_ready()
+    }
+    fn source_identity(&mut self, identity: Option<VolumeIdentity>) {
+        (**self).source_identity(identity)
     }
     fn write(&mut self, chunk: Chunk) {
         (**self).write(chunk)

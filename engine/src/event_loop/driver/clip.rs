@@ -78,6 +78,10 @@ impl VolumeReader for Clip {
         self.inner.poll_failure()
     }
 
+    fn identity(&self) -> Option<crate::VolumeIdentity> {
+        self.inner.identity()
+    }
+
     fn cancel(&mut self) {
         self.inner.cancel();
     }
