@@ -87,6 +87,12 @@ pub enum Error {
         target: String,
         offset: u64,
     },
+    /// A partial being resumed belongs to other content than the source's now (its identity
+    /// or size changed, or the whole's block digests differ): nothing of it is used.
+    SourceChanged {
+        target: String,
+        what: String,
+    },
 }
 
 impl Error {
@@ -136,6 +142,7 @@ impl Error {
             Error::UpdateMismatch(_) => Reason::DigestMismatch,
             Error::NoPartial(_) => Reason::NotFound,
             Error::SourceMismatch { .. } => Reason::DigestMismatch,
+            Error::SourceChanged { .. } => Reason::DigestMismatch,
         }
     }
 }
@@ -223,6 +230,10 @@ impl fmt::Display for Error {
                 f,
                 "{target}: the updated copy's block digests differ from the source's (did the \
                  source change during the update?); {target} was left as it was"
+            ),
+            Error::SourceChanged { target, what } => write!(
+                f,
+                "{target}: the source changed since its partial was written ({what})"
             ),
         }
     }

@@ -30,6 +30,7 @@ use crate::error::Error;
 use engine::{Range, VolumeIdentity};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -62,6 +63,21 @@ pub fn path_for(partial: &Path) -> PathBuf {
     name.push(".journal");
     PathBuf::from(name)
 }
+
+/// Where a resumable download of `dest` keeps its partial: `.NAME.volstream-partial` beside
+/// it (the journal is [`path_for`] that). The name depends on `dest` alone, so a later run
+/// finds it; it is not a [`crate::temp`] name, so no cleanup of dead writers' temporaries
+/// removes it.
+pub fn partial_for(dest: &Path) -> PathBuf {
+    let name = dest.file_name().map(|n| n.as_bytes()).unwrap_or_default();
+    let mut partial = b".".to_vec();
+    partial.extend_from_slice(&crate::temp::stem(name));
+    partial.extend_from_slice(PARTIAL_MARK.as_bytes());
+    dest.with_file_name(std::ffi::OsStr::from_bytes(&partial))
+}
+
+/// What follows the stem in a partial's name.
+pub const PARTIAL_MARK: &str = ".volstream-partial";
 
 fn bad(path: &Path, line: usize, why: impl std::fmt::Display) -> Error {
     Error::Journal {
@@ -272,64 +288,32 @@ impl Journal {
     /// made those bytes durable (fdatasync) first; the journal is durable when this returns.
     /// A range that overlaps one recorded, is empty or runs past the size is refused.
     pub fn record(&mut self, range: Range, digest: [u8; 32]) -> Result<(), Error> {
-        let record = Record { range, digest };
-        let at = self
-            .records
-            .partition_point(|r| r.range.offset < range.offset);
-        let overlaps = |r: &Record| r.range.offset < range.end() && range.offset < r.range.end();
-        if range.len == 0
-            || range
-                .offset
-                .checked_add(range.len)
-                .is_none_or(|e| e > self.size)
-            || self.records[at.saturating_sub(1)..(at + 1).min(self.records.len())]
-                .iter()
-                .any(overlaps)
-        {
-            return Err(Error::Journal {
-                path: self.path.display().to_string(),
-                problem: format!("range {range} overlaps a recorded one or lies outside"),
-            });
-        }
-        if self.records.len() == MAX_RECORDS {
-            return Err(Error::Journal {
-                path: self.path.display().to_string(),
-                problem: format!("more than {MAX_RECORDS} ranges"),
-            });
-        }
-        self.records.insert(at, record);
-        if let Err(e) = self.save() {
-            self.records.remove(at);
-            return Err(e);
-        }
-        Ok(())
+        self.record_all(&[Record { range, digest }])
     }
 
-    /// Records several ranges with one rewrite of the journal (a sink that made a batch of
-    /// ranges durable with one fdatasync); all or none are recorded, as with [`Journal::record`].
+    /// Records several ranges at once (one rewrite of the journal for all of them), as
+    /// [`Journal::record`]; on an error none of them is recorded.
     pub fn record_all(&mut self, records: &[Record]) -> Result<(), Error> {
         let before = self.records.clone();
         for r in records {
             let at = self
                 .records
-                .partition_point(|x| x.range.offset < r.range.offset);
+                .partition_point(|h| h.range.offset < r.range.offset);
+            let range = r.range;
             let overlaps =
-                |x: &Record| x.range.offset < r.range.end() && r.range.offset < x.range.end();
-            let outside = r.range.len == 0
-                || r.range
+                |h: &Record| h.range.offset < range.end() && range.offset < h.range.end();
+            let outside = range.len == 0
+                || range
                     .offset
-                    .checked_add(r.range.len)
+                    .checked_add(range.len)
                     .is_none_or(|e| e > self.size);
-            let hits = self.records[at.saturating_sub(1)..(at + 1).min(self.records.len())]
-                .iter()
-                .any(overlaps);
-            if outside || hits || self.records.len() == MAX_RECORDS {
+            let near = &self.records[at.saturating_sub(1)..(at + 1).min(self.records.len())];
+            if outside || near.iter().any(overlaps) || self.records.len() == MAX_RECORDS {
                 self.records = before;
                 return Err(Error::Journal {
                     path: self.path.display().to_string(),
                     problem: format!(
-                        "range {} overlaps a recorded one, lies outside, or is one too many",
-                        r.range
+                        "range {range} overlaps a recorded one, lies outside, or is one too many"
                     ),
                 });
             }

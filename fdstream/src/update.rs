@@ -398,9 +398,9 @@ impl Staged {
     /// removes it and leaves the old destination as it was.
     pub fn commit(mut self, checksum: &BlockDigest, threads: usize) -> Result<(), Error> {
         let file = self.file.take().expect("committed once");
-        let ours = crate::blockhash::digests_of(&file, threads)
+        let same = has_checksum(&file, checksum, threads)
             .map_err(|e| Error::io(format!("hashing the updated copy of {}", self.shown), e))?;
-        if ours.checksum() != *checksum {
+        if !same {
             return Err(Error::UpdateMismatch(self.shown.clone()));
         }
         file.sync_all()
@@ -414,6 +414,13 @@ impl Staged {
         unsafe { libc::fsync(self.dir.as_raw_fd()) };
         Ok(())
     }
+}
+
+/// Whether the volume checksum (docs/PROTOCOL.md 8.3) of `file`'s content is `checksum`: the
+/// check that lets a copy assembled from several streams (an update, a resumed download) take
+/// the final name.
+pub fn has_checksum(file: &File, checksum: &BlockDigest, threads: usize) -> io::Result<bool> {
+    Ok(crate::blockhash::digests_of(file, threads)?.checksum() == *checksum)
 }
 
 impl Drop for Staged {

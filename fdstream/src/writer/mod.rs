@@ -9,10 +9,12 @@
 //! This module is that queue and the pool job around a [`Consume`]r; the file and device sink
 //! itself (open, write, zero, commit) is `work`, which the iohelper drives as [`WriteCore`].
 
+mod journaled;
 mod resume;
 mod update;
 mod work;
 
+pub use journaled::{JournalStatus, Journaled, RECORD_BYTES, RECORD_INTERVAL};
 pub(crate) use resume::ResumeTarget;
 
 pub(crate) use work::create_dir;
@@ -97,6 +99,8 @@ pub(crate) trait Consume: Send {
     fn handle_batch(&mut self, batch: &[Chunk]) -> (usize, Result<bool, Error>);
     /// Calls the volume `shown` in messages (before `open`).
     fn rename(&mut self, _shown: String) {}
+    /// The source's identity from the peer's ACCEPT (before `open`).
+    fn source_identity(&mut self, _identity: Option<engine::VolumeIdentity>) {}
     /// Closes the sink; nothing half-written stays under a final name.
     fn discard(&mut self);
 }
@@ -107,6 +111,8 @@ pub(crate) type MakeConsumer = Box<dyn FnOnce(u64) -> Box<dyn Consume> + Send>;
 /// A volume sink written off the loop thread. See the module docs.
 pub struct FileWriter {
     make: Option<MakeConsumer>,
+    /// The source's identity, handed to the consumer when it is made.
+    identity: Option<engine::VolumeIdentity>,
     options: WriterOptions,
     out: Arc<Mutex<Out>>,
     job: Option<JobHandle>,
@@ -149,6 +155,7 @@ impl FileWriter {
         let bytes_written: Arc<AtomicU64> = Arc::default();
         let (opts, counter) = (options.clone(), Arc::clone(&bytes_written));
         FileWriter {
+            identity: None,
             make: Some(Box::new(move |size| {
                 Box::new(Work::new(target, opts, size, counter)) as Box<dyn Consume>
             })),
@@ -172,6 +179,7 @@ impl FileWriter {
         let bytes_written: Arc<AtomicU64> = Arc::default();
         let (opts, counter) = (options.clone(), Arc::clone(&bytes_written));
         FileWriter {
+            identity: None,
             make: Some(Box::new(move |size| {
                 Box::new(update::UpdateWork::new(
                     dir, name, shown, opts, size, checksum, counter,
@@ -191,6 +199,7 @@ impl FileWriter {
         let bytes_written: Arc<AtomicU64> = Arc::default();
         let (opts, counter) = (options.clone(), Arc::clone(&bytes_written));
         FileWriter {
+            identity: None,
             make: Some(Box::new(move |size| {
                 Box::new(resume::ResumeWork::new(target, opts, size, counter)) as Box<dyn Consume>
             })),
@@ -201,10 +210,37 @@ impl FileWriter {
         }
     }
 
+    /// The sink of a resumable download (see [`Journaled`]): written in place into
+    /// `plan.partial`, each range recorded in its journal once durable. The status tells the
+    /// caller what was recorded and whether the source had changed.
+    pub fn journaled(plan: Journaled, options: WriterOptions) -> (Self, Arc<JournalStatus>) {
+        let bytes_written: Arc<AtomicU64> = Arc::default();
+        let status: Arc<JournalStatus> = Arc::default();
+        let (opts, counter, shared) = (
+            options.clone(),
+            Arc::clone(&bytes_written),
+            Arc::clone(&status),
+        );
+        let writer = FileWriter {
+            identity: None,
+            make: Some(Box::new(move |size| {
+                Box::new(journaled::JournaledWork::new(
+                    plan, opts, size, None, shared, counter,
+                )) as Box<dyn Consume>
+            })),
+            options,
+            out: Arc::default(),
+            job: None,
+            bytes_written,
+        };
+        (writer, status)
+    }
+
     /// A writer whose chunks go to the consumer `make` builds, with the queueing, batching
     /// and cancellation of file writers.
     pub(crate) fn with_consumer(make: MakeConsumer, options: WriterOptions) -> Self {
         FileWriter {
+            identity: None,
             make: Some(make),
             options,
             out: Arc::default(),
@@ -245,10 +281,12 @@ impl VolumeWriter for FileWriter {
         };
         let pool = self.options.pool.clone().unwrap_or_else(Pool::shared);
         let me = Arc::new(OnceLock::new());
+        let mut work = make(size);
+        work.source_identity(self.identity.take());
         let job = pool.register(WriteJob {
             out: Arc::clone(&self.out),
             notify,
-            work: Mutex::new(make(size)),
+            work: Mutex::new(work),
             slot: Mutex::default(),
             me: Arc::clone(&me),
         });
@@ -262,6 +300,10 @@ impl VolumeWriter for FileWriter {
             Some(r) => Poll::Ready(r.clone()),
             None => Poll::Pending,
         }
+    }
+
+    fn source_identity(&mut self, identity: Option<engine::VolumeIdentity>) {
+        self.identity = identity;
     }
 
     fn write(&mut self, chunk: Chunk) {
