@@ -18,6 +18,8 @@ pub enum CliError {
         signal: nix::sys::signal::Signal,
         stopped: usize,
         total: usize,
+        /// Downloads with --resume keep their partials.
+        kept: bool,
     },
 }
 
@@ -44,10 +46,21 @@ impl fmt::Display for CliError {
                 signal,
                 stopped,
                 total,
+                kept: false,
             } => write!(
                 f,
                 "interrupted by {signal}: stopped {stopped} of {total} transfers and removed \
                  their temporary files"
+            ),
+            CliError::Interrupted {
+                signal,
+                stopped,
+                total,
+                kept: true,
+            } => write!(
+                f,
+                "interrupted by {signal}: stopped {stopped} of {total} transfers and kept their \
+                 partial files: run the same command (with --resume) to continue"
             ),
         }
     }

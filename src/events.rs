@@ -61,6 +61,10 @@ struct Ended<'a> {
     /// `wire_bytes`, which counts the content).
     #[serde(skip_serializing_if = "Option::is_none")]
     update: Option<&'a crate::update::Figures>,
+    /// A download through a partial: whether one was resumed, what it held, what was read
+    /// (`wire_bytes` counts only that) and the block digests that checked the whole.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    resume: Option<&'a crate::resume::Figures>,
 }
 
 /// One transfer as the events see it.
@@ -70,6 +74,7 @@ pub struct Transfer {
     pub file: String,
     pub count: Counter,
     pub update: Option<crate::update::Figures>,
+    pub resume: Option<crate::resume::Figures>,
 }
 
 struct Entry {
@@ -187,6 +192,7 @@ impl Events {
             code,
             error,
             update: entry.transfer.update.as_ref(),
+            resume: entry.transfer.resume.as_ref(),
         };
         say!("{}", json(&line));
     }

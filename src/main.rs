@@ -17,6 +17,7 @@ mod options;
 mod out;
 mod progress;
 mod query;
+mod resume;
 mod serve;
 mod stress;
 mod tls;

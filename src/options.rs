@@ -90,6 +90,21 @@ pub struct DownloadArgs {
     /// the NBD clients read.
     #[arg(long, value_name = "BYTES", requires = "serve_nbd", value_parser = rate_arg)]
     background_rate: Option<u64>,
+    /// Continue a download that an earlier run left unfinished (killed, interrupted or cut
+    /// off): a FILE is written as `.FILE.volstream-partial` beside it, with a journal of the
+    /// ranges already on disk, and only what is missing is read. The whole is then checked
+    /// against the server's block digests before it becomes FILE. If the source changed (its
+    /// identity or size, or the digests differ), the download says so and starts over (see
+    /// --no-restart). With --resume an interrupted download keeps its partial; without it,
+    /// a partial left behind is removed and the download starts over. Only for FILEs that are
+    /// regular files (not devices, stdout, --in-place, --range, --update, --iohelper or
+    /// --no-sync).
+    #[arg(long, conflicts_with_all = ["ranges", "in_place", "update", "iohelper", "no_sync", "serve_nbd"])]
+    resume: bool,
+    /// With --resume: refuse, leaving the partial as it is, instead of starting over when a
+    /// partial cannot be resumed (the source changed, or the journal is damaged).
+    #[arg(long, requires = "resume")]
+    no_restart: bool,
     #[command(flatten)]
     output: OutputArgs,
     /// VOLUME FILE pairs: the server's VOLUME is written to the local FILE (`-` is stdout;
@@ -232,6 +247,10 @@ pub struct Settings {
     pub update: bool,
     /// Uploads: resumable, continuing the partial the server kept, if any.
     pub resume_upload: bool,
+    /// Downloads: adopt a partial left behind, keep it when interrupted.
+    pub resume: bool,
+    /// Downloads: refuse instead of starting over when a partial cannot be resumed.
+    pub no_restart: bool,
     pub progress: bool,
     pub json: bool,
     pub progress_interval: Duration,
@@ -271,6 +290,8 @@ impl DownloadArgs {
             ranges,
             update: self.update,
             resume_upload: false,
+            resume: self.resume,
+            no_restart: self.no_restart,
             progress: self.output.progress,
             json: self.output.json,
             progress_interval: self.output.progress_interval,
@@ -305,6 +326,8 @@ impl UploadArgs {
             ranges: None,
             update: self.update,
             resume_upload: self.resume,
+            resume: false,
+            no_restart: false,
             progress: self.output.progress,
             json: self.output.json,
             progress_interval: self.output.progress_interval,

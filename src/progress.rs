@@ -24,6 +24,11 @@ impl Progress {
     }
 
     /// Logical bytes moved so far.
+    /// Counts bytes that were there before the transfer (a resumed download's partial).
+    pub fn add(&self, bytes: u64) {
+        self.done.fetch_add(bytes, Ordering::Relaxed);
+    }
+
     pub fn done(&self) -> u64 {
         self.done.load(Ordering::Relaxed)
     }
@@ -68,6 +73,12 @@ impl<R: VolumeReader> VolumeReader for CountingReader<R> {
     fn poll_failure(&mut self) -> Option<VolumeError> {
         self.inner.poll_failure()
     }
+    fn serves_ranges(&self) -> bool {
+        self.inner.serves_ranges()
+    }
+    fn identity(&self) -> Option<engine::VolumeIdentity> {
+        self.inner.identity()
+    }
     fn cancel(&mut self) {
         self.inner.cancel()
     }
@@ -86,6 +97,9 @@ impl<W: VolumeWriter> VolumeWriter for CountingWriter<W> {
     }
     fn poll_ready(&mut self) -> Poll<Result<(), VolumeError>> {
         self.inner.poll_ready()
+    }
+    fn source_identity(&mut self, identity: Option<engine::VolumeIdentity>) {
+        self.inner.source_identity(identity)
     }
     fn write(&mut self, chunk: Chunk) {
         self.count

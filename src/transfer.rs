@@ -58,6 +58,12 @@ struct Pending {
     update: Option<crate::update::Figures>,
 }
 
+/// A download through a partial (crate::resume): its sink's status and what resuming found.
+struct Resuming {
+    status: Arc<fdstream::writer::JournalStatus>,
+    figures: crate::resume::Figures,
+}
+
 /// Where a pair's local side is.
 enum Local {
     Path(PathBuf),
@@ -116,6 +122,7 @@ pub fn run(args: Settings) -> Result<(), CliError> {
                     signal,
                     stopped: 0,
                     total: 0,
+                    kept: false,
                 },
                 None => CliError::Connect(format!("cannot connect to {addr}: {e}")),
             })?;
@@ -131,6 +138,10 @@ pub fn run(args: Settings) -> Result<(), CliError> {
     let mut pending = Vec::new();
     let mut transfers = Vec::new();
     let mut updating: Vec<Option<crate::update::Updating>> = Vec::new();
+    let mut resuming: Vec<Option<Resuming>> = Vec::new();
+    // A download that must start over (its source changed under a partial) is submitted
+    // again with a sender of its own.
+    let mut again_tx = Some(done_tx.clone());
     for (index, ((pair, local), volume)) in args.pairs.iter().zip(locals).zip(volumes).enumerate() {
         let count = Counter::default();
         let done = done_tx.clone();
@@ -138,6 +149,7 @@ pub fn run(args: Settings) -> Result<(), CliError> {
             let _ = done.send((index, report));
         };
         updating.push(None);
+        resuming.push(None);
         let mut figures = None;
         match volume {
             Some(_) if args.update => {
@@ -287,6 +299,15 @@ pub fn run(args: Settings) -> Result<(), CliError> {
                 figures = Some(update.figures.clone());
                 updating[index] = Some(update);
             }
+            None if matches!(&local, Local::Path(p) if crate::resume::applies(&args, p)) => {
+                let (Local::Path(file), Some((engine, _, conn))) = (&local, &engine) else {
+                    unreachable!("a path, and pairs without an NBD volume are connected");
+                };
+                let prepared = crate::resume::prepare(&args, engine, *conn, &pair.volume, file)?;
+                let (t, r) = journaled(&args, options, &pair.volume, prepared, &count, on_done);
+                transfers.push(t);
+                resuming[index] = Some(r);
+            }
             None => {
                 let endpoint = match direction {
                     Direction::Download => Endpoint::Writer(Box::new(CountingWriter {
@@ -345,26 +366,66 @@ pub fn run(args: Settings) -> Result<(), CliError> {
     let events = args.json.then(|| {
         let transfers = pending
             .iter()
-            .map(|p| events::Transfer {
+            .enumerate()
+            .map(|(i, p)| events::Transfer {
                 op: verb(direction),
                 volume: p.volume.clone(),
                 file: p.file.display().to_string(),
                 count: p.count.clone(),
                 update: p.update.clone(),
+                resume: resuming[i].as_ref().map(|r| r.figures.clone()),
             })
             .collect();
         Events::start(transfers, args.progress_interval)
     });
     let started = Instant::now();
     let mut reports: Vec<Option<TransferReport>> = pending.iter().map(|_| None).collect();
-    for _ in 0..pending.len() {
-        let Ok((index, mut report)) = done_rx.recv() else {
+    let mut ended = 0;
+    while ended < pending.len() {
+        if interrupts.caught().is_some() {
+            again_tx = None;
+        }
+        let (index, mut report) = match done_rx.recv_timeout(Duration::from_millis(500)) {
+            Ok(r) => r,
+            Err(mpsc::RecvTimeoutError::Timeout) => continue,
             // The queued transfers were dropped unstarted after an interrupt.
-            if interrupts.caught().is_some() {
-                break;
-            }
-            return Err(CliError::Other("event loop ended early".into()));
+            Err(_) if interrupts.caught().is_some() => break,
+            Err(_) => return Err(CliError::Other("event loop ended early".into())),
         };
+        if let (Some(r), Some(tx), Some((engine, _, conn))) = (&resuming[index], &again_tx, &engine)
+        {
+            let changed = r.status.source_changed.load(Ordering::SeqCst);
+            if report.result.is_err() && changed && !args.no_restart {
+                let file = &pending[index].file;
+                let why = match &report.result {
+                    Err(e) => e.message.clone(),
+                    Ok(()) => unreachable!(),
+                };
+                tell!("volstream: {}: {why}; starting over", file.display());
+                let figures = crate::resume::Figures {
+                    restarted: Some(why),
+                    ..crate::resume::Figures::default()
+                };
+                let prepared = crate::resume::fresh(&args, file, figures)?;
+                let tx = tx.clone();
+                let on_done = move |report| {
+                    let _ = tx.send((index, report));
+                };
+                let count = &pending[index].count;
+                let (t, r) = journaled(
+                    &args,
+                    options,
+                    &pending[index].volume,
+                    prepared,
+                    count,
+                    on_done,
+                );
+                resuming[index] = Some(r);
+                engine.submit(*conn, t);
+                continue;
+            }
+        }
+        ended += 1;
         if let Some(update) = updating[index].take() {
             if report.result.is_ok() {
                 report.result = update.finish();
@@ -387,6 +448,7 @@ pub fn run(args: Settings) -> Result<(), CliError> {
     }
     drop(bars);
     drop(queued);
+    drop(again_tx);
     let total = pending.len();
     if let Some(events) = events {
         // Dropped unstarted after an interrupt: they end too, as cancelled.
@@ -409,11 +471,12 @@ pub fn run(args: Settings) -> Result<(), CliError> {
             signal,
             stopped: total - reports.iter().filter(|r| r.result.is_ok()).count(),
             total,
+            kept: args.resume && resuming.iter().any(Option::is_some),
         });
     }
 
     let mut failed = 0;
-    for (p, r) in pending.iter().zip(&reports) {
+    for (index, (p, r)) in pending.iter().zip(&reports).enumerate() {
         let verb = verb(direction);
         let (from, to) = match direction {
             Direction::Download => (p.volume.clone(), p.file.display().to_string()),
@@ -430,14 +493,16 @@ pub fn run(args: Settings) -> Result<(), CliError> {
                     u.changed_blocks, u.zeroed_blocks, u.digests_wire_bytes
                 )
             });
+            let resumed = resumed_line(resuming[index].as_ref().map(|r| &r.figures));
             say!(
-                "{verb} {from} -> {to}: {} bytes ({} data, {} hole) in {:.2}s{}{}",
+                "{verb} {from} -> {to}: {} bytes ({} data, {} hole) in {:.2}s{}{}{}",
                 r.size,
                 r.stats.data_bytes,
                 r.stats.hole_bytes,
                 r.elapsed.as_secs_f64(),
                 tail.map(|t| format!("; {t}")).unwrap_or_default(),
-                update.unwrap_or_default()
+                update.unwrap_or_default(),
+                resumed
             );
         }
         if let Err(e) = &r.result {
@@ -631,6 +696,47 @@ fn download_sink(args: &Settings, local: Local) -> Result<Box<dyn VolumeWriter>,
         )));
     }
     Ok(backend.create(&file, options))
+}
+
+/// The summary line's note on a download that adopted a partial.
+fn resumed_line(figures: Option<&crate::resume::Figures>) -> String {
+    match figures {
+        Some(f) if f.resumed => format!(
+            "; resumed: {} bytes were there, {} read, {} bytes of block digests",
+            f.adopted_bytes, f.missing_bytes, f.digests_wire_bytes
+        ),
+        Some(f) if f.restarted.is_some() => "; started over".into(),
+        _ => String::new(),
+    }
+}
+
+/// A download through a partial (crate::resume) as a transfer.
+fn journaled(
+    args: &Settings,
+    options: OpenOptions,
+    volume: &str,
+    prepared: crate::resume::Prepared,
+    count: &Counter,
+    on_done: impl FnOnce(TransferReport) + Send + 'static,
+) -> (Transfer, Resuming) {
+    let (writer, status) = fdstream::FileWriter::journaled(prepared.plan, writer_options(args));
+    count.add(prepared.figures.adopted_bytes);
+    let transfer = Transfer {
+        op: Op::Read,
+        name: volume.to_owned(),
+        options,
+        ranges: prepared.ranges,
+        endpoint: Endpoint::Writer(Box::new(CountingWriter {
+            inner: writer,
+            count: count.clone(),
+        })),
+        on_done: Box::new(on_done),
+    };
+    let resuming = Resuming {
+        status,
+        figures: prepared.figures,
+    };
+    (transfer, resuming)
 }
 
 fn verb(direction: Direction) -> &'static str {

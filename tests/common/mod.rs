@@ -1,6 +1,8 @@
 //! Helpers shared by the end-to-end tests of the `volstream` binary.
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::{FileExt, MetadataExt};
