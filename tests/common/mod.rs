@@ -161,12 +161,13 @@ pub fn thread_count(pid: u32) -> usize {
         .unwrap_or(0)
 }
 
-/// Names in `dir` that look like volstream temporaries.
+/// Names in `dir` that look like volstream temporaries (a download's partial and journal
+/// included).
 pub fn temporaries(dir: &Path) -> Vec<String> {
     std::fs::read_dir(dir)
         .unwrap()
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|n| n.contains("volstream-tmp"))
+        .filter(|n| n.contains("volstream-tmp") || n.contains("volstream-partial"))
         .collect()
 }
 
