@@ -123,6 +123,7 @@ pub fn run(args: Settings) -> Result<(), CliError> {
                 signal,
                 stopped: 1,
                 total: 1,
+                kept: false,
             });
         }
         let report = report.map_err(|_| failed("the event loop ended early", &""))?;

@@ -147,7 +147,12 @@ pub fn prepare(
         Ok(set) => Arc::new(set),
         Err(e) => return restart(args, dest, format!("its missing ranges: {e}")),
     };
-    let (checksum, volume_len, digests_wire_bytes) = source_checksum(engine, conn, volume)?;
+    let (checksum, volume_len, digests_wire_bytes) = match source_checksum(engine, conn, volume) {
+        Ok(c) => c,
+        // A server without block digests (older ones lack ranges too) cannot check a
+        // resumed whole: it is read whole instead.
+        Err(e) => return restart(args, dest, e.to_string()),
+    };
     if volume_len != adopted.size() {
         let why = format!(
             "the source is {volume_len} bytes now, the partial {}",
